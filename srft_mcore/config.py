@@ -1,0 +1,426 @@
+"""Typed run configuration: YAML file + ``a.b.c=value`` overrides + ``validate()``.
+
+Every field has a one-line docstring (the string literal under it). ``load_config`` rejects
+unknown keys and values of the wrong type while reading; ``validate`` checks the
+combinations (parallel sizes against the model and the world size, batch arithmetic, ...)
+before any process group or model is created. Errors name the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and the fix."""
+
+
+def _err(key: str, value: Any, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"config error: {key}={value!r}: {problem}. Fix: {fix}")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    hf_path: Optional[str] = None
+    """HF model directory (config.json + tokenizer); None = the embedded tiny model."""
+    load_hf_weights: bool = True
+    """Load the weights from hf_path's safetensors at start-up (else random init)."""
+    load_mcore: Optional[str] = None
+    """A Megatron dist_checkpointing directory to start from instead of HF weights."""
+    dtype: str = "float32"
+    """Parameter/compute dtype: float32 | bfloat16 | float16."""
+    transformer_impl: str = "auto"
+    """Layer spec: local | transformer_engine | auto (TE when importable and on GPU)."""
+    make_vocab_size_divisible_by: int = 128
+    """Vocab is padded to a multiple of this times TP (Megatron convention)."""
+    recompute_granularity: Optional[str] = None
+    """Megatron activation recomputation: None | full | selective."""
+    attention_dropout: float = 0.0
+    """Dropout inside attention (0 for RL fine-tuning)."""
+    hidden_dropout: float = 0.0
+    """Dropout on hidden states (0 for RL fine-tuning)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    dp: Optional[int] = None
+    """Data-parallel size; None = world_size // (tp * pp)."""
+    cp: int = 1
+    """Context-parallel size (passed to Megatron; GPU only)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (needs tp > 1)."""
+    pp_layer_split: Optional[list] = None
+    """Uneven pipeline split: number of layers per stage, e.g. [3, 5]."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over DP ranks (Megatron DistributedOptimizer) when dp > 1."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None
+    """jsonl / parquet / arrow file or a datasets save_to_disk directory; None = embedded task."""
+    prompt_key: str = "prompt"
+    """Field holding the problem text."""
+    demo_key: str = "demonstration"
+    """Field holding the expert demonstration (reasoning + final answer)."""
+    answer_key: str = "answer"
+    """Field holding the reference answer used by the reward."""
+    template: str = "tokenizer"
+    """Chat template: tokenizer | think (the paper's <think> template) | plain."""
+    max_prompt_len: int = 256
+    """Prompts longer than this (tokens) are filtered out."""
+    max_response_len: int = 256
+    """Maximum rollout length; demonstrations longer than this are filtered out."""
+    shuffle_seed: int = 1234
+    """Seed of the deterministic epoch shuffle."""
+
+
+@dataclass
+class RolloutConfig:
+    n_samples: int = 8
+    """Rollouts per prompt (G in the paper)."""
+    temperature: float = 1.0
+    """Sampling temperature (also applied to the trainer's log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    urls: Optional[list] = None
+    """Attach to running SGLang servers instead of launching them."""
+    num_servers: int = 1
+    """SGLang servers to launch when urls is None."""
+    server_tp: int = 1
+    """SGLang tensor parallelism per server (GPU)."""
+    weight_sync: str = "auto"
+    """Weight sync mode: auto | distributed | tensor | disk."""
+    bucket_mb: int = 256
+    """Weight sync bucket size in MiB."""
+    startup_timeout_s: float = 300.0
+    """Seconds to wait for a server's /health before failing with its log tail."""
+    request_timeout_s: float = 600.0
+    """Seconds before a /generate request counts as hung."""
+    max_concurrency: int = 64
+    """Generate requests in flight per server."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "srft"
+    """sft | grpo | luffy | srft | srft_no_wsft | srft_no_wrl."""
+    demo_in_group: bool = True
+    """The demonstration joins its prompt's group for the advantage (Eq. 7)."""
+    adv_std_norm: bool = True
+    """Divide group-centred rewards by the group std (LUFFY: off)."""
+    c_sft: float = 0.5
+    """Constant of w_SFT = c_sft * exp(sft_entropy_sign * H) (Eq. 8)."""
+    sft_entropy_sign: float = -1.0
+    """Sign s in w_SFT = c_sft * exp(s * H); the paper writes -1."""
+    c_rl: float = 0.1
+    """Constant of w_RL = c_rl * exp(H) on positive rollouts (Eq. 12)."""
+    offpolicy_shaping: str = "none"
+    """Off-policy demo term shaping f(p): none | luffy (p / (p + gamma))."""
+    shaping_gamma: float = 0.1
+    """gamma of the LUFFY shaping."""
+    entropy_weighting: str = "token"
+    """Entropy used in w_SFT / w_RL: token (per token) | batch (batch mean)."""
+    loss_agg: str = "token-mean"
+    """token-mean | seq-mean-token-mean | seq-sum-max-len."""
+    clip_eps: Optional[float] = None
+    """PPO ratio clip epsilon; None = the paper's unclipped form."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (LUFFY uses 0.001; the paper 0)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of a decaying schedule."""
+    lr_schedule: str = "constant"
+    """constant | cosine | linear."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    max_consecutive_skips: int = 5
+    """Stop after this many non-finite steps in a row."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    """Optimizer steps."""
+    prompts_per_step: int = 128
+    """Prompts sampled per step (global)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per DP rank."""
+    seed: int = 1234
+    """Global seed (model init, data order, sampling)."""
+    deterministic: bool = False
+    """Deterministic algorithms (for exact resume checks on CPU)."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None
+    """Checkpoint directory; None = <run_dir>/checkpoints."""
+    every: int = 50
+    """Save every K steps (and at the end)."""
+    keep: int = 2
+    """Checkpoints kept (older ones deleted after a successful save)."""
+    resume: bool = False
+    """Continue from the latest checkpoint in dir."""
+    export_hf: bool = True
+    """Export the final policy as a HF checkpoint."""
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/srft"
+    """Where metrics, plots, checkpoints and exports go."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    wandb_project: Optional[str] = None
+    """Log to Weights & Biases when set and wandb is installed."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.recompute_granularity": (None, "full", "selective"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "data.template": ("tokenizer", "think", "plain"),
+    "rollout.weight_sync": ("auto", "distributed", "tensor", "disk"),
+    "algorithm.name": ("sft", "grpo", "luffy", "srft", "srft_no_wsft", "srft_no_wrl"),
+    "algorithm.offpolicy_shaping": ("none", "luffy"),
+    "algorithm.entropy_weighting": ("token", "batch"),
+    "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-sum-max-len"),
+    "optimizer.lr_schedule": ("constant", "cosine", "linear"),
+}
+
+
+# --------------------------------------------------------------------------- loading
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check ``value`` against the annotation ``typ``; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    name = getattr(typ, "__name__", str(typ))
+    raise _err(key, value, f"expected {name}, got {type(value).__name__}",
+               f"give a {name} value, e.g. {key}=<{name}>")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise _err(prefix.rstrip("."), data, "expected a mapping",
+                   f"write '{prefix.rstrip('.')}:' as a YAML mapping of its fields")
+    ftypes = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in ftypes:
+            known = ", ".join(sorted(ftypes))
+            raise _err(full, value, "unknown key", f"use one of: {known}")
+        typ = ftypes[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = _build(typ, value or {}, full + ".")
+        else:
+            kwargs[key] = _coerce(full, value, typ)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise _err(dotted, value, f"'{p}' is not a section", "override a leaf key")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> (``a.b.c``, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"config error: override {text!r} has no '='. Fix: write key=value, "
+                          f"e.g. parallel.tp=2")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """Read ``path`` (YAML; None = defaults) and apply ``key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config error: config file {path!r} does not exist. "
+                              f"Fix: pass --config with a YAML file (see examples/configs/)")
+        with open(path) as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config error: {path} is not valid YAML: {e}") from None
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(Config, tree, "")
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- validation
+def _divides(key: str, value: int, what: str, total: int, fix: str) -> None:
+    if total % value != 0:
+        raise _err(key, value, f"does not divide {what} ({total})", fix)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None,
+             hf_config: Optional[dict] = None) -> Config:
+    """Check value ranges and combinations; fill ``parallel.dp`` from the world size.
+
+    ``hf_config`` is the model's HF ``config.json`` as a dict (checks against heads and
+    layers are skipped without it). Raises ConfigError naming key, value and fix.
+    """
+    flat = {}
+    for sec in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, sec.name)):
+            flat[f"{sec.name}.{f.name}"] = getattr(getattr(cfg, sec.name), f.name)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise _err(key, flat[key], "not a supported choice",
+                       f"use one of: {', '.join(str(a) for a in allowed)}")
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "rollout.n_samples",
+                "train.steps", "train.prompts_per_step", "train.micro_batch_size",
+                "checkpoint.every", "rollout.num_servers", "rollout.server_tp",
+                "rollout.bucket_mb", "model.make_vocab_size_divisible_by"):
+        if flat[key] < 1:
+            raise _err(key, flat[key], "must be >= 1", f"set {key} to a positive integer")
+    p = cfg.parallel
+    if p.sequence_parallel and p.tp == 1:
+        raise _err("parallel.sequence_parallel", True, "needs tensor parallelism",
+                   "set parallel.tp > 1 or parallel.sequence_parallel=false")
+    if cfg.rollout.temperature <= 0:
+        raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
+                   "use a positive temperature (the paper uses 1.0)")
+
+    if hf_config is not None:
+        heads = hf_config["num_attention_heads"]
+        kv = hf_config.get("num_key_value_heads") or heads
+        layers = hf_config["num_hidden_layers"]
+        _divides("parallel.tp", p.tp, "num_attention_heads", heads,
+                 f"choose parallel.tp from the divisors of {heads}")
+        _divides("parallel.tp", p.tp, "num_key_value_heads", kv,
+                 f"choose parallel.tp from the divisors of {kv} (GQA key/value heads)")
+        if p.pp_layer_split is not None:
+            split = p.pp_layer_split
+            if len(split) != p.pp or sum(split) != layers or min(split) < 1:
+                raise _err("parallel.pp_layer_split", split,
+                           f"needs {p.pp} positive entries summing to num_hidden_layers={layers}",
+                           "give one layer count per pipeline stage")
+        elif layers % p.pp != 0:
+            raise _err("parallel.pp", p.pp, f"does not divide num_hidden_layers ({layers})",
+                       f"choose a divisor of {layers}, or give parallel.pp_layer_split "
+                       f"(e.g. an uneven split summing to {layers})")
+    elif p.pp_layer_split is not None and len(p.pp_layer_split) != p.pp:
+        raise _err("parallel.pp_layer_split", p.pp_layer_split,
+                   f"needs one entry per pipeline stage (pp={p.pp})", "give pp entries")
+
+    if world_size is not None:
+        mp = p.tp * p.pp * p.cp
+        if world_size % mp != 0:
+            raise _err("parallel", f"tp={p.tp} pp={p.pp} cp={p.cp}",
+                       f"tp*pp*cp={mp} does not divide the world size {world_size}",
+                       f"launch a multiple of {mp} ranks or change tp/pp")
+        dp = world_size // mp
+        if p.dp is not None and p.dp != dp:
+            raise _err("parallel.dp", p.dp,
+                       f"tp*pp*cp*dp={mp * p.dp} != world size {world_size}",
+                       f"set parallel.dp={dp}, leave it unset, or launch {mp * p.dp} ranks")
+        p.dp = dp
+    if p.dp is not None:
+        seqs = cfg.train.prompts_per_step * (cfg.rollout.n_samples + 1)
+        per_rank = cfg.train.micro_batch_size * p.dp
+        if cfg.train.prompts_per_step % p.dp != 0:
+            raise _err("train.prompts_per_step", cfg.train.prompts_per_step,
+                       f"not divisible by the data-parallel size {p.dp}",
+                       f"use a multiple of {p.dp}")
+        if seqs % per_rank != 0:
+            raise _err("train.micro_batch_size", cfg.train.micro_batch_size,
+                       f"{seqs} sequences per step are not divisible by micro_batch_size*dp="
+                       f"{per_rank}", "choose a micro batch size that divides the step's "
+                       "sequences per DP rank")
+    return cfg
+
+
+def describe(cfg: Config) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, default=str)
