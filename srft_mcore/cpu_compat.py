@@ -90,8 +90,8 @@ def apply() -> list:
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    torch.cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # the CPU generator directly: torch.manual_seed itself calls torch.cuda.manual_seed_all
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     APPLIED.append("rng")
 
     torch.cuda.current_device = lambda: torch.device("cpu")

@@ -1,0 +1,82 @@
+"""Run a function on N local ranks (fresh spawned processes, gloo or nccl) and collect results.
+
+Used by ``srft-doctor`` and by the multi-rank tests: each rank gets the torchrun
+environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), runs
+``fn(*args)`` and sends back its return value (which must pickle). A rank that raises makes
+:func:`spawn_ranks` raise with that rank's traceback; the others are terminated.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+from typing import Any, Callable
+
+from srft_mcore.distributed import free_port
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def _rank_main(fn, args, rank, world_size, port, results, env):
+    os.environ.update(env)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        out = fn(*args)
+        results.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - the traceback goes to the parent
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from srft_mcore.distributed import destroy_distributed
+
+            destroy_distributed()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def spawn_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 600.0,
+                env: dict | None = None) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` spawned ranks; return the results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    procs = [ctx.Process(target=_rank_main, args=(fn, args, r, world_size, port, results, env),
+                         daemon=False) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RankFailed(f"ranks {sorted(set(range(world_size)) - set(out))} did not "
+                                 f"finish within {timeout_s:.0f}s")
+            try:
+                rank, ok, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)
+                        and i not in out]
+                if dead:
+                    raise RankFailed(f"rank {dead[0]} exited with code "
+                                     f"{procs[dead[0]].exitcode} without a result")
+                continue
+            if not ok:
+                raise RankFailed(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=30 if len(out) == world_size else 1)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+    return [out[r] for r in range(world_size)]

@@ -1,0 +1,107 @@
+"""Tiny HF checkpoints for the embedded demo, the doctor and the tests (no download).
+
+The tokenizer is a byte-level BPE trained offline on the embedded arithmetic task's
+alphabet and words, shipped in ``srft_mcore/assets/tokenizer``. :func:`make_tiny_hf_model`
+writes a random-weight Qwen2 or Llama checkpoint (config, safetensors, tokenizer) that
+transformers, SGLang and the bridge all load.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Optional
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+TOKENIZER_DIR = os.path.join(ASSETS, "tokenizer")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def _corpus():
+    words = ("Compute the value of step so answer is then we get first next finally "
+             "Let us add subtract multiply plus minus times equals result think "
+             "The quick brown fox jumps over the lazy dog Hello world user assistant system "
+             "Please reason step by step and put your final answer within boxed").split()
+    lines = []
+    for a in range(0, 100, 7):
+        for b in range(1, 40, 3):
+            lines.append(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} * {b} = {a * b}.")
+    lines.append(" ".join(words) + " \\boxed{42} ( ) [ ] { } < > : ; , . ? ! = + - * /")
+    return lines * 3
+
+
+def build_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 384) -> str:
+    """Train the byte-level BPE tokenizer offline and save it as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                     pad_token="<|endoftext|>", bos_token=None)
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_tokenizer(path: Optional[str] = None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
+
+
+def tiny_hf_config(arch: str = "qwen2", vocab_size: Optional[int] = None, hidden_size: int = 64,
+                   num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
+                   intermediate_size: int = 128, tied: bool = False,
+                   rope_theta: float = 10000.0, max_position_embeddings: int = 1024):
+    """A transformers config object for a tiny Qwen2 (qkv bias, GQA) or Llama model."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    tok = load_tokenizer()
+    common = dict(vocab_size=vocab_size or len(tok), hidden_size=hidden_size,
+                  intermediate_size=intermediate_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=max_position_embeddings, tie_word_embeddings=tied,
+                  rms_norm_eps=1e-6, rope_theta=rope_theta,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.pad_token_id,
+                  pad_token_id=tok.pad_token_id)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "llama":
+        return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
+    raise ValueError(f"tiny models exist for qwen2 and llama, not {arch!r}")
+
+
+def make_tiny_hf_model(out_dir: str, arch: str = "qwen2", seed: int = 0, dtype: str = "float32",
+                       **config_kwargs) -> str:
+    """Write a random tiny HF checkpoint (config, model.safetensors, tokenizer) to out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_hf_config(arch, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    with torch.no_grad():  # HF's default init is tiny (std 0.02): widen it so logits differ
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.2)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for name in os.listdir(TOKENIZER_DIR):
+        shutil.copy(os.path.join(TOKENIZER_DIR, name), os.path.join(out_dir, name))
+    return out_dir
+
+
+if __name__ == "__main__":
+    print(build_tokenizer())
