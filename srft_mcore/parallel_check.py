@@ -21,7 +21,7 @@ TINY_QWEN2 = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_
                   rope_theta=10000.0, max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def _init_params(model, seed: int, tp_size: int, tp_rank: int) -> None:
+def _init_params(model, seed: int, tp_size: int, tp_rank: int, gated: bool = True) -> None:
     from srft_mcore.models.sharding import full_shape, global_name, partition_dim, split_for_rank
 
     with torch.no_grad():
@@ -31,7 +31,7 @@ def _init_params(model, seed: int, tp_size: int, tp_rank: int) -> None:
             full = torch.randn(full_shape(p, tp_size), generator=g) * 0.2
             if gname.endswith("layernorm.weight") or gname.endswith("norm.weight"):
                 full = 1.0 + full
-            p.copy_(split_for_rank(full, gname, partition_dim(p), tp_size, tp_rank))
+            p.copy_(split_for_rank(full, gname, partition_dim(p), tp_size, tp_rank, gated))
 
 
 def _batch(global_batch: int, seq_len: int, vocab: int, seed: int):
@@ -43,8 +43,13 @@ def _batch(global_batch: int, seq_len: int, vocab: int, seed: int):
 
 def run_rank(tp: int, pp: int, global_batch: int = 8, micro_batch: int = 1, seq_len: int = 16,
              distributed_optimizer: bool = False, reference: Optional[str] = None,
-             save_to: Optional[str] = None, hf_config: Optional[dict] = None, seed: int = 1234):
-    """Body of one rank. Returns {'loss', 'max_grad_diff', 'max_param_diff', ...}."""
+             save_to: Optional[str] = None, hf_config: Optional[dict] = None, seed: int = 1234,
+             fault_plain_fc1_split: bool = False):
+    """Body of one rank. Returns {'loss', 'max_grad_diff', 'max_param_diff', ...}.
+
+    ``fault_plain_fc1_split`` loads the fused gate/up weight with a plain TP chunk (a
+    classic conversion bug) so tests can show that the comparison catches it.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -59,7 +64,7 @@ def run_rank(tp: int, pp: int, global_batch: int = 8, micro_batch: int = 1, seq_
     layout = init_distributed(tp=tp, pp=pp, seed=seed)
     par = ParallelConfig(tp=tp, pp=pp, dp=layout.dp)
     model = build_model(hf, ModelConfig(), par)
-    _init_params(model, seed, tp, layout.tp_rank)
+    _init_params(model, seed, tp, layout.tp_rank, gated=not fault_plain_fc1_split)
     tconfig = model.config
     ddp = DistributedDataParallel(
         tconfig, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,

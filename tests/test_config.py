@@ -1,0 +1,109 @@
+"""Config loading, overrides and validation: every bad case names key, value and fix."""
+import subprocess
+import sys
+
+import pytest
+
+from srft_mcore.config import Config, ConfigError, load_config, parse_override, validate
+
+QWEN_LIKE = dict(num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=24)
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "parallel:\n  tp: 2\nalgorithm:\n  name: grpo\n")
+    cfg = load_config(path, ["parallel.pp=2", "optimizer.lr=3e-6", "rollout.urls=[a, b]",
+                             "model.hf_path=null"])
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
+    assert cfg.algorithm.name == "grpo"
+    assert cfg.optimizer.lr == pytest.approx(3e-6)
+    assert cfg.rollout.urls == ["a", "b"]
+    assert cfg.model.hf_path is None
+    assert isinstance(load_config(None, ["optimizer.lr=1"]).optimizer.lr, float)
+
+
+def test_override_syntax():
+    assert parse_override("a.b=3") == ("a.b", 3)
+    with pytest.raises(ConfigError, match="has no '='"):
+        parse_override("parallel.tp")
+
+
+@pytest.mark.parametrize("override, match", [
+    (["parallel.tpp=2"], r"parallel\.tpp=2: unknown key.*use one of: .*tp"),
+    (["nosection.x=1"], r"nosection=.*unknown key"),
+    (["parallel.tp=two"], r"parallel\.tp='two': expected int, got str"),
+    (["parallel.tp=2.5"], r"parallel\.tp=2\.5: expected int"),
+    (["train.deterministic=3"], r"expected bool"),
+    (["parallel=3"], r"parallel=3: expected a mapping"),
+])
+def test_unknown_keys_and_wrong_types(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, override)
+
+
+def test_missing_or_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [1,\n"))
+
+
+def cfg_with(**parallel):
+    cfg = Config()
+    for k, v in parallel.items():
+        setattr(cfg.parallel, k, v)
+    cfg.train.prompts_per_step = 8
+    return cfg
+
+
+@pytest.mark.parametrize("parallel, world, match", [
+    (dict(tp=4), 8, r"parallel\.tp=4: does not divide num_attention_heads \(14\)"),
+    (dict(tp=7), 7, r"parallel\.tp=7: does not divide num_key_value_heads \(2\).*divisors of 2"),
+    (dict(pp=5), 5, r"parallel\.pp=5: does not divide num_hidden_layers \(24\).*pp_layer_split"),
+    (dict(pp=2, pp_layer_split=[10, 10]), 2, r"pp_layer_split=\[10, 10\].*summing to"),
+    (dict(tp=2, pp=2), 6, r"tp\*pp\*cp=4 does not divide the world size 6"),
+    (dict(tp=2, dp=3), 4, r"parallel\.dp=3: tp\*pp\*cp\*dp=6 != world size 4.*parallel\.dp=2"),
+    (dict(sequence_parallel=True), 1, r"sequence_parallel=True: needs tensor parallelism"),
+])
+def test_impossible_parallel_layouts(parallel, world, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        validate(cfg_with(**parallel), world_size=world, hf_config=QWEN_LIKE)
+    assert "Fix:" in str(e.value)
+
+
+def test_valid_layouts_fill_dp():
+    cfg = validate(cfg_with(tp=2, pp=2), world_size=8, hf_config=QWEN_LIKE)
+    assert cfg.parallel.dp == 2
+    cfg = validate(cfg_with(pp=2, pp_layer_split=[11, 13]), world_size=2, hf_config=QWEN_LIKE)
+    assert cfg.parallel.dp == 1
+
+
+def test_choices_and_batch_arithmetic():
+    cfg = Config()
+    cfg.algorithm.name = "ppo"
+    with pytest.raises(ConfigError, match=r"algorithm\.name='ppo'.*srft_no_wsft"):
+        validate(cfg)
+    cfg = Config()
+    cfg.train.prompts_per_step = 3
+    with pytest.raises(ConfigError, match=r"train\.prompts_per_step=3: not divisible by the "
+                                          r"data-parallel size 2"):
+        validate(cfg, world_size=2)
+
+
+def run_doctor_config(*args):
+    return subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "config", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_rejects_bad_config_before_launch(tmp_path):
+    bad = run_doctor_config("--world-size", "3", "parallel.tp=2")
+    assert bad.returncode == 2
+    assert "tp*pp*cp=2 does not divide the world size 3" in bad.stderr
+    assert '"ok": false' in bad.stdout.strip().splitlines()[-1]
+    good = run_doctor_config("--world-size", "2", "parallel.tp=2", "train.prompts_per_step=4")
+    assert good.returncode == 0, good.stderr
