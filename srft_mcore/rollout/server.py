@@ -1,0 +1,309 @@
+"""SGLang server processes: launch on a free loopback port, wait for health, stop cleanly.
+
+Usage::
+
+    from srft_mcore.rollout.server import SGLangServer
+
+    server = SGLangServer.launch(model_dir)            # starts and waits for /health
+    print(server.url, server.pid)                      # http://127.0.0.1:<port>, launcher PID
+    ...
+    server.stop()                                      # SIGTERM to the process group, then SIGKILL
+
+    remote = SGLangServer.attach("http://10.0.0.5:30000")   # a server someone else runs
+
+``launch`` raises :class:`ServerStartError` when the server exits or is not healthy within
+``startup_timeout_s``; the message carries the tail of the server log. Each server runs in its
+own session (process group), so ``stop`` also reaches the scheduler and detokenizer children.
+Every launched server is stopped at interpreter exit, on SIGTERM/SIGHUP (turned into
+``SystemExit`` so ``finally`` blocks and atexit run) and on Ctrl-C (``KeyboardInterrupt``
+unwinds to atexit). When launched from the main thread, the launcher also gets
+``PR_SET_PDEATHSIG`` so it dies with a trainer that is SIGKILLed; SGLang's own children follow it.
+
+Without CUDA the CPU recipe is used (``--device cpu`` with the torch-native backends, fp32,
+a small KV pool); with CUDA the GPU defaults plus ``--tp``.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence
+
+import requests
+
+from srft_mcore.distributed import free_port
+
+CPU_ARGS = (
+    "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",
+    "--disable-cuda-graph", "--disable-overlap-schedule", "--grammar-backend", "none",
+    "--sleep-on-idle", "--dtype", "float32", "--mem-fraction-static", "0.05",
+    "--max-total-tokens", "4096",
+)
+CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy in time; the message holds its log tail."""
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
+    """Flags for this machine: the CPU recipe without CUDA, else GPU defaults with ``--tp``."""
+    device = device or ("cuda" if cuda_available() else "cpu")
+    if device == "cpu":
+        if tp != 1:
+            raise ValueError(f"SGLang on CPU runs with tp=1, got tp={tp}")
+        return list(CPU_ARGS)
+    return ["--tp", str(tp), "--mem-fraction-static", "0.6"]
+
+
+def _set_pdeathsig() -> None:
+    """Child side of Popen: die with SIGTERM when the launching thread dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _tail(path: Optional[str], n_lines: int = 40) -> str:
+    if not path or not os.path.exists(path):
+        return "(no log)"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    return "\n".join(lines[-n_lines:])
+
+
+class SGLangServer:
+    """One SGLang HTTP server: a child process we own, or a URL we attach to."""
+
+    def __init__(self, model_path: Optional[str] = None, port: Optional[int] = None,
+                 host: str = "127.0.0.1", tp: int = 1, extra_args: Sequence[str] = (),
+                 env: Optional[dict] = None, log_path: Optional[str] = None,
+                 startup_timeout_s: float = 300.0, device: Optional[str] = None,
+                 url: Optional[str] = None):
+        self.model_path = model_path
+        self.host = host
+        self.port = port
+        self.tp = tp
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.device = device or ("cuda" if cuda_available() else "cpu")
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self._url = url.rstrip("/") if url else None
+        self._log_file = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def launch(cls, model_path: str, port: Optional[int] = None, **kwargs) -> "SGLangServer":
+        """Start a server for ``model_path`` and wait until it is healthy."""
+        server = cls(model_path, port=port, **kwargs)
+        server.start()
+        server.wait_healthy()
+        return server
+
+    @classmethod
+    def attach(cls, url: str) -> "SGLangServer":
+        """Wrap a server started elsewhere; ``stop``/``restart`` do not touch it."""
+        return cls(url=url)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def owned(self) -> bool:
+        return self._url is None or self.proc is not None
+
+    @property
+    def url(self) -> str:
+        if self._url is not None and self.proc is None:
+            return self._url
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    def is_alive(self) -> bool:
+        """Own process still running (an attached server: /health answers)."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        if self._url is not None:
+            return self.healthy(timeout_s=5.0)
+        return False
+
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=timeout_s).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        return _tail(self.log_path, n_lines)
+
+    # ------------------------------------------------------------------ lifecycle
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
+                "--host", self.host, "--port", str(self.port),
+                *default_args(self.tp, self.device), *self.extra_args]
+
+    def start(self) -> "SGLangServer":
+        """Spawn the server process (returns at once; see :meth:`wait_healthy`)."""
+        if self.model_path is None:
+            raise ValueError("an attached server cannot be started; launch one with a model_path")
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"server already running (pid {self.proc.pid})")
+        if self.port is None:
+            self.port = free_port()
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix=f"sglang_{self.port}_", suffix=".log")
+            os.close(fd)
+        env = {**os.environ, **(CPU_ENV if self.device == "cpu" else {}), **self.env}
+        self._log_file = open(self.log_path, "ab")
+        self._log_file.write(f"$ {' '.join(self.command())}\n".encode())
+        self._log_file.flush()
+        in_main = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=self._log_file,
+            stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
+            preexec_fn=_set_pdeathsig if in_main else None)
+        _register(self)
+        return self
+
+    def wait_healthy(self, timeout_s: Optional[float] = None) -> "SGLangServer":
+        """Poll /health until 200; raise :class:`ServerStartError` with the log tail otherwise."""
+        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise ServerStartError(
+                    f"SGLang server for {self.model_path!r} exited with code {code} during "
+                    f"start-up. Log {self.log_path} (tail):\n{self.log_tail()}")
+            if self.healthy(timeout_s=2.0):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerStartError(
+                    f"SGLang server at {self.url} ({self.model_path!r}) was not healthy within "
+                    f"{timeout_s:.0f}s. Log {self.log_path} (tail):\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the server's process group, SIGKILL what is left after ``timeout_s``."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _kill_group(proc, timeout_s)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        _unregister(self)
+
+    def restart(self, timeout_s: Optional[float] = None) -> "SGLangServer":
+        """Stop (if needed) and start again on the same port; counts in ``restarts``."""
+        if not self.owned or self.model_path is None:
+            raise RuntimeError(f"cannot restart {self.url}: it was attached, not launched here")
+        self.stop()
+        self.restarts += 1
+        self.start()
+        return self.wait_healthy(timeout_s)
+
+    def __enter__(self) -> "SGLangServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"SGLangServer(url={self.url!r}, pid={self.pid}, model={self.model_path!r})"
+
+
+def _kill_group(proc: subprocess.Popen, timeout_s: float) -> None:
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        pgid = None
+    # the group id equals the launcher's PID (start_new_session); the children keep it even
+    # after the launcher has exited, so signal the group whether or not the launcher lives
+    pgid = pgid if pgid is not None else proc.pid
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            if proc.returncode is not None and not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+    proc.poll()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# ---------------------------------------------------------------------- cleanup registry
+_LIVE: "set[SGLangServer]" = set()
+_LOCK = threading.Lock()
+_HOOKS_INSTALLED = False
+
+
+def stop_all() -> None:
+    """Stop every server launched by this process (atexit and signal handlers call it)."""
+    with _LOCK:
+        servers = list(_LIVE)
+    for s in servers:
+        try:
+            s.stop(timeout_s=10.0)
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def _on_signal(signum, frame):
+    stop_all()
+    raise SystemExit(128 + signum)
+
+
+def _register(server: SGLangServer) -> None:
+    global _HOOKS_INSTALLED
+    with _LOCK:
+        _LIVE.add(server)
+        if _HOOKS_INSTALLED:
+            return
+        _HOOKS_INSTALLED = True
+    atexit.register(stop_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, _on_signal)
+
+
+def _unregister(server: SGLangServer) -> None:
+    with _LOCK:
+        _LIVE.discard(server)
