@@ -113,6 +113,7 @@ def cmd_parallel(args) -> int:
 
 def cmd_sglang(args) -> int:
     from srft_mcore.models.tiny import make_tiny_hf_model
+    from srft_mcore.rollout.client import SamplingParams, SGLangClient
     from srft_mcore.rollout.server import SGLangServer
 
     result = {"check": "sglang", "ok": False}
@@ -125,8 +126,8 @@ def cmd_sglang(args) -> int:
             result["startup_s"] = round(time.time() - t0, 2)
             print(f"  server ready at {server.url} (pid {server.pid}) in {result['startup_s']}s")
             t1 = time.time()
-            outs = server.client().generate(
-                ["1 + 2 ="], n=2, temperature=1.0, max_new_tokens=8, return_logprobs=True)
+            outs = SGLangClient([server.url]).generate(
+                ["1 + 2 ="], n=2, sampling=SamplingParams(temperature=1.0, max_new_tokens=8))
             result["generate_s"] = round(time.time() - t1, 3)
             samples = outs[0]
             result["n_samples"] = len(samples)

@@ -1,0 +1,162 @@
+"""Atomic, resumable training checkpoints (Megatron dist_checkpointing + trainer state).
+
+Layout under the checkpoint root::
+
+    step_000020/
+        mcore/               model + optimizer, Megatron dist_checkpointing (any TP/PP on load)
+        trainer_state.json   step, data position, rollout counter, scheduler, metrics state
+        rng/rank_00003.pt    Python / NumPy / torch / Megatron-tracker RNG states per rank
+    latest                   name of the newest complete checkpoint (written last)
+
+A save writes into ``.tmp_step_XXXXXX`` and renames it when every rank is done; ``latest``
+moves after that, through its own temporary file. A process killed at any moment leaves
+the previous checkpoint and ``latest`` untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# optimizer state saved per DP shard; reloadable when DP changes (see REFERENCE notes)
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """Path of the checkpoint ``latest`` names, or None when there is none."""
+    pointer = os.path.join(root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not _STEP_RE.match(name) or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a complete checkpoint. "
+                              f"Fix: point it at one of {list_checkpoints(root)} or remove it")
+    return path
+
+
+def list_checkpoints(root: str) -> list:
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if _STEP_RE.match(n))
+
+
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
+                    keep: int = 2) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    from megatron.core import dist_checkpointing
+
+    rank = _rank()
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, ".tmp_" + step_dir_name(step))
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "rng"))
+    _barrier()
+    model_sd = model.sharded_state_dict()
+    state = {"model": model_sd,
+             "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_SHARDING)}
+    dist_checkpointing.save(state, os.path.join(tmp, "mcore"))
+    torch.save(rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    _barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(dict(trainer_state, step=step), f, indent=1, sort_keys=True)
+        if os.path.exists(final):  # the same step saved again (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(os.path.join(root, "latest"), step_dir_name(step))
+        for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer, load_optimizer: bool = True,
+                    load_rng: bool = True) -> dict:
+    """Collective: restore model (+ optimizer, RNG) from ``path``; returns the trainer state."""
+    from megatron.core import dist_checkpointing
+
+    state_path = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    with open(state_path) as f:
+        trainer_state = json.load(f)
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd}
+    if load_optimizer:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                            metadata=OPTIMIZER_SHARDING)
+    loaded = dist_checkpointing.load(request, os.path.join(path, "mcore"))
+    model.load_state_dict(loaded["model"])
+    if load_optimizer:
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
+    if load_rng and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return trainer_state
+
+
+def clean_stale(root: str) -> None:
+    """Remove partial saves left by a killed run (rank 0, before training starts)."""
+    if _rank() == 0 and os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(".tmp_step_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
