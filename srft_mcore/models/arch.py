@@ -8,13 +8,46 @@ chosen by the exact ``model_type`` of the HF ``config.json`` (never by substring
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 ARCHITECTURES: dict = {}
 
 
 class UnsupportedArchitecture(ValueError):
     pass
+
+
+LAYOUTS = ("replicated", "vocab", "row", "qkv", "gate_up")
+"""How a Megatron tensor is made from its HF tensor(s) and split over TP ranks:
+
+* ``replicated``: same tensor, every rank holds all of it (norms).
+* ``vocab``: rows are vocabulary entries; padded to Megatron's padded vocab (zero rows,
+  trimmed on export) and split on dim 0.
+* ``row``: split on the input dim 1 (``o_proj``, ``down_proj``).
+* ``qkv``: ``[q; k; v]`` fused per query group ``g`` as ``[q heads of g; k_g; v_g]`` and
+  split on dim 0 by whole groups (weights and biases).
+* ``gate_up``: ``[gate; up]`` fused, each TP rank holding ``[gate_i; up_i]``.
+"""
+
+
+@dataclass(frozen=True)
+class TensorMap:
+    """One Megatron tensor and the HF tensor(s) it is made of. ``{i}`` is the global layer."""
+
+    mcore: str
+    """Megatron name under the local layer spec."""
+    hf: tuple
+    """HF tensor names, in fusion order (q, k, v / gate, up)."""
+    layout: str
+    """One of :data:`LAYOUTS`."""
+    te_mcore: Optional[str] = None
+    """Megatron name under the Transformer Engine spec, where it differs."""
+    when: Optional[str] = None
+    """Present only if this HF-config condition holds: ``qkv_bias`` | ``untied``."""
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.mcore}: layout {self.layout!r} not in {LAYOUTS}")
 
 
 @dataclass(frozen=True)
@@ -25,7 +58,18 @@ class Architecture:
     """transformers class name in ``architectures``."""
     qkv_bias: Callable[[dict], bool]
     """Whether q/k/v projections carry a bias, from the HF config."""
+    tensors: tuple = ()
+    """The HF <-> Megatron name map: :class:`TensorMap` entries (embedding, layer, final)."""
     extra: dict = field(default_factory=dict)
+
+    def condition(self, name: Optional[str], hf_config: dict) -> bool:
+        if name is None:
+            return True
+        if name == "qkv_bias":
+            return self.qkv_bias(hf_config)
+        if name == "untied":
+            return not hf_config.get("tie_word_embeddings", False)
+        raise ValueError(f"unknown tensor-map condition {name!r}")
 
 
 def register(arch: Architecture) -> Architecture:
