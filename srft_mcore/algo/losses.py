@@ -1,0 +1,309 @@
+"""The SRFT objective and its baselines (arXiv 2506.19767, section 4), token by token.
+
+Total (Eq. 13): L_SRFT = L_SFT (Eq. 8, demonstrations) + L_offpolicy (Eq. 9-10,
+demonstrations) + L_onpolicy (Eq. 11-12, own rollouts). Each equation is one pure function
+below; :func:`srft_loss` assembles them for the algorithm named in the config and
+:func:`make_loss_func` wraps that as the per-micro-batch ``loss_func`` of Megatron's
+forward-backward schedules.
+
+Populations and aggregation: the SFT term is averaged over demonstration tokens; the RL
+terms (off-policy on demonstrations and on-policy on rollouts) are averaged together over
+the tokens of the sequences they cover, as in LUFFY's pooled policy loss; the optional
+entropy bonus over all trained tokens. ``loss_agg`` picks the average: token-mean,
+seq-mean-token-mean, or seq-sum-max-len (sum per sequence / max response length, then mean
+over sequences). Averages are over the whole global batch: :class:`BatchTotals` holds its
+token and sequence counts, so a micro-batch contributes sum / global count and the result
+does not depend on how the batch is split over micro-batches and DP ranks.
+
+Shape suffixes: b sequences of a micro-batch, s positions; ``_bs`` per token, ``_b`` per
+sequence. Per-token inputs are aligned with targets: ``logp_bs[i, j]`` is the log-prob of
+``targets[i, j]``, and ``loss_mask_bs`` is 1 where a token is trained (response tokens).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+ALGORITHMS = ("sft", "grpo", "luffy", "srft", "srft_no_wsft", "srft_no_wrl")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-sum-max-len")
+_SRFT = ("srft", "srft_no_wsft", "srft_no_wrl")
+
+
+# --------------------------------------------------------------------------- equations
+def sft_weight(entropy_bs: torch.Tensor, c_sft: float = 0.5, sign: float = -1.0) -> torch.Tensor:
+    """arXiv 2506.19767, Eq. 8 weight: w_SFT = c_sft * stopgrad(exp(sign * H)).
+
+    The paper writes sign = -1: confident (low-entropy) demonstrations get more SFT weight.
+    """
+    return c_sft * torch.exp(sign * entropy_bs.detach())
+
+
+def sft_token_loss(logp_bs: torch.Tensor) -> torch.Tensor:
+    """arXiv 2506.19767, Eq. 8 per token: -log pi(y*_t) (weighted and averaged by the caller)."""
+    return -logp_bs
+
+
+def offpolicy_demo_token_loss(logp_bs: torch.Tensor, adv_bs: torch.Tensor,
+                              shaping: str = "none", gamma: float = 0.1) -> torch.Tensor:
+    """arXiv 2506.19767, Eq. 9-10 per token: -A_demo * f(pi(y*_t) / pi_beta(y*_t)).
+
+    pi_beta := 1 (the expert's probabilities are unknown) and no clipping. f is the identity
+    (``none``) or LUFFY's policy shaping f(p) = p / (p + gamma) (``luffy``), which raises
+    the gradient on low-probability expert tokens.
+    """
+    p_bs = logp_bs.exp()
+    if shaping == "none":
+        f_bs = p_bs
+    elif shaping == "luffy":
+        f_bs = p_bs / (p_bs + gamma)
+    else:
+        raise ValueError(f"offpolicy_shaping must be none or luffy, got {shaping!r}")
+    return -adv_bs * f_bs
+
+
+def rl_weight(entropy_bs: torch.Tensor, c_rl: float = 0.1) -> torch.Tensor:
+    """arXiv 2506.19767, Eq. 12 weight: w_RL = c_rl * stopgrad(exp(H)) (positive samples)."""
+    return c_rl * torch.exp(entropy_bs.detach())
+
+
+def onpolicy_sign_token_loss(logp_bs: torch.Tensor, positive_bs: torch.Tensor) -> torch.Tensor:
+    """arXiv 2506.19767, Eq. 11 per token: -log pi(y+_t) on positive samples, +log pi(y-_t)
+    on negative ones (the policy gradient with rewards +-1). w_RL is applied by the caller."""
+    return torch.where(positive_bs, -logp_bs, logp_bs)
+
+
+def ppo_token_loss(logp_bs: torch.Tensor, old_logp_bs: Optional[torch.Tensor],
+                   adv_bs: torch.Tensor, clip_eps: Optional[float] = None):
+    """Clipped-ratio policy gradient, the general form of Eq. 11-12 (and GRPO's loss).
+
+    ratio = pi / pi_old (pi_old = the detached current policy when no old log-probs are
+    given, so ratio = 1 with gradient A * grad log pi). Without ``clip_eps``: -A * ratio.
+    Returns (loss_bs, ratio_bs, clipped_bs).
+    """
+    old_bs = logp_bs.detach() if old_logp_bs is None else old_logp_bs.float()
+    ratio_bs = torch.exp(logp_bs - old_bs)
+    unclipped_bs = -adv_bs * ratio_bs
+    if clip_eps is None:
+        return unclipped_bs, ratio_bs, torch.zeros_like(ratio_bs, dtype=torch.bool)
+    clipped_bs = -adv_bs * ratio_bs.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    return torch.maximum(unclipped_bs, clipped_bs), ratio_bs, clipped_bs > unclipped_bs
+
+
+# --------------------------------------------------------------------------- aggregation
+@dataclass
+class BatchTotals:
+    """Counts over the whole global batch (every micro-batch, every DP rank).
+
+    Computed once per optimizer step with :func:`batch_totals`. ``batch_entropy`` is the
+    mean entropy over the batch's trained tokens for ``entropy_weighting=batch``; without
+    it each micro-batch uses its own mean (then the weights depend on the split).
+    """
+
+    demo_tokens: float
+    rollout_tokens: float
+    demo_seqs: float
+    rollout_seqs: float
+    max_len: int = 1
+    batch_entropy: Optional[float] = None
+
+
+def batch_totals(loss_mask_bs: torch.Tensor, is_demo_b: torch.Tensor, max_len: int = 1,
+                 dp_group=None, batch_entropy: Optional[float] = None) -> BatchTotals:
+    """Token and sequence counts of this rank's share of the batch, summed over ``dp_group``.
+
+    max_len: the maximum response length, the denominator of ``seq-sum-max-len``.
+    A sequence counts when it has at least one trained token.
+    """
+    mask_bs = loss_mask_bs.float()
+    demo_b = is_demo_b.bool().to(mask_bs.device)
+    has_b = (mask_bs.sum(-1) > 0).float()
+    counts = torch.stack([
+        (mask_bs.sum(-1) * demo_b).sum(), (mask_bs.sum(-1) * ~demo_b).sum(),
+        (has_b * demo_b).sum(), (has_b * ~demo_b).sum()]).double()
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(counts, group=dp_group)
+    d_tok, r_tok, d_seq, r_seq = counts.tolist()
+    return BatchTotals(d_tok, r_tok, d_seq, r_seq, max_len, batch_entropy)
+
+
+def aggregate(token_loss_bs: torch.Tensor, mask_bs: torch.Tensor, mode: str,
+              n_tokens: float, n_seqs: float, max_len: int = 1) -> torch.Tensor:
+    """This micro-batch's share of a global average of ``token_loss_bs`` over ``mask_bs``.
+
+    Summing the results of all micro-batches (of all DP ranks) gives the global average.
+    """
+    masked_bs = token_loss_bs * mask_bs
+    if mode == "token-mean":
+        return masked_bs.sum() / max(n_tokens, 1.0)
+    if mode == "seq-mean-token-mean":
+        per_seq_b = masked_bs.sum(-1) / mask_bs.sum(-1).clamp(min=1.0)
+        return per_seq_b.sum() / max(n_seqs, 1.0)
+    if mode == "seq-sum-max-len":
+        return masked_bs.sum() / (max_len * max(n_seqs, 1.0))
+    raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def entropy_for_weights(entropy_bs: torch.Tensor, mask_bs: torch.Tensor, mode: str,
+                        batch_entropy: Optional[float] = None) -> torch.Tensor:
+    """The (detached) entropy that enters w_SFT and w_RL: per token, or one batch mean."""
+    ent_bs = entropy_bs.detach()
+    if mode == "token":
+        return ent_bs
+    if mode != "batch":
+        raise ValueError(f"entropy_weighting must be token or batch, got {mode!r}")
+    if batch_entropy is None:
+        batch_entropy = (ent_bs * mask_bs).sum() / mask_bs.sum().clamp(min=1.0)
+    return torch.full_like(ent_bs, float(batch_entropy))
+
+
+# --------------------------------------------------------------------------- the objective
+def _metric(num, den) -> torch.Tensor:
+    """Metrics travel as [numerator, denominator] so they sum over micro-batches and ranks."""
+    num = num.detach().float() if torch.is_tensor(num) else torch.tensor(float(num))
+    den = den.detach().float() if torch.is_tensor(den) else torch.tensor(float(den))
+    return torch.stack([num.reshape(()).cpu(), den.reshape(()).cpu()])
+
+
+def _masked_metric(x_bs, mask_bs):
+    return _metric((x_bs.detach() * mask_bs).sum(), mask_bs.sum())
+
+
+def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
+              totals: BatchTotals, onpolicy_form: str = "sign", metric_share: float = 1.0):
+    """arXiv 2506.19767, Eq. 13 (and the baselines): this micro-batch's share of the loss.
+
+    batch: ``loss_mask`` [b, s], ``is_demo`` [b] bool, ``advantages`` [b] or [b, s],
+    ``rewards`` [b] (reward > 0 marks a positive sample), optional ``old_logprobs`` [b, s].
+    cfg: an :class:`srft_mcore.config.AlgorithmConfig`. onpolicy_form for the SRFT
+    variants: ``sign`` (Eq. 11 literally: -log pi on positive, +log pi on negative
+    rollouts) or ``ppo`` (-A * ratio, clipped when cfg.clip_eps is set); GRPO and LUFFY
+    always use ``ppo``. metric_share: the denominator given to loss-term metrics
+    (1 / (micro-batches * DP ranks), so that reduced metrics equal the global terms).
+    Returns (loss, metrics), metrics as [numerator, denominator] tensors.
+    """
+    name = cfg.name
+    if name not in ALGORITHMS:
+        raise ValueError(f"algorithm.name must be one of {ALGORITHMS}, got {name!r}")
+    if onpolicy_form not in ("sign", "ppo"):
+        raise ValueError(f"onpolicy_form must be sign or ppo, got {onpolicy_form!r}")
+    logp_bs = logp_bs.float()
+    entropy_bs = entropy_bs.float()
+    mask_bs = batch["loss_mask"].to(logp_bs.device).float()
+    demo_b = batch["is_demo"].to(logp_bs.device).bool()
+    demo_bs = mask_bs * demo_b.unsqueeze(-1)
+    roll_bs = mask_bs * (~demo_b).unsqueeze(-1)
+    adv_bs = batch.get("advantages")
+    if adv_bs is not None:
+        adv_bs = adv_bs.to(logp_bs.device).float()
+        adv_bs = adv_bs.unsqueeze(-1).expand_as(logp_bs) if adv_bs.dim() == 1 else adv_bs
+    agg, t = cfg.loss_agg, totals
+    has_offpolicy = name == "luffy" or name in _SRFT
+    has_onpolicy = name != "sft"
+    # the RL terms are pooled over rollouts and, when trained off-policy, demonstrations
+    rl_tokens = t.rollout_tokens + (t.demo_tokens if has_offpolicy else 0.0)
+    rl_seqs = t.rollout_seqs + (t.demo_seqs if has_offpolicy else 0.0)
+    h_w_bs = entropy_for_weights(entropy_bs, mask_bs, cfg.entropy_weighting, t.batch_entropy)
+
+    zero = logp_bs.sum() * 0.0  # keeps the graph connected when a term is absent
+    terms = {}
+    metrics = {}
+    if name == "sft" or name in _SRFT:
+        if name in ("srft", "srft_no_wrl"):
+            w_sft_bs = sft_weight(h_w_bs, cfg.c_sft, cfg.sft_entropy_sign)
+        else:
+            w_sft_bs = torch.full_like(logp_bs, 1.0 if name == "sft" else cfg.c_sft)
+        terms["sft"] = aggregate(w_sft_bs * sft_token_loss(logp_bs), demo_bs, agg,
+                                 t.demo_tokens, t.demo_seqs, t.max_len)
+        metrics["w_sft"] = _masked_metric(w_sft_bs, demo_bs)
+    if has_offpolicy:
+        off_bs = offpolicy_demo_token_loss(logp_bs, adv_bs, cfg.offpolicy_shaping,
+                                           cfg.shaping_gamma)
+        terms["offpolicy"] = aggregate(off_bs, demo_bs, agg, rl_tokens, rl_seqs, t.max_len)
+    if has_onpolicy:
+        positive_b = batch["rewards"].to(logp_bs.device).float() > 0
+        positive_bs = positive_b.unsqueeze(-1).expand_as(logp_bs)
+        if name in _SRFT:
+            w_pos_bs = (rl_weight(h_w_bs, cfg.c_rl) if name in ("srft", "srft_no_wsft")
+                        else torch.full_like(logp_bs, cfg.c_rl))
+            w_rl_bs = torch.where(positive_bs, w_pos_bs, torch.ones_like(w_pos_bs))
+            metrics["w_rl"] = _masked_metric(w_pos_bs, roll_bs * positive_bs)
+        else:
+            w_rl_bs = torch.ones_like(logp_bs)
+        if name in _SRFT and onpolicy_form == "sign":
+            on_bs = onpolicy_sign_token_loss(logp_bs, positive_bs)
+        else:
+            on_bs, ratio_bs, clipped_bs = ppo_token_loss(logp_bs, batch.get("old_logprobs"),
+                                                         adv_bs, cfg.clip_eps)
+            metrics["ppo/ratio"] = _masked_metric(ratio_bs, roll_bs)
+            metrics["ppo/clipfrac"] = _masked_metric(clipped_bs.float(), roll_bs)
+        terms["onpolicy"] = aggregate(w_rl_bs * on_bs, roll_bs, agg, rl_tokens, rl_seqs,
+                                      t.max_len)
+    if cfg.entropy_coef:  # over every token the algorithm trains on
+        if name == "grpo":
+            pop_bs, n_tok, n_seq = roll_bs, t.rollout_tokens, t.rollout_seqs
+        elif name == "sft":
+            pop_bs, n_tok, n_seq = demo_bs, t.demo_tokens, t.demo_seqs
+        else:
+            pop_bs = mask_bs
+            n_tok, n_seq = t.demo_tokens + t.rollout_tokens, t.demo_seqs + t.rollout_seqs
+        terms["entropy_bonus"] = -cfg.entropy_coef * aggregate(entropy_bs, pop_bs, agg, n_tok,
+                                                               n_seq, t.max_len)
+
+    loss = zero + sum(terms.values())
+    metrics["loss"] = _metric(loss, metric_share)
+    for k, v in terms.items():
+        metrics[f"loss/{k}"] = _metric(v, metric_share)
+    metrics["entropy/demo"] = _masked_metric(entropy_bs, demo_bs)
+    metrics["entropy/rollout"] = _masked_metric(entropy_bs, roll_bs)
+    metrics["logp/demo"] = _masked_metric(logp_bs, demo_bs)
+    metrics["logp/rollout"] = _masked_metric(logp_bs, roll_bs)
+    if adv_bs is not None:
+        metrics["adv/demo"] = _masked_metric(adv_bs, demo_bs)
+        metrics["adv/rollout"] = _masked_metric(adv_bs, roll_bs)
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- megatron glue
+def make_loss_func(cfg, totals: BatchTotals, *, num_microbatches: int, dp_size: int,
+                   onpolicy_form: str = "sign") -> Callable:
+    """Megatron ``loss_func`` factory: ``partial(loss_func, micro_batch)`` is what a
+    ``forward_step_func`` returns beside the model output ``(logp_bs, entropy_bs)``.
+
+    Scaling: Megatron divides each micro-batch loss by ``num_microbatches`` and DDP averages
+    gradients over the ``dp_size`` data-parallel ranks, so the returned loss is this
+    micro-batch's share of the global loss (its sums over the global counts in ``totals``)
+    times ``num_microbatches * dp_size``. The gradient is then that of the global-batch loss,
+    whatever the split. ``metrics['loss']`` etc. hold the unscaled shares; reduce the list of
+    metric dicts with :func:`reduce_metrics`.
+    """
+    scale = float(num_microbatches * dp_size)
+
+    def loss_func(batch: dict, output):
+        logp_bs, entropy_bs = output
+        loss, metrics = srft_loss(logp_bs, entropy_bs, batch, cfg, totals, onpolicy_form,
+                                  metric_share=1.0 / scale)
+        return loss * scale, metrics
+
+    return loss_func
+
+
+def reduce_metrics(metric_dicts: list, dp_group=None) -> dict:
+    """Sum [numerator, denominator] metrics over micro-batches (and ``dp_group``); ratios.
+
+    Metrics exist on the last pipeline stage only. A metric with denominator 0 is NaN.
+    """
+    keys = sorted({k for d in metric_dicts for k in d})
+    if not keys:
+        return {}
+    stacked = torch.zeros(len(keys), 2, dtype=torch.float64)
+    for d in metric_dicts:
+        for i, k in enumerate(keys):
+            if k in d:
+                stacked[i] += d[k].double()
+    if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(stacked, group=dp_group)
+    return {k: (stacked[i, 0] / stacked[i, 1]).item() if stacked[i, 1] != 0 else float("nan")
+            for i, k in enumerate(keys)}
