@@ -22,19 +22,34 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</t
 
 
 def _corpus():
+    """Training text: the embedded task (prompts, demonstrations, the think system prompt,
+    chat roles) dominates so its words and numbers become single tokens; a little generic
+    text and arithmetic keep other inputs from falling apart into bytes."""
+    from srft_mcore.data.embedded import generate_embedded
+    from srft_mcore.data.templates import THINK_SYSTEM_PROMPT
+
     words = ("Compute the value of step so answer is then we get first next finally "
              "Let us add subtract multiply plus minus times equals result think "
              "The quick brown fox jumps over the lazy dog Hello world user assistant system "
-             "Please reason step by step and put your final answer within boxed").split()
+             "Please reason step by step and put your final answer within boxed "
+             "Question Answer System User Assistant").split()
     lines = []
     for a in range(0, 100, 7):
         for b in range(1, 40, 3):
             lines.append(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} * {b} = {a * b}.")
     lines.append(" ".join(words) + " \\boxed{42} ( ) [ ] { } < > : ; , . ? ! = + - * /")
-    return lines * 3
+    for rec in generate_embedded(600, seed=12345, min_steps=1, max_steps=3):
+        text = (f"system\n{THINK_SYSTEM_PROMPT}\nuser\n{rec['prompt']}\nassistant\n"
+                f"{rec['demonstration']}")
+        for special in SPECIAL_TOKENS:  # split out before BPE at encode time as well
+            text = text.replace(special, " ")
+        lines.append(text)
+    # every value the task can produce, as it appears in the answer box
+    lines.extend(f"\\boxed{{{n}}}" for n in range(60) for _ in range(4))
+    return lines * 2
 
 
-def build_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 384) -> str:
+def build_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 512) -> str:
     """Train the byte-level BPE tokenizer offline and save it as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
