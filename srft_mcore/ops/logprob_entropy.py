@@ -152,9 +152,10 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         ctx.save_for_backward(logits_tv, targets_t, m_t, log_s_t, entropy_t)
         ctx.cfg = (start, n_valid, chunk, temperature)
         ctx.set_materialize_grads(False)
+        logp_t, entropy_out_t = logp_t.clone(), entropy_t.clone()
         if not entropy_grad:
-            ctx.mark_non_differentiable(entropy_t)
-        return logp_t.clone(), entropy_t.clone()
+            ctx.mark_non_differentiable(entropy_out_t)
+        return logp_t, entropy_out_t
 
     @staticmethod
     def backward(ctx, g_lp_t, g_h_t):
@@ -219,9 +220,10 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden_th, weight_vh, targets_t, m_t, log_s_t, entropy_t)
         ctx.cfg = (start, n_valid, chunk, temperature, group, reduce_hidden_grad)
         ctx.set_materialize_grads(False)
+        logp_t, entropy_out_t = logp_t.clone(), entropy_t.clone()
         if not entropy_grad:
-            ctx.mark_non_differentiable(entropy_t)
-        return logp_t.clone(), entropy_t.clone()
+            ctx.mark_non_differentiable(entropy_out_t)
+        return logp_t, entropy_out_t
 
     @staticmethod
     def backward(ctx, g_lp_t, g_h_t):

@@ -1,0 +1,183 @@
+"""Fused vocab-parallel log-prob + entropy against a plain full-vocabulary reference."""
+import os
+
+import pytest
+import torch
+
+from srft_mcore.ops import (
+    linear_vocab_parallel_logprob_entropy,
+    reference_logprob_entropy,
+    vocab_parallel_logprob_entropy,
+)
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _problem(n_tok=37, vocab=290, padded=320, hidden=16, dtype=torch.float32, seed=0,
+             device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    hidden_th = torch.randn(n_tok, hidden, generator=g)
+    weight_vh = torch.randn(padded, hidden, generator=g) * 0.7
+    targets_t = torch.randint(0, vocab, (n_tok,), generator=g)
+    g_lp = torch.randn(n_tok, generator=g)
+    g_h = torch.randn(n_tok, generator=g)
+    to = dict(dtype=dtype, device=device)
+    return (hidden_th.to(**to), weight_vh.to(**to), targets_t.to(device), g_lp.to(device),
+            g_h.to(device))
+
+
+def _run_logits(fn, logits_tv, g_lp, g_h):
+    """(logp, entropy, d/dlogits) of sum(g_lp * logp + g_h * entropy)."""
+    z = logits_tv.detach().clone().requires_grad_()
+    logp, ent = fn(z)
+    (logp.float() * g_lp + ent.float() * g_h).sum().backward()
+    return [x.detach().float() for x in (logp, ent, z.grad)]
+
+
+def _run_linear(fn, hidden_th, weight_vh, g_lp, g_h):
+    """(logp, entropy, d/dhidden, d/dweight) of sum(g_lp * logp + g_h * entropy)."""
+    h = hidden_th.detach().clone().requires_grad_()
+    w = weight_vh.detach().clone().requires_grad_()
+    logp, ent = fn(h, w)
+    (logp.float() * g_lp + ent.float() * g_h).sum().backward()
+    return [x.detach().float() for x in (logp, ent, h.grad, w.grad)]
+
+
+def _references(hidden_th, weight_vh, targets_t, g_lp, g_h, vocab, temperature=1.0):
+    """Full-vocabulary fp32 references on the logits the model produces (hidden @ weight.T
+    in the input dtype, as Megatron's output layer). The linear references chain d/dlogits
+    through that matmul in fp32."""
+    logits = hidden_th @ weight_vh.t()
+    ref = lambda z: reference_logprob_entropy(z, targets_t, vocab, temperature)  # noqa: E731
+    logp, ent, g_logits = _run_logits(ref, logits.float(), g_lp, g_h)
+    by_linear = [logp, ent, g_logits @ weight_vh.float(), g_logits.t() @ hidden_th.float()]
+    return logits, [logp, ent, g_logits], by_linear
+
+
+def _max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+def _check_all(dtype, device="cpu", temperature=1.0):
+    vocab = 290
+    h, w, tg, g_lp, g_h = _problem(dtype=dtype, device=device)
+    logits, ref_logits, ref_linear = _references(h, w, tg, g_lp, g_h, vocab, temperature)
+    kw = dict(vocab_size=vocab, temperature=temperature)
+    chunked = _run_logits(lambda z: vocab_parallel_logprob_entropy(z, tg, chunk_size=5, **kw),
+                          logits, g_lp, g_h)
+    fused = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
+        hh, ww, tg, chunk_size=7, **kw), h, w, g_lp, g_h)
+    for got, ref, names in ((chunked, ref_logits, ("logp", "entropy", "grad_logits")),
+                            (fused, ref_linear, ("logp", "entropy", "grad_hidden",
+                                                 "grad_weight"))):
+        for name, a, b in zip(names, got, ref):
+            assert _max_rel(a, b) <= TOL[dtype], (name, _max_rel(a, b))
+    assert fused[3][vocab:].abs().max().item() == 0.0  # padded rows get no gradient
+    assert chunked[2][:, vocab:].abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_tp1_matches_reference(dtype, temperature):
+    _check_all(dtype, temperature=temperature)
+
+
+def test_padding_is_excluded():
+    h, w, tg, _, _ = _problem()
+    logits = h @ w.t()
+    logits[:, 290:] = 30.0  # huge padded logits must not change anything
+    logp, ent = vocab_parallel_logprob_entropy(logits, tg, vocab_size=290)
+    ref_lp, ref_ent = reference_logprob_entropy(logits[:, :290], tg)
+    assert torch.allclose(logp, ref_lp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    # without vocab_size the padded columns do count
+    logp_all, _ = vocab_parallel_logprob_entropy(logits, tg)
+    assert (logp_all - ref_lp).abs().max() > 1.0
+
+
+def test_inputs_untouched_chunking_invariant_and_shapes():
+    h, w, tg, _, _ = _problem()
+    logits = (h @ w.t()).requires_grad_()
+    before = logits.detach().clone()
+    outs = [vocab_parallel_logprob_entropy(logits.view(1, 37, -1), tg.view(1, 37),
+                                           vocab_size=290, chunk_size=c) for c in (1, 8, None)]
+    assert outs[0][0].shape == (1, 37) and outs[0][1].dtype == torch.float32
+    for lp, ent in outs[1:]:
+        assert torch.allclose(lp, outs[0][0], atol=1e-6)
+        assert torch.allclose(ent, outs[0][1], atol=1e-6)
+    sum(lp.sum() + ent.sum() for lp, ent in outs).backward()
+    assert torch.equal(logits.detach(), before)
+
+
+def test_entropy_grad_stop_and_single_output_grads():
+    h, w, tg, g_lp, _ = _problem()
+    for fn in (lambda hh, ww, **k: vocab_parallel_logprob_entropy(hh @ ww.t(), tg, **k),
+               lambda hh, ww, **k: linear_vocab_parallel_logprob_entropy(hh, ww, tg, **k)):
+        hh = h.clone().requires_grad_()
+        lp, ent = fn(hh, w, vocab_size=290, entropy_grad=False)
+        assert not ent.requires_grad and lp.requires_grad
+        (lp * g_lp).sum().backward()
+        href = h.clone().requires_grad_()
+        rlp, _ = reference_logprob_entropy(href @ w.t(), tg, 290)
+        (rlp * g_lp).sum().backward()
+        assert _max_rel(hh.grad, href.grad) < 1e-5
+        # entropy alone
+        hh.grad = None
+        href.grad = None
+        _, ent = fn(hh, w, vocab_size=290)
+        ent.sum().backward()
+        _, rent = reference_logprob_entropy(href @ w.t(), tg, 290)
+        rent.sum().backward()
+        assert _max_rel(hh.grad, href.grad) < 1e-5
+
+
+def test_entropy_of_uniform_and_one_hot():
+    logits = torch.zeros(2, 8)
+    logits[1, 3] = 1e4
+    lp, ent = vocab_parallel_logprob_entropy(logits, torch.tensor([0, 3]))
+    assert torch.allclose(ent, torch.tensor([torch.log(torch.tensor(8.0)).item(), 0.0]),
+                          atol=1e-6)
+    assert torch.allclose(lp, torch.tensor([-torch.log(torch.tensor(8.0)).item(), 0.0]),
+                          atol=1e-6)
+
+
+# --------------------------------------------------------------------------- TP2, gloo
+def _tp_rank(dtype_name: str, vocab: int, padded: int, temperature: float):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = getattr(torch, dtype_name)
+    h, w, tg, g_lp, g_h = _problem(vocab=vocab, padded=padded, dtype=dtype)
+    logits, ref_logits, ref_linear = _references(h, w, tg, g_lp, g_h, vocab, temperature)
+    v_local = padded // world
+    shard = slice(rank * v_local, (rank + 1) * v_local)
+    kw = dict(vocab_size=vocab, tp_group=dist.group.WORLD, temperature=temperature)
+    chunked = _run_logits(lambda z: vocab_parallel_logprob_entropy(z, tg, chunk_size=6, **kw),
+                          logits[:, shard], g_lp, g_h)
+    fused = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
+        hh, ww, tg, chunk_size=9, **kw), h, w[shard], g_lp, g_h)
+    want_chunked = [ref_logits[0], ref_logits[1], ref_logits[2][:, shard]]
+    want_fused = [ref_linear[0], ref_linear[1], ref_linear[2], ref_linear[3][shard]]
+    return {"chunked": [_max_rel(a, b) for a, b in zip(chunked, want_chunked)],
+            "fused": [_max_rel(a, b) for a, b in zip(fused, want_fused)]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_tp2_matches_reference(dtype_name):
+    from srft_mcore.launch import spawn_ranks
+
+    tol = TOL[getattr(torch, dtype_name)]
+    # 290 of 320: rank 1 holds 130 real columns; 150 of 320: rank 1 holds none
+    for vocab, temperature in ((290, 1.0), (150, 0.7)):
+        for rank_out in spawn_ranks(_tp_rank, 2, (dtype_name, vocab, 320, temperature),
+                                    timeout_s=120):
+            for kind, diffs in rank_out.items():
+                assert max(diffs) <= tol, (vocab, kind, diffs)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_reference(dtype):
+    _check_all(dtype, device="cuda", temperature=0.7)
