@@ -23,6 +23,8 @@ setup(
     entry_points={
         "console_scripts": [
             "srft-doctor=srft_mcore.doctor:main",
+            "srft-plot=srft_mcore.plot:main",
+            "srft-convert=tools.convert_ckpt.cli:main",
         ],
     },
 )

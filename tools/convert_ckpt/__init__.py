@@ -1,0 +1,1 @@
+"""``srft-convert``: HF <-> Megatron dist_checkpointing conversion (see ``cli.py``)."""
