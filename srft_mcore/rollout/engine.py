@@ -1,0 +1,302 @@
+"""The rollout engine the trainer talks to: servers + client + weight sync + fault recovery.
+
+Usage (every trainer rank runs the same calls; they are collective)::
+
+    engine = RolloutEngine.launch(cfg.rollout, model_path=hf_dir, layout=layout,
+                                  hf_config=hf, work_dir=run_dir)
+    for step in range(steps):
+        groups = engine.generate(prompts, n=cfg.rollout.n_samples,
+                                 sampling=SamplingParams(temperature=1.0, max_new_tokens=256))
+        ...                                   # rank 0 gets the completions (see broadcast)
+        optimizer.step()
+        engine.sync_weights(model_chunks, version=str(step + 1))
+    engine.shutdown()
+
+Rank 0 owns the servers (launched here, or attached through ``rollout.urls``) and does the
+HTTP; the other ranks take part in the weight sync (each PP stage's source rank sends its
+own layers) and in the recovery protocol of :meth:`generate`: when a server dies or hangs
+(requests fail, then ``/health_generate`` does not answer), rank 0 restarts it, every rank
+re-syncs the current weights into it, and the request batch is retried. ``metrics()``
+counts the restarts.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+import requests
+import torch.distributed as dist
+
+from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
+from srft_mcore.rollout.server import SGLangServer
+from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats,
+                                            WeightSyncError, export_stream, make_transport,
+                                            source_info, sync_weights)
+
+
+class RolloutError(RuntimeError):
+    """Generation failed and could not be recovered (e.g. an attached server is down)."""
+
+
+def resolve_mode(mode: str) -> str:
+    """``auto`` -> ``distributed`` (works on GPU and CPU; ``tensor`` needs colocation and
+    ``disk`` a shared file system, so both are chosen explicitly)."""
+    if mode == "auto":
+        return "distributed"
+    if mode not in MODES:
+        raise ValueError(f"rollout.weight_sync={mode!r}: expected auto or one of {MODES}")
+    return mode
+
+
+def _world(group) -> tuple[int, int]:
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _broadcast(obj, group=None):
+    if _world(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=0)
+    return box[0]
+
+
+class RolloutEngine:
+    """SGLang servers behind one collective interface: generate, sync_weights, shutdown."""
+
+    def __init__(self, servers: Sequence[SGLangServer], mode: str = "distributed",
+                 layout=None, hf_config: Optional[dict] = None, bucket_mb: float = 256,
+                 work_dir: Optional[str] = None, request_timeout_s: float = 600.0,
+                 max_concurrency: int = 64, retries: int = 2, max_recoveries: int = 2,
+                 health_timeout_s: float = 60.0, server_tp: int = 1, group=None):
+        self.servers = list(servers)
+        self.mode = resolve_mode(mode)
+        self.layout = layout
+        self.hf_config = hf_config
+        self.bucket_bytes = int(bucket_mb * 2**20)
+        self.work_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
+        self.group = group
+        self.max_recoveries = max_recoveries
+        self.health_timeout_s = health_timeout_s
+        self.client = SGLangClient([s.url for s in self.servers], max_concurrency=max_concurrency,
+                                   request_timeout_s=request_timeout_s, retries=retries)
+        self.transport = make_transport(self.mode, self.work_dir, server_tp=server_tp)
+        self.version: Optional[str] = None
+        self.last_sync: Optional[SyncStats] = None
+        self._tensors: Optional[Callable[[], NamedTensors]] = None
+        self._released = False
+        self._syncs = 0
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def launch(cls, cfg, model_path: Optional[str] = None, layout=None,
+               hf_config: Optional[dict] = None, work_dir: Optional[str] = None,
+               server_args: Sequence[str] = (), group=None, **kwargs) -> "RolloutEngine":
+        """Launch ``cfg.num_servers`` servers for ``model_path`` on rank 0 (or attach to
+        ``cfg.urls``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
+        rank, _ = _world(group)
+        servers: list[SGLangServer] = []
+        error = None
+        if rank == 0:
+            try:
+                servers = launch_servers(cfg, model_path, work_dir, server_args)
+            except Exception as e:  # noqa: BLE001 - every rank raises below
+                error = e
+        urls = _broadcast(None if error else [s.url for s in servers], group)
+        if urls is None:
+            raise error if error is not None else RolloutError("rank 0 failed to start SGLang")
+        if rank != 0:
+            servers = [SGLangServer.attach(u) for u in urls]
+        return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
+                   bucket_mb=cfg.bucket_mb, work_dir=work_dir,
+                   request_timeout_s=cfg.request_timeout_s, max_concurrency=cfg.max_concurrency,
+                   server_tp=cfg.server_tp, group=group, **kwargs)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def rank(self) -> int:
+        return _world(self.group)[0]
+
+    def _source(self) -> SourceInfo:
+        if self.layout is not None:
+            return source_info(self.layout)
+        return SourceInfo(rank=self.rank, pp_rank=0, exports=True, sends=self.rank == 0)
+
+    # ------------------------------------------------------------------ weight sync
+    def sync_weights(self, model_chunks, version: Optional[str] = None) -> SyncStats:
+        """Push the current policy weights to every server (collective over all ranks).
+
+        ``model_chunks``: this rank's GPTModel (or list of chunks). Raises
+        :class:`WeightSyncError` on every rank when any part failed; call again to retry.
+        """
+        if self.hf_config is None:
+            raise ValueError("RolloutEngine needs hf_config to export Megatron weights")
+        src = self._source()
+        return self.sync_tensors(lambda: export_stream(model_chunks, self.hf_config, src),
+                                 version)
+
+    def sync_tensors(self, tensors: Callable[[], NamedTensors],
+                     version: Optional[str] = None) -> SyncStats:
+        """Like :meth:`sync_weights` for any stream of ``(hf_name, tensor)`` per rank."""
+        version = version if version is not None else str(self._syncs + 1)
+        if self._released:
+            self._resume(["weights"])
+        self._tensors = tensors
+        stats = self._sync(self.urls, version)
+        self.version = version
+        return stats
+
+    def _sync(self, urls: Sequence[str], version: str) -> SyncStats:
+        src = self._source()
+        stats = sync_weights(self.transport, urls, src, version, self._tensors,
+                             self.bucket_bytes, group=self.group)
+        self._syncs += 1
+        self.last_sync = stats
+        return stats
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Sequence[Prompt], n: int = 1,
+                 sampling: Optional[SamplingParams] = None, return_logprob: bool = True,
+                 broadcast: bool = False) -> Optional[list[list[Completion]]]:
+        """``n`` samples per prompt; collective. Rank 0 (every rank with ``broadcast``)
+        gets one list of :class:`Completion` per prompt; the others get None."""
+        if self._released:
+            self._resume(None)
+        rank = self.rank
+        for attempt in range(self.max_recoveries + 1):
+            status, out = ("ok", None), None
+            if rank == 0:
+                try:
+                    out = self.client.generate(prompts, n=n, sampling=sampling,
+                                               return_logprob=return_logprob)
+                    self._check_versions(out)
+                except GenerateError as e:
+                    try:
+                        status = ("restarted", self._recover(e.failed_urls))
+                    except Exception as e2:  # noqa: BLE001 - every rank raises below
+                        status = ("error", f"{e}; recovery failed: {e2}")
+                except Exception as e:  # noqa: BLE001
+                    status = ("error", f"{type(e).__name__}: {e}")
+            status = _broadcast(status, self.group)
+            if status[0] == "ok":
+                return _broadcast(out, self.group) if broadcast else out
+            if status[0] == "error":
+                raise RolloutError(status[1])
+            restarted = status[1]
+            self.transport.failed(restarted)
+            if restarted and self._tensors is not None:
+                self._sync(restarted, self.version)
+        raise RolloutError(f"generation still failing after {self.max_recoveries} recoveries")
+
+    def _check_versions(self, groups: list[list[Completion]]) -> None:
+        if self.version is None:
+            return
+        bad = {c.weight_version for g in groups for c in g} - {self.version}
+        if bad:
+            raise RolloutError(f"completions carry weight versions {sorted(bad)}, expected "
+                               f"{self.version!r}: a server serves stale weights")
+
+    def _responsive(self, server: SGLangServer) -> bool:
+        try:
+            r = requests.get(server.url + "/health_generate", timeout=self.health_timeout_s)
+            return r.status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _recover(self, failed_urls: Sequence[str]) -> list[str]:
+        """Rank 0: restart the failed servers that are dead or hung; return their URLs."""
+        restarted = []
+        for server in self.servers:
+            if server.url not in failed_urls:
+                continue
+            if server.is_alive() and self._responsive(server):
+                continue  # a transient failure: just retry
+            if not server.owned:
+                raise RolloutError(f"server {server.url} does not answer and was attached "
+                                   f"(rollout.urls), not launched here: restart it yourself")
+            server.restart()
+            restarted.append(server.url)
+        return restarted
+
+    # ------------------------------------------------------------------ memory (colocated)
+    def release_memory(self) -> None:
+        """Colocated GPU: free SGLang's weights and KV cache for training (rank 0 posts)."""
+        if self.rank == 0:
+            for url in self.urls:
+                _control(url, "/release_memory_occupation", {})
+        self._released = True
+
+    def _resume(self, tags: Optional[list]) -> None:
+        if self.rank == 0:
+            for url in self.urls:
+                _control(url, "/resume_memory_occupation", {"tags": tags} if tags else {})
+        if tags is None:
+            self._released = False
+
+    def resume_memory(self) -> None:
+        self._resume(None)
+
+    # ------------------------------------------------------------------ metrics, shutdown
+    def metrics(self) -> dict:
+        out = {"rollout/server_restarts": sum(s.restarts for s in self.servers),
+               "rollout/weight_syncs": self._syncs}
+        if self.last_sync is not None:
+            out.update({"rollout/sync_s": self.last_sync.seconds,
+                        "rollout/sync_gb_per_s": self.last_sync.gb_per_s})
+        return out
+
+    def shutdown(self) -> None:
+        try:
+            self.transport.close()
+        finally:
+            for s in self.servers:
+                if s.owned:
+                    s.stop()
+
+    def __enter__(self) -> "RolloutEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _control(url: str, path: str, payload: dict) -> None:
+    r = requests.post(url + path, json=payload, timeout=120)
+    if r.status_code != 200:
+        raise RolloutError(f"{url}{path}: HTTP {r.status_code}: {r.text[:300]}")
+
+
+def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = None,
+                   server_args: Sequence[str] = ()) -> list[SGLangServer]:
+    """Attach to ``cfg.urls`` or start ``cfg.num_servers`` servers (in parallel)."""
+    if cfg.urls:
+        servers = [SGLangServer.attach(u) for u in cfg.urls]
+        down = [s.url for s in servers if not s.healthy(timeout_s=10.0)]
+        if down:
+            raise RolloutError(f"rollout.urls: {down} do not answer /health")
+        return servers
+    if model_path is None:
+        raise ValueError("launching SGLang needs model_path (or set rollout.urls)")
+    log_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
+    os.makedirs(log_dir, exist_ok=True)
+    servers = [SGLangServer(model_path, tp=cfg.server_tp, extra_args=server_args,
+                            log_path=os.path.join(log_dir, f"sglang-{i}.log"),
+                            startup_timeout_s=cfg.startup_timeout_s)
+               for i in range(cfg.num_servers)]
+    try:
+        for s in servers:
+            s.start()
+        deadline = time.monotonic() + cfg.startup_timeout_s
+        for s in servers:
+            s.wait_healthy(max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers

@@ -1,0 +1,494 @@
+"""Weight sync: the sharded Megatron policy -> SGLang servers, after every optimizer step.
+
+One protocol, three transports (``mode``):
+
+* ``distributed``: a weight-update process group per (PP stage, server), created once
+  (NCCL on GPU, gloo on CPU) between the stage's source rank and the server's ranks; each
+  bucket is one flattened tensor broadcast into ``/update_weights_from_distributed``.
+* ``tensor`` (colocated): each bucket is handed over as a handle, not bytes, through
+  ``/update_weights_from_tensor``: CUDA IPC on GPU, POSIX shared memory (torch's
+  ``file_system`` sharing strategy) on CPU.
+* ``disk`` (the fallback): each source writes its buckets as HF safetensors shards of one
+  directory, then ``/update_weights_from_disk`` loads it.
+
+:func:`sync_weights` is collective over the trainer's ranks (every rank calls it):
+
+1. rank 0: on each server pause generation, flush the KV cache, ``/begin_weight_update``;
+2. every rank with ``dp_rank == 0`` iterates the bridge export of its PP stage (TP shards
+   are all-gathered), cut into buckets of ``bucket_bytes``; the stage's ``tp_rank == 0``
+   rank is the source and sends them; a source whose sending fails keeps iterating (its TP
+   peers are in the same all-gathers) and reports the error;
+3. rank 0: ``/end_weight_update``, tag the weight version, flush, continue generation and
+   read the version back from ``/model_info``.
+
+Outcomes are agreed on all ranks after steps 1 and 2, so either every rank returns
+:class:`SyncStats` or every rank raises :class:`WeightSyncError`; the model is only read,
+so a failed sync can simply be called again (a ``distributed`` group that failed is torn
+down and created anew on the next call).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import requests
+import torch
+import torch.distributed as dist
+
+MODES = ("distributed", "tensor", "disk")
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightSyncError(RuntimeError):
+    """A sync failed on some rank or server; the trainer may call sync again."""
+
+
+@dataclass
+class SyncStats:
+    version: str
+    mode: str
+    seconds: float
+    """Wall time of the whole sync, pause to verified version."""
+    transfer_seconds: float
+    """Export + send (step 2) only."""
+    bytes: int
+    """Bytes sent by all source ranks to one server."""
+    buckets: int
+    servers: int
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where this rank sits for the sync; built from ``ParallelLayout`` (see :func:`source_info`)."""
+
+    rank: int
+    pp_rank: int
+    exports: bool
+    """This rank takes part in the export (dp_rank == 0): it iterates in its TP group."""
+    sends: bool
+    """This rank is its PP stage's source (dp_rank == 0 and tp_rank == 0)."""
+    tp_group: Optional[object] = None
+
+
+def source_info(layout) -> SourceInfo:
+    return SourceInfo(rank=layout.rank, pp_rank=layout.pp_rank, exports=layout.dp_rank == 0,
+                      sends=layout.dp_rank == 0 and layout.tp_rank == 0,
+                      tp_group=layout.tp_group)
+
+
+# ---------------------------------------------------------------------- HTTP helpers
+def _post(url: str, path: str, payload: Optional[dict] = None, timeout_s: float = 600.0) -> dict:
+    r = requests.post(url + path, json=payload or {}, timeout=timeout_s)
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"message": r.text[:500]}
+    if r.status_code != 200 or (isinstance(body, dict) and body.get("success") is False):
+        raise WeightSyncError(f"{url}{path}: HTTP {r.status_code}: "
+                              f"{body.get('message', body) if isinstance(body, dict) else body}")
+    return body if isinstance(body, dict) else {"body": body}
+
+
+def _get(url: str, path: str, timeout_s: float = 30.0) -> dict:
+    r = requests.get(url + path, timeout=timeout_s)
+    r.raise_for_status()
+    return r.json()
+
+
+def server_weight_version(url: str) -> Optional[str]:
+    return _get(url, "/model_info").get("weight_version")
+
+
+def begin_update(url: str) -> None:
+    """Pause generation, flush the cache, open a weight-update session."""
+    _post(url, "/pause_generation", {"mode": "abort"})
+    _post(url, "/flush_cache")
+    try:
+        _post(url, "/begin_weight_update")
+    except WeightSyncError as e:
+        if "already open" not in str(e):
+            raise
+        # left open by a failed sync: close it and start over
+        _post(url, "/end_weight_update")
+        _post(url, "/begin_weight_update")
+
+
+def end_update(url: str, version: str) -> None:
+    """Close the session, tag the version, flush, resume generation, verify the version."""
+    _post(url, "/end_weight_update")
+    _post(url, "/update_weight_version", {"new_version": version, "abort_all_requests": False})
+    _post(url, "/flush_cache")
+    _post(url, "/continue_generation")
+    got = server_weight_version(url)
+    if got != version:
+        raise WeightSyncError(f"{url} reports weight version {got!r} after syncing {version!r}")
+
+
+def abandon_update(url: str) -> None:
+    """Best effort after a failure: leave the server closed and generating."""
+    for path in ("/end_weight_update", "/continue_generation"):
+        try:
+            _post(url, path, timeout_s=30.0)
+        except Exception:  # noqa: BLE001 - the server may be gone
+            pass
+
+
+# ---------------------------------------------------------------------- buckets
+def flatten_bucket(bucket: Sequence[tuple[str, torch.Tensor]]):
+    """Bytes of all tensors back to back (largest element size first, so every tensor
+    starts aligned), plus (names, dtypes, shapes) in that order."""
+    items = sorted(bucket, key=lambda kv: -kv[1].element_size())
+    flat = torch.cat([t.contiguous().view(-1).view(torch.uint8) for _, t in items])
+    names = [n for n, _ in items]
+    dtypes = [str(t.dtype).removeprefix("torch.") for _, t in items]
+    shapes = [list(t.shape) for _, t in items]
+    return flat, names, dtypes, shapes
+
+
+def _bucket_metadata(names, dtypes, shapes):
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+
+    out, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes):
+        dt = getattr(torch, dtype)
+        nbytes = int(torch.Size(shape).numel()) * dt.itemsize
+        out.append(FlattenedTensorMetadata(name=name, shape=torch.Size(shape), dtype=dt,
+                                           start_idx=offset, end_idx=offset + nbytes,
+                                           numel=nbytes))
+        offset += nbytes
+    return out
+
+
+# ---------------------------------------------------------------------- transports
+class Transport:
+    """How a source rank's buckets reach the servers. ``send`` runs on source ranks;
+    ``commit`` on rank 0 after every source has sent."""
+
+    mode = ""
+
+    def prepare(self, urls: Sequence[str], src: SourceInfo, version: str) -> None:
+        pass
+
+    def send(self, urls: Sequence[str], bucket, version: str) -> int:
+        raise NotImplementedError
+
+    def commit(self, urls: Sequence[str], version: str) -> None:
+        pass
+
+    def failed(self, urls: Sequence[str]) -> None:
+        """Forget per-server state after a failure (or a server restart)."""
+
+    def close(self) -> None:
+        pass
+
+
+class DiskTransport(Transport):
+    """Buckets become ``model-pp<stage>-<k>.safetensors`` in ``<root>/<version>/``."""
+
+    mode = "disk"
+
+    def __init__(self, root: str, keep: int = 1):
+        self.root = root
+        self.keep = keep
+        self._count = 0
+        self._pp_rank = 0
+
+    def version_dir(self, version: str) -> str:
+        return os.path.join(self.root, f"weights-{version}")
+
+    def prepare(self, urls, src, version):
+        self._count = 0
+        self._pp_rank = src.pp_rank
+        os.makedirs(self.version_dir(version), exist_ok=True)
+
+    def send(self, urls, bucket, version):
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.version_dir(version),
+                            f"model-pp{self._pp_rank:02d}-{self._count:05d}.safetensors")
+        self._count += 1
+        tensors = {n: t.detach().cpu().contiguous() for n, t in bucket}
+        tmp = path + ".tmp"
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def commit(self, urls, version):
+        path = self.version_dir(version)
+        for url in urls:
+            _post(url, "/update_weights_from_disk", {"model_path": path, "flush_cache": False})
+        # older snapshots are no longer needed by any server
+        old = sorted((d for d in os.listdir(self.root) if d.startswith("weights-")
+                      and os.path.join(self.root, d) != path),
+                     key=lambda d: os.path.getmtime(os.path.join(self.root, d)))
+        for d in old[: max(0, len(old) - (self.keep - 1))]:
+            shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+
+
+def _detach_shm_manager_from_stdio() -> None:
+    """The ``file_system`` strategy starts ``torch_shm_manager`` on first use, which inherits
+    stdout/stderr and keeps them open until every consumer (the server) exits; a parent that
+    reads our output through a pipe would wait for it. Start it once with /dev/null instead."""
+    if getattr(_detach_shm_manager_from_stdio, "done", False):
+        return
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        torch.zeros(1).share_memory_()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+    _detach_shm_manager_from_stdio.done = True
+
+
+class TensorTransport(Transport):
+    """Colocated servers: each bucket is one flattened tensor passed by handle."""
+
+    mode = "tensor"
+
+    def __init__(self, server_tp: int = 1):
+        self.server_tp = server_tp
+
+    def prepare(self, urls, src, version):
+        if src.sends and not torch.cuda.is_available():
+            # the default fd-passing strategy needs the receiver to share our authkey
+            torch.multiprocessing.set_sharing_strategy("file_system")
+            _detach_shm_manager_from_stdio()
+
+    def send(self, urls, bucket, version):
+        from sglang.srt.utils import MultiprocessingSerializer
+
+        flat, names, dtypes, shapes = flatten_bucket(bucket)
+        if flat.is_cuda:
+            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+            monkey_patch_torch_reductions()
+        payload = {"flattened_tensor": flat, "metadata": _bucket_metadata(names, dtypes, shapes)}
+        ser = MultiprocessingSerializer.serialize(payload, output_str=True)
+        for url in urls:
+            # one entry per server TP rank; each opens the same handle
+            _post(url, "/update_weights_from_tensor",
+                  {"serialized_named_tensors": [ser] * self.server_tp,
+                   "load_format": "flattened_bucket", "flush_cache": False})
+        del payload, flat  # the server has copied it by the time the POST returns
+        return sum(t.numel() * t.element_size() for _, t in bucket)
+
+
+class DistributedTransport(Transport):
+    """One process group per (PP stage, server): rank 0 the stage's source, 1.. the server."""
+
+    mode = "distributed"
+
+    def __init__(self, backend: Optional[str] = None, master_address: str = "127.0.0.1",
+                 server_tp: int = 1, timeout_s: float = 600.0):
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.master_address = master_address
+        self.server_tp = server_tp
+        self.timeout_s = timeout_s
+        self._groups: dict = {}     # url -> (group name, process group)
+        self._epoch = 0
+        self._pp_rank = 0
+
+    def prepare(self, urls, src, version):
+        self._pp_rank = src.pp_rank
+        if src.sends:
+            for url in urls:
+                if url not in self._groups:
+                    self._init_group(url)
+
+    def _init_group(self, url: str) -> None:
+        from datetime import timedelta
+
+        from sglang.srt.utils.common import init_custom_process_group
+
+        from srft_mcore.distributed import free_port
+
+        self._epoch += 1
+        name = f"srft_wsync_pp{self._pp_rank}_{os.getpid()}_{self._epoch}"
+        port = free_port()
+        result: dict = {}
+
+        def server_side():
+            try:
+                _post(url, "/init_weights_update_group", {
+                    "master_address": self.master_address, "master_port": port,
+                    "rank_offset": 1, "world_size": 1 + self.server_tp, "group_name": name,
+                    "backend": self.backend}, timeout_s=self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - reported below
+                result["error"] = e
+
+        th = threading.Thread(target=server_side, daemon=True)
+        th.start()
+        group = init_custom_process_group(
+            backend=self.backend, init_method=f"tcp://{self.master_address}:{port}",
+            world_size=1 + self.server_tp, rank=0, group_name=name,
+            timeout=timedelta(seconds=self.timeout_s))
+        th.join(self.timeout_s)
+        if "error" in result or th.is_alive():
+            _destroy(group)
+            raise WeightSyncError(f"weight-update group with {url} failed: "
+                                  f"{result.get('error', 'timed out')}")
+        self._groups[url] = (name, group)
+
+    def send(self, urls, bucket, version):
+        flat, names, dtypes, shapes = flatten_bucket(bucket)
+        for url in urls:
+            name, group = self._groups[url]
+            result: dict = {}
+
+            def server_side():
+                try:
+                    _post(url, "/update_weights_from_distributed", {
+                        "names": names, "dtypes": dtypes, "shapes": shapes,
+                        "group_name": name, "load_format": "flattened_bucket",
+                        "flush_cache": False}, timeout_s=self.timeout_s)
+                except Exception as e:  # noqa: BLE001 - reported below
+                    result["error"] = e
+
+            th = threading.Thread(target=server_side, daemon=True)
+            th.start()
+            dist.broadcast(flat, group=group, group_src=0)
+            th.join(self.timeout_s)
+            if "error" in result or th.is_alive():
+                raise WeightSyncError(f"distributed update of {url} failed: "
+                                      f"{result.get('error', 'timed out')}")
+        return flat.numel()
+
+    def failed(self, urls):
+        for url in urls:
+            entry = self._groups.pop(url, None)
+            if entry is None:
+                continue
+            name, group = entry
+            try:
+                _post(url, "/destroy_weights_update_group", {"group_name": name}, timeout_s=10)
+            except Exception:  # noqa: BLE001 - a restarted server no longer has it
+                pass
+            _destroy(group)
+
+    def close(self):
+        self.failed(list(self._groups))
+
+
+def _destroy(group) -> None:
+    try:
+        dist.destroy_process_group(group)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def make_transport(mode: str, work_dir: Optional[str] = None, server_tp: int = 1,
+                   master_address: str = "127.0.0.1") -> Transport:
+    if mode == "disk":
+        if work_dir is None:
+            raise ValueError("weight sync mode 'disk' needs a work_dir for the snapshots")
+        return DiskTransport(os.path.join(work_dir, "weight_sync"))
+    if mode == "tensor":
+        return TensorTransport(server_tp=server_tp)
+    if mode == "distributed":
+        return DistributedTransport(master_address=master_address, server_tp=server_tp)
+    raise ValueError(f"weight sync mode {mode!r} is not one of {MODES}")
+
+
+# ---------------------------------------------------------------------- the collective
+def _agree(error: Optional[str], extra=None, group=None) -> tuple[list[str], list]:
+    """All ranks exchange (error, extra); returns every rank's errors and extras."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return ([error] if error else []), [extra]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, (error, extra), group=group)
+    return [e for e, _ in out if e], [x for _, x in out]
+
+
+def export_stream(model_chunks, hf_config: dict, src: SourceInfo,
+                  dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """This PP stage's HF tensors, gathered over TP by the bridge."""
+    from srft_mcore.bridge import export_hf_weights
+
+    return export_hf_weights(model_chunks, hf_config, tp_group=src.tp_group, dtype=dtype)
+
+
+def sync_weights(transport: Transport, urls: Sequence[str], src: SourceInfo, version: str,
+                 tensors: Callable[[], NamedTensors], bucket_bytes: int,
+                 group=None) -> SyncStats:
+    """Push this step's weights to every server in ``urls`` (collective; see module doc).
+
+    ``tensors()`` returns this rank's stream of ``(hf_name, full_tensor)``; it is called only
+    on ranks with ``src.exports`` (e.g. ``lambda: export_stream(model, hf, src)``).
+    """
+    from srft_mcore.bridge import bucketize
+
+    t0 = time.perf_counter()
+    urls = list(urls)
+    error = None
+    if src.rank == 0:
+        try:
+            for url in urls:
+                begin_update(url)
+        except Exception as e:  # noqa: BLE001 - agreed on below
+            error = f"rank 0: begin: {e}"
+    if not error:
+        try:
+            transport.prepare(urls, src, version)
+        except Exception as e:  # noqa: BLE001
+            error = f"rank {src.rank}: prepare {transport.mode}: {e}"
+    errors, _ = _agree(error, group=group)
+    if errors:
+        return _fail(transport, urls, src, errors, group)
+
+    t1 = time.perf_counter()
+    sent = buckets = 0
+    if src.exports:
+        for bucket in bucketize(tensors(), bucket_bytes):
+            buckets += int(src.sends)
+            if src.sends and error is None:
+                try:
+                    sent += transport.send(urls, bucket, version)
+                except Exception as e:  # noqa: BLE001 - keep iterating: TP peers gather
+                    error = f"rank {src.rank} (pp stage {src.pp_rank}): send: {e}"
+    errors, counts = _agree(error, (sent, buckets), group=group)
+    transfer_s = time.perf_counter() - t1
+    if errors:
+        return _fail(transport, urls, src, errors, group)
+
+    if src.rank == 0:
+        try:
+            transport.commit(urls, version)
+            for url in urls:
+                end_update(url, version)
+        except Exception as e:  # noqa: BLE001
+            error = f"rank 0: commit/verify: {e}"
+    errors, _ = _agree(error, group=group)
+    if errors:
+        return _fail(transport, urls, src, errors, group)
+    return SyncStats(version=version, mode=transport.mode, seconds=time.perf_counter() - t0,
+                     transfer_seconds=transfer_s, bytes=sum(c[0] for c in counts),
+                     buckets=sum(c[1] for c in counts if c), servers=len(urls))
+
+
+def _fail(transport, urls, src, errors, group):
+    if src.rank == 0:
+        for url in urls:
+            abandon_update(url)
+    transport.failed(urls)
+    raise WeightSyncError("weight sync failed (the trainer may retry): " + "; ".join(errors))
+
