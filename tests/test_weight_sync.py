@@ -8,6 +8,7 @@ functions assert on the collected results.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -137,9 +138,28 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
     layout = init_distributed(tp=LAYOUTS[-1][0], pp=LAYOUTS[-1][1], backend="gloo")
     eng = RolloutEngine(engine.servers, mode="distributed", layout=layout, hf_config=hf,
                         bucket_mb=1, work_dir=work_dir, request_timeout_s=60, retries=1)
+    # ---- a sync the server rejects (a tensor of the wrong shape) fails on every rank, blocks
+    # rollouts, and the retry with the right tensors works
+    from srft_mcore.rollout.engine import RolloutError
+    from srft_mcore.rollout.weight_sync import WeightSyncError, export_stream, source_info
+
     seed += 1
     _perturb(model, layout, seed)
+    src = source_info(layout)
+    bad = [("model.norm.weight", torch.zeros(5))] if layout.is_last_stage else []
+    failed = {}
+    try:
+        eng.sync_tensors(lambda: itertools.chain(export_stream(model, hf, src), bad),
+                         version="bad")
+    except WeightSyncError as e:
+        failed["sync"] = str(e)
+    try:
+        _greedy(eng, [PROMPT])
+    except RolloutError as e:
+        failed["generate"] = str(e)
     eng.sync_weights(model, version="before-kill")
+    if layout.rank == 0:
+        out["failed_sync"] = dict(failed, reported=eng.client.weight_version(eng.urls[0]))
     mg_ids, mg_lp = megatron_greedy(model, layout, hf["vocab_size"], PROMPT, N_NEW)
     killed = {}
     if layout.rank == 0:
@@ -168,11 +188,23 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
                            after_lp=after[0][0].logprobs, mg_ids=mg_ids, mg_lp=mg_lp,
                            reported=eng.client.weight_version(eng.urls[0]),
                            seconds=time.time() - t0)
+
+    # ---- a hung server (whole process group stopped): timeout, health check, restart
+    eng.client.request_timeout_s = 5.0
+    eng.health_timeout_s = 5.0
+    if layout.rank == 0:
+        os.killpg(eng.servers[0].pid, signal.SIGSTOP)
+    t0 = time.time()
+    hung = _greedy(eng, [PROMPT])
+    if layout.rank == 0:
+        out["hang"] = dict(ids=hung[0][0].token_ids, lp=hung[0][0].logprobs, mg_ids=mg_ids,
+                           mg_lp=mg_lp, restarts=eng.metrics()["rollout/server_restarts"],
+                           seconds=time.time() - t0, pid=eng.servers[0].pid)
     eng.transport.close()
     engine.shutdown()
     if layout.rank == 0:
-        out["pids_after_shutdown"] = [p for p in (out["kill"]["old_pid"], out["kill"]["new_pid"])
-                                      if _alive(p)]
+        pids = (out["kill"]["old_pid"], out["kill"]["new_pid"], out["hang"]["pid"])
+        out["pids_after_shutdown"] = [p for p in pids if _alive(p)]
     return out
 
 
@@ -229,3 +261,19 @@ def test_killed_server_is_restarted_and_resynced(job):
     assert max(abs(a - b) for a, b in zip(k["after_lp"], k["mg_lp"])) <= 1e-3
     assert k["reported"] == "before-kill"
     assert job["pids_after_shutdown"] == []
+
+
+def test_failed_sync_blocks_rollout_and_can_be_retried(job):
+    f = job["failed_sync"]
+    assert "weight sync failed" in f["sync"], f
+    assert "call sync_weights again" in f["generate"]
+    assert f["reported"] == "before-kill"
+    # the greedy checks after the retry are those of the kill test below
+    assert job["kill"]["mg_ids"] == job["kill"]["after_ids"]
+
+
+def test_hung_server_is_detected_and_restarted(job):
+    h = job["hang"]
+    assert h["restarts"] == 2  # the kill above, then this hang
+    assert h["ids"] == h["mg_ids"]
+    assert max(abs(a - b) for a, b in zip(h["lp"], h["mg_lp"])) <= 1e-3

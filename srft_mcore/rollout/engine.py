@@ -36,6 +36,10 @@ from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, Syn
                                             source_info, sync_weights)
 
 
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+"""What ``/release_memory_occupation`` frees on a GPU server."""
+
+
 class RolloutError(RuntimeError):
     """Generation failed and could not be recovered (e.g. an attached server is down)."""
 
@@ -87,7 +91,8 @@ class RolloutEngine:
         self.version: Optional[str] = None
         self.last_sync: Optional[SyncStats] = None
         self._tensors: Optional[Callable[[], NamedTensors]] = None
-        self._released = False
+        self._released: set = set()
+        self._sync_failed = False
         self._syncs = 0
 
     # ------------------------------------------------------------------ construction
@@ -148,9 +153,26 @@ class RolloutEngine:
         if self._released:
             self._resume(["weights"])
         self._tensors = tensors
+        self._restart_dead()
+        self._sync_failed = True  # until this sync succeeds, no rollout may use the servers
         stats = self._sync(self.urls, version)
+        self._sync_failed = False
         self.version = version
         return stats
+
+    def _restart_dead(self) -> None:
+        """Collective: rank 0 restarts owned servers that died since the last call."""
+        status = ("ok", [])
+        if self.rank == 0:
+            try:
+                dead = [s.url for s in self.servers if not s.healthy(timeout_s=10.0)]
+                status = ("ok", self._recover(dead) if dead else [])
+            except Exception as e:  # noqa: BLE001 - every rank raises below
+                status = ("error", f"{type(e).__name__}: {e}")
+        status = _broadcast(status, self.group)
+        if status[0] == "error":
+            raise RolloutError(status[1])
+        self.transport.failed(status[1])
 
     def _sync(self, urls: Sequence[str], version: str) -> SyncStats:
         src = self._source()
@@ -166,6 +188,9 @@ class RolloutEngine:
                  broadcast: bool = False) -> Optional[list[list[Completion]]]:
         """``n`` samples per prompt; collective. Rank 0 (every rank with ``broadcast``)
         gets one list of :class:`Completion` per prompt; the others get None."""
+        if self._sync_failed:
+            raise RolloutError("the last weight sync failed, so the servers may hold partly "
+                               "updated weights: call sync_weights again before generating")
         if self._released:
             self._resume(None)
         rank = self.rank
@@ -226,18 +251,24 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ memory (colocated)
     def release_memory(self) -> None:
-        """Colocated GPU: free SGLang's weights and KV cache for training (rank 0 posts)."""
+        """Colocated GPU: free SGLang's weights, KV cache and CUDA graphs for training.
+
+        The next :meth:`sync_weights` brings the weights back first (they are then
+        overwritten in place) and the next :meth:`generate` the rest. A no-op for CPU servers,
+        which free nothing (and refuse while not idle)."""
+        if all(s.device == "cpu" for s in self.servers) or self._released:
+            return
         if self.rank == 0:
             for url in self.urls:
                 _control(url, "/release_memory_occupation", {})
-        self._released = True
+        self._released = set(MEMORY_TAGS)
 
-    def _resume(self, tags: Optional[list]) -> None:
-        if self.rank == 0:
+    def _resume(self, tags: Optional[Sequence[str]]) -> None:
+        todo = [t for t in (tags or MEMORY_TAGS) if t in self._released]
+        if todo and self.rank == 0:
             for url in self.urls:
-                _control(url, "/resume_memory_occupation", {"tags": tags} if tags else {})
-        if tags is None:
-            self._released = False
+                _control(url, "/resume_memory_occupation", {"tags": todo})
+        self._released = self._released - set(todo)
 
     def resume_memory(self) -> None:
         self._resume(None)

@@ -48,6 +48,11 @@ CPU_ARGS = (
 CPU_ENV = {"SGLANG_USE_CPU_ENGINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
+TORCHRUN_ENV = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR",
+                "MASTER_PORT"}
+
+
 class ServerStartError(RuntimeError):
     """The server exited or did not become healthy in time; the message holds its log tail."""
 
@@ -175,7 +180,11 @@ class SGLangServer:
         if self.log_path is None:
             fd, self.log_path = tempfile.mkstemp(prefix=f"sglang_{self.port}_", suffix=".log")
             os.close(fd)
-        env = {**os.environ, **(CPU_ENV if self.device == "cpu" else {}), **self.env}
+        # a trainer launched by torchrun must not hand its rendezvous variables to SGLang,
+        # whose own process group would otherwise wait for the trainer's world size
+        env = {k: v for k, v in os.environ.items()
+               if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
+        env.update({**(CPU_ENV if self.device == "cpu" else {}), **self.env})
         self._log_file = open(self.log_path, "ab")
         self._log_file.write(f"$ {' '.join(self.command())}\n".encode())
         self._log_file.flush()
@@ -247,6 +256,8 @@ def _kill_group(proc: subprocess.Popen, timeout_s: float) -> None:
     for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(pgid, sig)
+            if sig == signal.SIGTERM:  # a stopped (hung by SIGSTOP) process acts on it only now
+                os.killpg(pgid, signal.SIGCONT)
         except ProcessLookupError:
             break
         deadline = time.monotonic() + wait
