@@ -30,15 +30,16 @@ ROWS = [{"q": f"What is {i} + 1?", "sol": f"{i} + 1 = {i + 1}. \\boxed{{{i + 1}}
 
 # ----------------------------------------------------------------------------- embedded task
 def _solve(prompt):
-    """Independent evaluation of an embedded prompt by reading its words."""
+    """Independent evaluation of an embedded prompt by reading its words; returns the
+    running values."""
     m = re.match(r"Start with (\d+), (.*)\.$", prompt)
-    value = int(m.group(1))
+    values = [int(m.group(1))]
     for part in m.group(2).split(", "):
         part = part.removeprefix("then ")
         op, d = part.rsplit(" ", 1)
-        value = {"add": value + int(d), "subtract": value - int(d),
-                 "multiply by": value * int(d)}[op]
-    return value
+        v = values[-1]
+        values.append({"add": v + int(d), "subtract": v - int(d), "multiply by": v * int(d)}[op])
+    return values
 
 
 def test_embedded_is_deterministic_and_correct(tok):
@@ -46,14 +47,18 @@ def test_embedded_is_deterministic_and_correct(tok):
     assert a == b
     assert a != generate_embedded(200, seed=8)
     for rec in a:
-        assert int(rec["answer"]) == _solve(rec["prompt"])
-        assert 1 <= int(rec["answer"]) < 50
+        values = _solve(rec["prompt"])
+        assert int(rec["answer"]) == values[-1]
+        assert 1 <= min(values) and max(values) <= 20
         assert rec["demonstration"].startswith("<think>")
         assert math_reward(rec["demonstration"], rec["answer"], rec["prompt"]) == 1.0
         n_steps = rec["demonstration"].count("=")
         assert 2 <= n_steps <= 3
     lengths = [len(tok.encode(r["demonstration"], add_special_tokens=False)) + 1 for r in a]
     assert 15 <= min(lengths) and max(lengths) <= 40
+    wide = generate_embedded(300, seed=7, max_value=40)
+    assert max(max(_solve(r["prompt"])) for r in wide) > 20
+    assert all(max(_solve(r["prompt"])) <= 40 for r in wide)
 
 
 def test_embedded_numbers_are_single_tokens(tok):
@@ -166,7 +171,7 @@ def test_tokenize_and_filter(tok):
 def test_build_dataset_embedded_and_user(tok, tmp_path):
     msgs = []
     ds = build_dataset(DataConfig(template="think"), tok, run_dir=str(tmp_path),
-                       embedded_n=64, report=msgs.append)
+                       embedded={"n": 64}, report=msgs.append)
     assert len(ds) == 64 and msgs and "kept 64" in msgs[0]
     assert (tmp_path / "embedded_task.jsonl").exists()
     assert all(e.demo_ids[-1] == tok.eos_token_id for e in ds.examples)

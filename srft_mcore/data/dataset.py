@@ -118,14 +118,15 @@ def tokenize_records(records: list, tokenizer, template: str = "tokenizer",
 
 
 def build_dataset(data_cfg, tokenizer, run_dir: Optional[str] = None, require_demo: bool = True,
-                  embedded_n: int = 2000, embedded_seed: int = 0,
+                  embedded: Optional[dict] = None,
                   report: Optional[Callable[[str], None]] = None) -> PromptDataset:
     """Load, template, tokenise and length-filter the data named by ``data_cfg``
     (a :class:`srft_mcore.config.DataConfig`).
 
     ``data_cfg.path=None`` writes the embedded arithmetic task to
-    ``<run_dir>/embedded_task.jsonl`` (``embedded_n`` records from ``embedded_seed``) and
-    reads it back through the same code as user data. ``require_demo=False`` (pure RL)
+    ``<run_dir>/embedded_task.jsonl`` (``embedded``: keyword arguments of
+    :func:`write_embedded_dataset`, default 2000 records from seed 0) and reads it back
+    through the same code as user data. ``require_demo=False`` (pure RL)
     does not read demonstrations. ``report`` receives the filtering summary (default: log).
     """
     path = data_cfg.path
@@ -134,7 +135,7 @@ def build_dataset(data_cfg, tokenizer, run_dir: Optional[str] = None, require_de
             raise DataError("data.path is unset (embedded task) and no run_dir was given to "
                             "write it to")
         path = os.path.join(run_dir, EMBEDDED_FILE)
-        write_embedded_dataset(path, n=embedded_n, seed=embedded_seed)
+        write_embedded_dataset(path, **{"n": 2000, "seed": 0, **(embedded or {})})
     records = load_records(path, data_cfg.prompt_key,
                            data_cfg.demo_key if require_demo else None, data_cfg.answer_key)
     ds = tokenize_records(records, tokenizer, data_cfg.template, data_cfg.max_prompt_len,

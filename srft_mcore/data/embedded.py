@@ -26,30 +26,33 @@ def _apply(op: str, x: int, d: int) -> int:
     return x + d if op == "add" else x - d if op == "subtract" else x * d
 
 
-def _choose_step(rng: random.Random, x: int) -> tuple[str, int]:
-    """One operation that keeps the running value in 1..48 (no constant answer 0)."""
+def _choose_step(rng: random.Random, x: int, max_value: int) -> tuple[str, int]:
+    """One operation that keeps the running value in 1..max_value (no constant answer 0)."""
     while True:
         op = rng.choice(OPS)
         if op == "multiply":
-            if x > 13:
+            if 2 * x > max_value:
                 continue
-            d = rng.randint(2, 3)
+            d = rng.randint(2, min(3, max_value // x))
         elif op == "subtract":
             if x < 2:
                 continue
             d = rng.randint(1, min(9, x - 1))
         else:
-            d = rng.randint(1, 9)
+            if x + 1 > max_value:
+                continue
+            d = rng.randint(1, min(9, max_value - x))
         return op, d
 
 
-def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -> dict:
+def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3,
+                 max_value: int = 20) -> dict:
     """One record: ``{"prompt", "demonstration", "answer"}``."""
     x = rng.randint(1, 9)
     steps = []
     value = x
     for _ in range(rng.randint(min_steps, max_steps)):
-        op, d = _choose_step(rng, value)
+        op, d = _choose_step(rng, value, max_value)
         new = _apply(op, value, d)
         steps.append((op, d, value, new))
         value = new
@@ -62,22 +65,26 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3) -> 
     return {"prompt": prompt, "demonstration": demo, "answer": str(value)}
 
 
-def generate_embedded(n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 3) -> list:
-    """``n`` records, a pure function of the arguments."""
-    if n < 1 or not 1 <= min_steps <= max_steps:
-        raise ValueError(f"generate_embedded: need n >= 1 and 1 <= min_steps <= max_steps, "
-                         f"got n={n}, min_steps={min_steps}, max_steps={max_steps}")
+def generate_embedded(n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 3,
+                      max_value: int = 20) -> list:
+    """``n`` records, a pure function of the arguments. ``max_value`` bounds every
+    intermediate value (start values are 1..9), which sets how many arithmetic facts the
+    model has to learn."""
+    if n < 1 or not 1 <= min_steps <= max_steps or max_value < 10:
+        raise ValueError(f"generate_embedded: need n >= 1, 1 <= min_steps <= max_steps and "
+                         f"max_value >= 10, got n={n}, min_steps={min_steps}, "
+                         f"max_steps={max_steps}, max_value={max_value}")
     rng = random.Random(seed)
-    return [make_problem(rng, min_steps, max_steps) for _ in range(n)]
+    return [make_problem(rng, min_steps, max_steps, max_value) for _ in range(n)]
 
 
 def write_embedded_dataset(path: str, n: int = 2000, seed: int = 0, min_steps: int = 2,
-                           max_steps: int = 3) -> str:
+                           max_steps: int = 3, max_value: int = 20) -> str:
     """Write ``n`` records as jsonl (fields prompt / demonstration / answer); returns path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        for rec in generate_embedded(n, seed, min_steps, max_steps):
+        for rec in generate_embedded(n, seed, min_steps, max_steps, max_value):
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, path)
     return path

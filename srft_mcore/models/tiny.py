@@ -38,7 +38,8 @@ def _corpus():
         for b in range(1, 40, 3):
             lines.append(f"{a} + {b} = {a + b}. {a} - {b} = {a - b}. {a} * {b} = {a * b}.")
     lines.append(" ".join(words) + " \\boxed{42} ( ) [ ] { } < > : ; , . ? ! = + - * /")
-    for rec in generate_embedded(600, seed=12345, min_steps=1, max_steps=3):
+    for rec in generate_embedded(600, seed=12345, min_steps=1, max_steps=3,
+                                 max_value=48):
         text = (f"system\n{THINK_SYSTEM_PROMPT}\nuser\n{rec['prompt']}\nassistant\n"
                 f"{rec['demonstration']}")
         for special in SPECIAL_TOKENS:  # split out before BPE at encode time as well
