@@ -7,6 +7,7 @@ code is non-zero when the check fails):
   srft-doctor config --config F [k=v ...]  validate a run config (+ --world-size N)
   srft-doctor parallel --tp 2 --pp 2       TP/PP/DP ranks on a tiny model vs one rank
   srft-doctor sglang                       start SGLang on a tiny model, /generate n=2, stop
+  srft-doctor parity --hf DIR --tp 2 --pp 2  Megatron (HF weights via the bridge) vs transformers logits
 """
 from __future__ import annotations
 
@@ -180,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sglang", help="start SGLang on a tiny model, generate n=2, stop it")
     s.add_argument("--timeout", type=float, default=300.0, help="start-up timeout (s)")
     s.set_defaults(fn=cmd_sglang)
+
+    from srft_mcore.parity import add_parity_subcommand
+
+    add_parity_subcommand(sub)
     return p
 
 

@@ -52,3 +52,18 @@ def test_logit_parity_and_round_trip(cases, tp, pp, split):
             assert res["round_trip_tensors"] > 0
     # every rank agrees on the reduced difference
     assert all(r[0]["max_abs_diff"] == results[0][0]["max_abs_diff"] for r in results)
+
+
+@pytest.mark.slow
+def test_doctor_parity_prints_json(cases):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "parity", "--hf",
+                          cases[2]["hf_dir"], "--tp", "2", "--pp", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ok"] and res["max_abs_diff"] <= TOL and (res["tp"], res["pp"]) == (2, 2)
+    assert res["model_type"] == "llama"
