@@ -108,6 +108,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(os.path.join(tmp, "mcore"))
     _barrier()
     model_sd = model.sharded_state_dict()
     state = {"model": model_sd,

@@ -116,6 +116,13 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardConfig:
+    fn: str = "math"
+    """Reward: a registered name (math: \\boxed{} answer checked by math-verify) or
+    'module:function' with signature fn(response, answer, prompt) -> float."""
+
+
+@dataclass
 class AlgorithmConfig:
     name: str = "srft"
     """sft | grpo | luffy | srft | srft_no_wsft | srft_no_wrl."""
@@ -211,6 +218,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

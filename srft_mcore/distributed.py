@@ -1,6 +1,7 @@
 """Process groups and seeding: torch.distributed (nccl | gloo) + Megatron ``parallel_state``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -45,6 +46,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def own_rendezvous_store():
+    """Let rank 0 of a new ``tcp://`` process group host its own store under torchrun.
+
+    torchrun sets TORCHELASTIC_USE_AGENT_STORE, which makes rank 0 of *any* group created
+    with ``init_method='tcp://...'`` connect to a store it expects the agent to host; for a
+    group with outside processes (the SGLang weight-update group) nobody hosts it.
+    """
+    saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
 
 
 def pick_backend(requested: str = "auto") -> str:

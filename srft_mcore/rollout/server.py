@@ -20,7 +20,7 @@ unwinds to atexit). When launched from the main thread, the launcher also gets
 ``PR_SET_PDEATHSIG`` so it dies with a trainer that is SIGKILLed; SGLang's own children follow it.
 
 Without CUDA the CPU recipe is used (``--device cpu`` with the torch-native backends, fp32,
-a small KV pool); with CUDA the GPU defaults plus ``--tp``.
+a small KV pool); with CUDA the GPU defaults plus ``--tp-size``.
 """
 from __future__ import annotations
 
@@ -67,13 +67,13 @@ def cuda_available() -> bool:
 
 
 def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
-    """Flags for this machine: the CPU recipe without CUDA, else GPU defaults with ``--tp``."""
+    """Flags for this machine: the CPU recipe without CUDA, else GPU defaults with ``--tp-size``."""
     device = device or ("cuda" if cuda_available() else "cpu")
     if device == "cpu":
         if tp != 1:
             raise ValueError(f"SGLang on CPU runs with tp=1, got tp={tp}")
         return list(CPU_ARGS)
-    return ["--tp", str(tp), "--mem-fraction-static", "0.6"]
+    return ["--tp-size", str(tp), "--mem-fraction-static", "0.6"]
 
 
 def _set_pdeathsig() -> None:

@@ -320,7 +320,7 @@ class DistributedTransport(Transport):
 
         from sglang.srt.utils.common import init_custom_process_group
 
-        from srft_mcore.distributed import free_port
+        from srft_mcore.distributed import free_port, own_rendezvous_store
 
         self._epoch += 1
         name = f"srft_wsync_pp{self._pp_rank}_{os.getpid()}_{self._epoch}"
@@ -338,10 +338,11 @@ class DistributedTransport(Transport):
 
         th = threading.Thread(target=server_side, daemon=True)
         th.start()
-        group = init_custom_process_group(
-            backend=self.backend, init_method=f"tcp://{self.master_address}:{port}",
-            world_size=1 + self.server_tp, rank=0, group_name=name,
-            timeout=timedelta(seconds=self.timeout_s))
+        with own_rendezvous_store():
+            group = init_custom_process_group(
+                backend=self.backend, init_method=f"tcp://{self.master_address}:{port}",
+                world_size=1 + self.server_tp, rank=0, group_name=name,
+                timeout=timedelta(seconds=self.timeout_s))
         th.join(self.timeout_s)
         if "error" in result or th.is_alive():
             _destroy(group)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole SRFT loop on a laptop CPU: trainer TP2 (2 gloo ranks) + one SGLang CPU server,
+# the embedded tiny model and arithmetic task. Extra arguments are config overrides, e.g.
+#   bash examples/srft_tiny_cpu.sh train.steps=10 logging.run_dir=runs/try
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+[[ -x "$PY" ]] || { echo "srft_tiny_cpu: $PY not found; run: bash scripts/setup_env.sh" >&2; exit 2; }
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
+cd "$ROOT"
+"$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m srft_mcore.trainer \
+  --config examples/configs/srft_tiny_cpu.yaml "$@"
+RUN_DIR=$("$PY" - "$@" <<'PY'
+import sys
+from srft_mcore.config import load_config
+print(load_config("examples/configs/srft_tiny_cpu.yaml", sys.argv[1:]).logging.run_dir)
+PY
+)
+"$PY" -m srft_mcore.plot "$RUN_DIR" >/dev/null
+echo "run directory: $RUN_DIR (metrics.jsonl, plots/, tensorboard/, checkpoints/, hf_final/)"
