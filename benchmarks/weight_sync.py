@@ -63,6 +63,21 @@ def _rank(args: dict, model_dir: str, work_dir: str) -> dict:
     return dict(rows=rows, megatron_params_per_rank=tp_params)
 
 
+def _count_params(model_dir: str) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for f in os.listdir(model_dir):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, f), framework="pt") as h:
+                for k in h.keys():
+                    n = 1
+                    for d in h.get_slice(k).get_shape():
+                        n *= d
+                    total += n
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=768)
@@ -85,8 +100,7 @@ def main() -> int:
             os.path.join(root, "model"), arch="qwen2", vocab_size=args.vocab,
             hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
             num_kv_heads=args.kv_heads, intermediate_size=args.ffn)
-        hf_bytes = sum(os.path.getsize(os.path.join(model_dir, f))
-                       for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+        hf_params = _count_params(model_dir)
         t0 = time.time()
         res = spawn_ranks(_rank, args.tp, (vars(args), model_dir, os.path.join(root, "work")),
                           timeout_s=3600)[0]
@@ -98,7 +112,7 @@ def main() -> int:
 
     out = dict(benchmark="weight_sync", device="cuda" if torch.cuda.is_available() else "cpu",
                cpus=os.cpu_count(), tp=args.tp, dtype="float32",
-               hf_params=hf_bytes // 4, hf_bytes=hf_bytes,
+               hf_params=hf_params,
                model=dict(hidden=args.hidden, layers=args.layers, heads=args.heads,
                           kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab),
                repeats=args.repeats, results=res["rows"], wall_s=round(time.time() - t0, 1))

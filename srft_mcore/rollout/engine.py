@@ -30,7 +30,7 @@ import requests
 import torch.distributed as dist
 
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
-from srft_mcore.rollout.server import SGLangServer
+from srft_mcore.rollout.server import SGLangServer, cuda_available
 from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats,
                                             WeightSyncError, export_stream, make_transport,
                                             source_info, sync_weights)
@@ -103,6 +103,9 @@ class RolloutEngine:
         """Launch ``cfg.num_servers`` servers for ``model_path`` on rank 0 (or attach to
         ``cfg.urls``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
         rank, _ = _world(group)
+        if resolve_mode(cfg.weight_sync) == "tensor" and cuda_available():
+            # colocated: release_memory() needs SGLang's memory saver
+            server_args = [*server_args, "--enable-memory-saver"]
         servers: list[SGLangServer] = []
         error = None
         if rank == 0:
