@@ -1,7 +1,6 @@
 """The full SRFT loss through policy_forward inside Megatron's forward-backward schedule:
 loss and gradients under TP2 (with and without sequence parallelism), PP2 and DP2 equal a
 single rank; plus the policy's (log-prob, entropy) against the model's own logits."""
-import os
 
 import pytest
 import torch

@@ -1,6 +1,4 @@
 """Fused vocab-parallel log-prob + entropy against a plain full-vocabulary reference."""
-import os
-
 import pytest
 import torch
 
@@ -156,10 +154,22 @@ def _tp_rank(dtype_name: str, vocab: int, padded: int, temperature: float):
                           logits[:, shard], g_lp, g_h)
     fused = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
         hh, ww, tg, chunk_size=9, **kw), h, w[shard], g_lp, g_h)
+    # default chunking (made small here): the ranks hold different numbers of real columns
+    # but must still agree on the chunk count, or their collectives mismatch
+    from srft_mcore.ops import logprob_entropy
+
+    logprob_entropy.DEFAULT_CHUNK_BYTES = 4 * v_local * 4
+    kw_default = dict(kw, chunk_size=None)
+    chunked_default = _run_logits(lambda z: vocab_parallel_logprob_entropy(z, tg, **kw_default),
+                                  logits[:, shard], g_lp, g_h)
+    fused_default = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
+        hh, ww, tg, **kw_default), h, w[shard], g_lp, g_h)
     want_chunked = [ref_logits[0], ref_logits[1], ref_logits[2][:, shard]]
     want_fused = [ref_linear[0], ref_linear[1], ref_linear[2], ref_linear[3][shard]]
-    return {"chunked": [_max_rel(a, b) for a, b in zip(chunked, want_chunked)],
-            "fused": [_max_rel(a, b) for a, b in zip(fused, want_fused)]}
+    return {kind: [_max_rel(a, b) for a, b in zip(got, want)] for kind, got, want in (
+        ("chunked", chunked, want_chunked), ("fused", fused, want_fused),
+        ("chunked_default", chunked_default, want_chunked),
+        ("fused_default", fused_default, want_fused))}
 
 
 @pytest.mark.slow

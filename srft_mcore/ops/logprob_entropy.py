@@ -57,6 +57,8 @@ def _shard_range(v_local: int, vocab_size: Optional[int], group) -> tuple[int, i
 
 
 def _chunk_len(chunk_size: Optional[int], n_cols: int) -> int:
+    """Tokens per chunk. ``n_cols`` must be the padded shard width, equal on every TP rank:
+    the ranks' chunk loops must issue the same collectives."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -139,7 +141,7 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
                 entropy_grad):
         n_tok, v_local = logits_tv.shape
         start, n_valid = _shard_range(v_local, vocab_size, group)
-        chunk = _chunk_len(chunk_size, n_valid)
+        chunk = _chunk_len(chunk_size, v_local)
         stats = torch.empty(4, n_tok, dtype=torch.float32, device=logits_tv.device)
         for s in range(0, n_tok, chunk):
             z_tv = logits_tv[s:s + chunk, :n_valid].to(torch.float32, copy=True)
@@ -207,7 +209,7 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
                 group, entropy_grad, reduce_hidden_grad):
         n_tok = hidden_th.shape[0]
         start, n_valid = _shard_range(weight_vh.shape[0], vocab_size, group)
-        chunk = _chunk_len(chunk_size, n_valid)
+        chunk = _chunk_len(chunk_size, weight_vh.shape[0])
         w_vh = weight_vh[:n_valid]  # padded rows are never multiplied
         stats = torch.empty(4, n_tok, dtype=torch.float32, device=hidden_th.device)
         for s in range(0, n_tok, chunk):
