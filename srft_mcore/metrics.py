@@ -162,8 +162,9 @@ class MetricsLogger:
 class ProgressBar:
     """tqdm bar over training steps (rank 0) with the latest reward / loss as postfix."""
 
-    SHOWN = (("reward/mean", "reward"), ("acc/mean", "acc"), ("loss/total", "loss"),
-             ("entropy/mean", "H"))
+    # (label, keys tried in order): the first key present in a step's metrics is shown
+    SHOWN = (("reward", ("reward/mean",)), ("acc", ("acc/mean",)),
+             ("loss", ("loss", "loss/total")), ("H", ("entropy/rollout", "entropy/mean")))
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True,
                  shown: Optional[Iterable] = None, file=None):
@@ -175,10 +176,12 @@ class ProgressBar:
 
     def update(self, metrics: Optional[dict] = None, n: int = 1) -> dict:
         post = {}
-        for key, short in self.shown:
-            v = _scalar((metrics or {}).get(key))
+        metrics = metrics or {}
+        for label, keys in self.shown:
+            present = [k for k in keys if metrics.get(k) is not None]
+            v = _scalar(metrics[present[0]]) if present else None
             if v is not None:
-                post[short] = f"{v:.3f}"
+                post[label] = f"{v:.3f}"
         if post:
             self.bar.set_postfix(post, refresh=False)  # drawn by the update below
         self.bar.update(n)

@@ -97,8 +97,10 @@ def test_progress_bar_postfix():
     bar = ProgressBar(total=5, initial=1, file=out)
     post = bar.update({"reward/mean": torch.tensor(0.5), "loss/total": 1.25, "other": 3})
     assert post == {"reward": "0.500", "loss": "1.250"}
+    post = bar.update({"loss": 2.0, "loss/total": 1.0, "entropy/rollout": 0.7}, n=0)
+    assert post == {"loss": "2.000", "H": "0.700"}
     bar.close()
-    assert "2/5" in out.getvalue() and "reward=0.500" in out.getvalue()
+    assert "2/5" in out.getvalue() and "loss=2.000, H=0.700" in out.getvalue()
     quiet = ProgressBar(total=5, enabled=False, file=out)
     n = len(out.getvalue())
     quiet.update({"reward/mean": 1.0})
