@@ -101,7 +101,8 @@ def test_missing_field_reported_by_index(tmp_path):
     path = _write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=r"2 record\(s\) have no 'ans'.*record index 3, 5"):
         load_records(path, "q", "sol", "ans")
-    with pytest.raises(DataError, match=r"no field 'solution'.*data.demo_key.*\['q', 'sol', 'ans'\]"):
+    with pytest.raises(DataError,
+                       match=r"no field 'solution'.*data.demo_key.*\['q', 'sol', 'ans'\]"):
         load_records(path, "q", "solution", "ans")
     # pure RL: demonstrations are not read at all
     recs = load_records(_write_jsonl(tmp_path / "e.jsonl", ROWS), "q", None, "ans")
