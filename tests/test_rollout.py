@@ -140,3 +140,38 @@ def test_startup_timeout_stops_the_server_and_shows_log(tmp_path):
     assert server.pid is None
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # the whole process group is gone
+
+
+@pytest.mark.slow
+def test_server_dies_with_a_killed_trainer(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from srft_mcore.models.tiny import make_tiny_hf_model
+
+    model_dir = make_tiny_hf_model(str(tmp_path / "tiny"), arch="qwen2")
+    script = ("import sys, time\n"
+              "from srft_mcore.rollout.server import SGLangServer\n"
+              f"s = SGLangServer.launch({model_dir!r}, startup_timeout_s=240)\n"
+              "print(s.pid, flush=True)\n"
+              "time.sleep(600)\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(trainer.stdout.readline())
+        os.killpg(pid, 0)  # the server's group is up
+        trainer.send_signal(signal.SIGKILL)  # no atexit, no handlers: only PDEATHSIG is left
+        trainer.wait(10)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            os.killpg(pid, signal.SIGKILL)
+            pytest.fail("the SGLang server outlived its killed launcher")
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()

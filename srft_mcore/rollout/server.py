@@ -17,7 +17,7 @@ own session (process group), so ``stop`` also reaches the scheduler and detokeni
 Every launched server is stopped at interpreter exit, on SIGTERM/SIGHUP (turned into
 ``SystemExit`` so ``finally`` blocks and atexit run) and on Ctrl-C (``KeyboardInterrupt``
 unwinds to atexit). When launched from the main thread, the launcher also gets
-``PR_SET_PDEATHSIG`` so it dies with a trainer that is SIGKILLed; SGLang's own children follow it.
+``PR_SET_PDEATHSIG`` (SIGKILL) so it dies with a trainer that is killed; SGLang's own children follow it.
 
 Without CUDA the CPU recipe is used (``--device cpu`` with the torch-native backends, fp32,
 a small KV pool); with CUDA the GPU defaults plus ``--tp-size``.
@@ -77,10 +77,12 @@ def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
 
 
 def _set_pdeathsig() -> None:
-    """Child side of Popen: die with SIGTERM when the launching thread dies (Linux only)."""
+    """Child side of Popen: die when the launching thread dies (Linux only). SIGKILL: on
+    SIGTERM the launcher waits for its in-flight requests, which a stuck weight-update
+    request never finishes; SGLang's scheduler and detokenizer follow their parent."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
