@@ -113,6 +113,9 @@ class RolloutConfig:
     """Seconds before a /generate request counts as hung."""
     max_concurrency: int = 64
     """Generate requests in flight per server."""
+    seeded: bool = False
+    """Reproducible rollouts: each sample drawn with its own seed (Gumbel-max on the server);
+    a resumed run regenerates the same rollouts. No top_p; slower for large vocabularies."""
 
 
 @dataclass
@@ -144,6 +147,8 @@ class AlgorithmConfig:
     """Entropy used in w_SFT / w_RL: token (per token) | batch (batch mean)."""
     loss_agg: str = "token-mean"
     """token-mean | seq-mean-token-mean | seq-sum-max-len."""
+    onpolicy_form: str = "sign"
+    """SRFT on-policy term: sign (Eq. 11 as written) | ppo (-A * ratio, clipped by clip_eps)."""
     clip_eps: Optional[float] = None
     """PPO ratio clip epsilon; None = the paper's unclipped form."""
     entropy_coef: float = 0.0
@@ -238,6 +243,7 @@ CHOICES = {
     "rollout.weight_sync": ("auto", "distributed", "tensor", "disk"),
     "algorithm.name": ("sft", "grpo", "luffy", "srft", "srft_no_wsft", "srft_no_wrl"),
     "algorithm.offpolicy_shaping": ("none", "luffy"),
+    "algorithm.onpolicy_form": ("sign", "ppo"),
     "algorithm.entropy_weighting": ("token", "batch"),
     "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-sum-max-len"),
     "optimizer.lr_schedule": ("constant", "cosine", "linear"),
@@ -382,6 +388,9 @@ def validate(cfg: Config, world_size: Optional[int] = None,
     if p.sequence_parallel and p.tp == 1:
         raise _err("parallel.sequence_parallel", True, "needs tensor parallelism",
                    "set parallel.tp > 1 or parallel.sequence_parallel=false")
+    if cfg.rollout.seeded and cfg.rollout.top_p < 1.0:
+        raise _err("rollout.top_p", cfg.rollout.top_p, "seeded rollouts sample the full "
+                   "distribution", "set rollout.top_p=1.0 or rollout.seeded=false")
     if cfg.rollout.temperature <= 0:
         raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
                    "use a positive temperature (the paper uses 1.0)")

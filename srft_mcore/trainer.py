@@ -34,22 +34,12 @@ def broadcast_obj(obj, src: int = 0):
 
 
 # --------------------------------------------------------------------------- set-up
-# the embedded default policy: a tiny Qwen2 (GQA, qkv bias) that learns the embedded task
-EMBEDDED_MODEL = dict(arch="qwen2", hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=256, max_position_embeddings=512)
+def resolve_model_dir(cfg: Config) -> str:
+    """The HF directory to start from: model.hf_path, or the embedded tiny model (shipped,
+    built by tools/make_embedded_model.py)."""
+    from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
 
-
-def resolve_model_dir(cfg: Config, run_dir: str) -> str:
-    """The HF directory to start from: model.hf_path, or the embedded tiny model."""
-    if cfg.model.hf_path:
-        return cfg.model.hf_path
-    from srft_mcore.models.tiny import make_tiny_hf_model
-
-    path = os.path.join(run_dir, "base_model")
-    if (not dist.is_initialized() or dist.get_rank() == 0) and \
-            not os.path.isfile(os.path.join(path, "config.json")):
-        make_tiny_hf_model(path, seed=cfg.train.seed, **EMBEDDED_MODEL)
-    return path
+    return cfg.model.hf_path or EMBEDDED_MODEL_DIR
 
 
 class Trainer:
@@ -85,8 +75,7 @@ class Trainer:
         os.makedirs(self.run_dir, exist_ok=True)
         self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                        backend=cfg.parallel.backend, seed=cfg.train.seed)
-        self.model_dir = resolve_model_dir(cfg, self.run_dir)
-        dist.barrier()
+        self.model_dir = resolve_model_dir(cfg)
         self.hf = load_hf_config(self.model_dir)
         validate(cfg, world_size=self.layout.world_size, hf_config=self.hf)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -165,11 +154,13 @@ class Trainer:
     def rollout(self, examples):
         """Rank 0 samples n continuations per prompt; everyone receives them."""
         from srft_mcore.rollout.client import SamplingParams
+        from srft_mcore.rollout.seeded import mix_seed
 
         cfg = self.cfg
+        seed = mix_seed(cfg.train.seed, self.rollout_calls) if cfg.rollout.seeded else None
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.data.max_response_len,
-                                  stop_token_ids=[self.tokenizer.eos_token_id])
+                                  stop_token_ids=[self.tokenizer.eos_token_id], seed=seed)
         groups = self.engine.generate([ex.prompt_ids for ex in examples],
                                       n=cfg.rollout.n_samples, sampling=sampling)
         self.rollout_calls += 1
@@ -194,7 +185,8 @@ class Trainer:
         cfg = self.cfg
         n_micro = len(micro_batches)
         loss_func = make_loss_func(cfg.algorithm, totals, num_microbatches=n_micro,
-                                   dp_size=self.layout.dp)
+                                   dp_size=self.layout.dp,
+                                   onpolicy_form=cfg.algorithm.onpolicy_form)
         vocab = self.hf["vocab_size"]
 
         def forward_step(it, model):

@@ -13,6 +13,8 @@ from typing import Optional
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 TOKENIZER_DIR = os.path.join(ASSETS, "tokenizer")
+EMBEDDED_MODEL_DIR = os.path.join(ASSETS, "embedded_model")
+"""The embedded default policy (tools/make_embedded_model.py builds it)."""
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"

@@ -43,11 +43,28 @@ class SamplingParams:
     """Extra token ids that end generation (EOS always does unless ignore_eos)."""
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks, exact-length tests)."""
+    seed: Optional[int] = None
+    """Reproducible sampling (see rollout/seeded.py): sample j of prompt i uses the seed
+    mix_seed(seed, i, j); needs a server started with --enable-custom-logit-processor."""
 
     def to_json(self, n: int) -> dict:
-        out = {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "seed"}
         out["n"] = n
         return out
+
+    def seeded_requests(self, prompt_index: int, n: int) -> list:
+        """Extra payload of the n single-sample requests of one prompt in seeded mode."""
+        from srft_mcore.rollout.seeded import GumbelMaxSampling, mix_seed
+
+        if self.top_p < 1.0:
+            raise ValueError("seeded sampling does not support top_p < 1")
+        processor = GumbelMaxSampling.to_str()
+        base = {k: v for k, v in self.to_json(1).items()}
+        base["temperature"] = 0.0  # argmax of the Gumbel-perturbed logits
+        return [{"sampling_params": dict(base, custom_params={
+                    "seed": mix_seed(self.seed, prompt_index, j),
+                    "temperature": self.temperature}),
+                 "custom_logit_processor": processor} for j in range(n)]
 
 
 @dataclass
@@ -157,8 +174,15 @@ class SGLangClient:
         return r.json()
 
     def _one(self, prompt: Prompt, n: int, sampling: SamplingParams,
-             return_logprob: bool) -> list[Completion]:
-        payload = {"sampling_params": sampling.to_json(n), "return_logprob": return_logprob}
+             return_logprob: bool, prompt_index: int = 0) -> list[Completion]:
+        if sampling.seed is not None and sampling.temperature > 0:
+            return [c for extra in sampling.seeded_requests(prompt_index, n)
+                    for c in self._request(prompt, 1, extra, return_logprob)]
+        return self._request(prompt, n, {"sampling_params": sampling.to_json(n)}, return_logprob)
+
+    def _request(self, prompt: Prompt, n: int, extra: dict,
+                 return_logprob: bool) -> list[Completion]:
+        payload = {**extra, "return_logprob": return_logprob}
         if isinstance(prompt, str):
             payload["text"] = prompt
         else:
@@ -192,7 +216,8 @@ class SGLangClient:
             return []
         workers = min(len(prompts), self.max_concurrency * len(self.urls))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(self._one, p, n, sampling, return_logprob) for p in prompts]
+            futures = [pool.submit(self._one, p, n, sampling, return_logprob, i)
+                       for i, p in enumerate(prompts)]
             results, failed = [], []
             for f in futures:
                 try:

@@ -69,11 +69,13 @@ def cuda_available() -> bool:
 def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
     """Flags for this machine: the CPU recipe without CUDA, else GPU defaults with ``--tp-size``."""
     device = device or ("cuda" if cuda_available() else "cpu")
+    # custom logit processors carry the seeded (reproducible) sampling of rollout/seeded.py
+    common = ["--enable-custom-logit-processor"]
     if device == "cpu":
         if tp != 1:
             raise ValueError(f"SGLang on CPU runs with tp=1, got tp={tp}")
-        return list(CPU_ARGS)
-    return ["--tp-size", str(tp), "--mem-fraction-static", "0.6"]
+        return list(CPU_ARGS) + common
+    return ["--tp-size", str(tp), "--mem-fraction-static", "0.6"] + common
 
 
 def _set_pdeathsig() -> None:
