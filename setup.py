@@ -23,6 +23,7 @@ setup(
     entry_points={
         "console_scripts": [
             "srft-doctor=srft_mcore.doctor:main",
+            "srft-train=srft_mcore.trainer:main",
             "srft-plot=srft_mcore.plot:main",
             "srft-convert=tools.convert_ckpt.cli:main",
         ],

@@ -43,7 +43,7 @@ def resolve_model_dir(cfg: Config) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, config_path=None):
+    def __init__(self, cfg: Config):
         self.cfg = cfg
         self.run_dir = os.path.abspath(cfg.logging.run_dir)
         self.ckpt_dir = os.path.abspath(cfg.checkpoint.dir or os.path.join(self.run_dir,
@@ -359,30 +359,45 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _input_errors() -> tuple:
+    """Exceptions that mean the user's input is wrong: reported in one paragraph, exit 2."""
+    from srft_mcore.bridge import BridgeError
+    from srft_mcore.checkpoint import CheckpointError
+    from srft_mcore.data import DataError, TemplateError
+    from srft_mcore.models import UnsupportedArchitecture
+    from srft_mcore.reward import RewardError
+    from srft_mcore.rollout.server import ServerStartError
+
+    return (ConfigError, FileNotFoundError, DataError, TemplateError, RewardError, BridgeError,
+            CheckpointError, UnsupportedArchitecture, ServerStartError)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    trainer = None
     try:
         cfg = load_config(args.config, args.overrides + (["checkpoint.resume=true"]
                                                          if args.resume else []))
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                 hf_config=None if not cfg.model.hf_path else _hf_or_error(cfg.model.hf_path))
-    except (ConfigError, FileNotFoundError) as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    trainer = Trainer(cfg, args.config)
-    try:
+        hf = None
+        if cfg.model.hf_path:
+            from srft_mcore.models import get_architecture, load_hf_config
+
+            hf = load_hf_config(cfg.model.hf_path)
+            get_architecture(hf)
+        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), hf_config=hf)
+        trainer = Trainer(cfg)
         trainer.setup()
         trainer.train()
+    except _input_errors() as e:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":
+            print(f"srft-train: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     log0(f"run directory: {trainer.run_dir}")
     return 0
-
-
-def _hf_or_error(path):
-    from srft_mcore.models import load_hf_config
-
-    return load_hf_config(path)
 
 
 if __name__ == "__main__":
