@@ -155,6 +155,26 @@ def load_checkpoint(path: str, model, optimizer, load_optimizer: bool = True,
     return trainer_state
 
 
+def load_model_weights(path: str, model) -> str:
+    """Load only the model weights from a trainer checkpoint (``step_XXXXXX``, e.g. the SFT
+    run of SFT->RL) or from an ``srft-convert hf-to-mcore`` directory. Collective."""
+    from megatron.core import dist_checkpointing
+
+    model_sd = model.sharded_state_dict()
+    if os.path.isdir(os.path.join(path, "mcore")):  # a trainer checkpoint
+        loaded = dist_checkpointing.load({"model": model_sd}, os.path.join(path, "mcore"))["model"]
+        kind = "trainer checkpoint"
+    elif os.path.isfile(os.path.join(path, "metadata.json")):  # a converted checkpoint
+        loaded = dist_checkpointing.load(model_sd, path)
+        kind = "converted checkpoint"
+    else:
+        raise CheckpointError(f"model.load_mcore={path!r} is neither a trainer checkpoint "
+                              f"(step_XXXXXX with mcore/) nor an srft-convert hf-to-mcore output "
+                              f"(metadata.json). Fix: point it at one of those")
+    model.load_state_dict(loaded)
+    return kind
+
+
 def clean_stale(root: str) -> None:
     """Remove partial saves left by a killed run (rank 0, before training starts)."""
     if _rank() == 0 and os.path.isdir(root):

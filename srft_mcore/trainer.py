@@ -115,9 +115,9 @@ class Trainer:
             lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.train.steps, 1),
             lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(cfg.train.steps, 1), wd_incr_style="constant")
-        if cfg.model.load_mcore:
-            ckpt.load_checkpoint(cfg.model.load_mcore, self.model.module, self.optimizer,
-                                 load_optimizer=False, load_rng=False)
+        if cfg.model.load_mcore:  # e.g. the RL stage of SFT->RL starts from the SFT run
+            kind = ckpt.load_model_weights(cfg.model.load_mcore, self.model.module)
+            log0(f"loaded model weights from the {kind} {cfg.model.load_mcore}")
 
         ckpt.clean_stale(self.ckpt_dir)
         self.resumed = False

@@ -1,30 +1,10 @@
 """Llama family (Llama 2/3): GQA, RoPE, RMSNorm, SwiGLU, optional attention bias."""
-from srft_mcore.models.arch import Architecture, TensorMap, register
+from srft_mcore.models.arch import Architecture, register
+from srft_mcore.models.qwen2 import TENSORS
 
-_L = "decoder.layers.{i}."
-_H = "model.layers.{i}."
-
-TENSORS = (
-    TensorMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-    TensorMap(_L + "input_layernorm.weight", (_H + "input_layernorm.weight",), "replicated",
-              te_mcore=_L + "self_attention.linear_qkv.layer_norm_weight"),
-    TensorMap(_L + "self_attention.linear_qkv.weight",
-              (_H + "self_attn.q_proj.weight", _H + "self_attn.k_proj.weight",
-               _H + "self_attn.v_proj.weight"), "qkv"),
-    # only with attention_bias=True (rare for Llama; the o_proj bias is then unsupported)
-    TensorMap(_L + "self_attention.linear_qkv.bias",
-              (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias",
-               _H + "self_attn.v_proj.bias"), "qkv", when="qkv_bias"),
-    TensorMap(_L + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), "row"),
-    TensorMap(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",),
-              "replicated", te_mcore=_L + "mlp.linear_fc1.layer_norm_weight"),
-    TensorMap(_L + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"),
-              "gate_up"),
-    TensorMap(_L + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), "row"),
-    TensorMap("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
-    TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
-)
-
+# Llama's HF checkpoint layout is Qwen2's (q/k/v, gate/up, norms, lm_head unless tied), so the
+# table is shared; the q/k/v bias rows apply only with attention_bias=True (o_proj bias is
+# not supported and is reported as an unmapped tensor).
 LLAMA = register(Architecture(model_type="llama", hf_class="LlamaForCausalLM",
                               qkv_bias=lambda cfg: bool(cfg.get("attention_bias", False)),
                               tensors=TENSORS))
