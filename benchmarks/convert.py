@@ -4,7 +4,10 @@ Writes a random bf16 HF checkpoint, then times ``hf-to-mcore`` and ``mcore-to-hf
 subprocess whose process tree is sampled for RSS) next to reading and writing the same
 bytes with safetensors alone. Prints one JSON object.
 
-    python benchmarks/convert.py [--layers 20] [--workdir DIR] [--keep]
+    python benchmarks/convert.py [--layers 20] [--tp 1] [--workdir DIR] [--keep]
+
+``--tp`` is the tensor-parallel size of ``hf-to-mcore`` (one process per rank); the RSS
+bound (2x the largest tensor + 1.5 GB) applies to each process.
 """
 from __future__ import annotations
 
@@ -112,6 +115,7 @@ print(json.dumps({{'read_s': time.time() - t0 - (time.time() - t1), 'write_s': t
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--tp", type=int, default=1, help="hf-to-mcore tensor-parallel size")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -122,7 +126,7 @@ def main() -> None:
         numel, nbytes, largest = write_random_hf(src, hf)
         cli = [sys.executable, "-m", "tools.convert_ckpt.cli"]
         to_mcore = run_measured(cli + ["hf-to-mcore", "--hf", src, "--out",
-                                       os.path.join(work, "mcore")])
+                                       os.path.join(work, "mcore"), "--tp", str(args.tp)])
         to_hf = run_measured(cli + ["mcore-to-hf", "--ckpt", os.path.join(work, "mcore"),
                                     "--out", os.path.join(work, "back")])
         base = safetensors_baseline(src, os.path.join(work, "plain"))
@@ -131,7 +135,7 @@ def main() -> None:
         res = {
             "benchmark": "convert", "params": numel, "bytes": nbytes, "dtype": "bfloat16",
             "largest_tensor_mb": round(largest / 2**20), "rss_bound_mb": bound_mb,
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "hf_to_mcore_tp": args.tp,
             "hf_to_mcore": {**to_mcore, "gb_per_s": round(gb / to_mcore["seconds"], 3)},
             "mcore_to_hf": {**to_hf, "gb_per_s": round(gb / to_hf["seconds"], 3)},
             "safetensors_read_write": {**base, "gb_per_s": round(2 * gb / base["seconds"], 3)},

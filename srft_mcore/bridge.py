@@ -20,6 +20,7 @@ Legend: ``full`` = a Megatron tensor in the TP1 layout; ``shard`` = one TP rank'
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -237,10 +238,13 @@ class TensorSource:
 class HFCheckpoint:
     """Lazy reader of a HF safetensors checkpoint; validates files, names and shapes.
 
-    ``read(name, index)`` returns only the requested part of a tensor.
+    ``read(name, index)`` returns only the requested part of a tensor. With
+    ``keep_open=False`` the files are closed after validation and every read opens (maps)
+    its file and closes it again, so the pages it touched do not stay in this process.
     """
 
-    def __init__(self, hf_dir: str, hf: Optional[dict] = None, validate: bool = True):
+    def __init__(self, hf_dir: str, hf: Optional[dict] = None, validate: bool = True,
+                 keep_open: bool = True):
         from safetensors import safe_open
 
         self.dir = hf_dir
@@ -282,6 +286,21 @@ class HFCheckpoint:
                                   f"files: {absent[:5]}{' ...' if len(absent) > 5 else ''}")
         if validate:
             self.validate()
+        if not keep_open:
+            self._handles = None
+
+    @contextlib.contextmanager
+    def _file(self, name: str):
+        if name not in self.location:
+            raise BridgeError(f"HF checkpoint {self.dir!r} has no tensor {name!r}")
+        if self._handles is not None:
+            yield self._handles[self.location[name]]
+            return
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.dir, self.location[name]), framework="pt",
+                       device="cpu") as handle:
+            yield handle
 
     def validate(self) -> None:
         want = expected_hf_shapes(self.hf)
@@ -306,15 +325,16 @@ class HFCheckpoint:
                 raise BridgeError(f"tensor {name!r}: dtype {dtype} is not a floating dtype")
 
     def read(self, name: str, index: tuple) -> torch.Tensor:
-        if name not in self.location:
-            raise BridgeError(f"HF checkpoint {self.dir!r} has no tensor {name!r}")
-        return self._handles[self.location[name]].get_slice(name)[index]
+        with self._file(name) as handle:
+            return handle.get_slice(name)[index]
 
     def shape(self, name: str) -> torch.Size:
-        return torch.Size(self._handles[self.location[name]].get_slice(name).get_shape())
+        with self._file(name) as handle:
+            return torch.Size(handle.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.location[name]].get_tensor(name)
+        with self._file(name) as handle:
+            return handle.get_tensor(name)
 
 
 def _read_json(path: str) -> dict:
@@ -360,6 +380,21 @@ def _group_rank_size(group, rank, size) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def hf_param_shard(model, name: str, shape: torch.Size, src, hf: dict, dims: Dims,
+                   tp_size: int, tp_rank: int) -> torch.Tensor:
+    """This TP rank's shard of parameter ``name`` (local name in the model chunk ``model``,
+    expected shape ``shape``) read from ``src`` (an :class:`HFCheckpoint`)."""
+    gname = global_name(model, name)
+    tm, layer = lookup(hf, gname)
+    padded = model.vocab_size if tm.layout == "vocab" else 0
+    shard = hf_slice_for_rank(tm, layer, src, dims, padded, tp_size, tp_rank)
+    if shard.shape != shape:
+        raise BridgeError(f"{gname} (from {hf_names(tm, layer)}): HF slice shape "
+                          f"{tuple(shard.shape)} does not match the Megatron shard "
+                          f"{tuple(shape)} (tp_rank {tp_rank} of {tp_size})")
+    return shard
+
+
 @torch.no_grad()
 def load_hf_into_model(model, hf_dir: str, hf_config: Optional[dict] = None, tp_group=None,
                        tp_rank: Optional[int] = None, tp_size: Optional[int] = None,
@@ -382,14 +417,7 @@ def load_hf_into_model(model, hf_dir: str, hf_config: Optional[dict] = None, tp_
 
         items = tqdm(items, desc="load hf", unit="tensor")
     for m, name, param in items:
-        gname = global_name(m, name)
-        tm, layer = lookup(hf, gname)
-        padded = m.vocab_size if tm.layout == "vocab" else 0
-        shard = hf_slice_for_rank(tm, layer, ckpt, dims, padded, size, rank)
-        if shard.shape != param.shape:
-            raise BridgeError(f"{gname} (from {hf_names(tm, layer)}): HF slice shape "
-                              f"{tuple(shard.shape)} does not match the Megatron shard "
-                              f"{tuple(param.shape)} (tp_rank {rank} of {size})")
+        shard = hf_param_shard(m, name, param.shape, ckpt, hf, dims, size, rank)
         param.copy_(shard.to(param.dtype))
         n += 1
         nbytes += shard.numel() * shard.element_size()
@@ -486,5 +514,6 @@ def bucketize(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
 
 
 __all__ = ["BridgeError", "Dims", "HFCheckpoint", "bucketize", "check_tp", "expected_hf_shapes",
-           "export_hf_weights", "gather_hf_weights", "hf_slice_for_rank", "load_hf_into_model",
-           "lookup", "mcore_names", "mcore_to_hf", "tensor_maps", "TensorSource"]
+           "export_hf_weights", "gather_hf_weights", "hf_param_shard", "hf_slice_for_rank",
+           "load_hf_into_model", "lookup", "mcore_names", "mcore_to_hf", "tensor_maps",
+           "TensorSource"]

@@ -1,8 +1,11 @@
 """HF checkpoint -> Megatron ``dist_checkpointing`` checkpoint (loadable at any TP/PP).
 
-``tp * pp`` spawned gloo ranks each build their stage of the model, read only their own
-slices of the HF tensors (:func:`srft_mcore.bridge.load_hf_into_model`) and save together
-with ``dist_checkpointing.save``. The HF side files needed to go back (config.json,
+``tp * pp`` spawned gloo ranks each build their stage of the model on the ``meta`` device
+and write its shards with :func:`tools.convert_ckpt.dcp_stream.save_streaming`: the same
+checkpoint ``dist_checkpointing.save`` writes, but each tensor (this rank's slice of the HF
+tensors, :func:`srft_mcore.bridge.hf_param_shard`) is read from the HF files just before it
+is written, with the source file mapped only during that read. Peak memory per rank is
+about one parameter shard. The HF side files needed to go back (config.json,
 generation config, tokenizer) go to ``<out>/hf/`` and the conversion record to
 ``<out>/srft_bridge.json``.
 """
@@ -27,20 +30,32 @@ def source_dtype(hf: dict) -> str:
 
 
 def _rank_main(hf_dir: str, out: str, tp: int, pp: int, dtype: str) -> dict:
-    from megatron.core import dist_checkpointing
+    import torch
 
-    from srft_mcore.bridge import load_hf_into_model
+    from srft_mcore.bridge import Dims, HFCheckpoint, hf_param_shard
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
+    from tools.convert_ckpt.dcp_stream import save_streaming
 
     layout = init_distributed(tp=tp, pp=pp)
     hf = load_hf_config(hf_dir)
-    model = build_model(hf, ModelConfig(dtype=dtype, transformer_impl="local"),
-                        ParallelConfig(tp=tp, pp=pp))
-    stats = load_hf_into_model(model, hf_dir, hf, tp_group=layout.tp_group,
-                               progress=layout.rank == 0)
-    dist_checkpointing.save(model.sharded_state_dict(), out)
+    with torch.device("meta"):  # shapes and sharding only; the weights are never all here
+        model = build_model(hf, ModelConfig(dtype=dtype, transformer_impl="local"),
+                            ParallelConfig(tp=tp, pp=pp))
+    src = HFCheckpoint(hf_dir, hf, keep_open=False)
+    dims = Dims.from_hf(hf)
+    params = dict(model.named_parameters())
+    stats = {"tensors": 0, "bytes": 0}
+
+    def load(name: str) -> torch.Tensor:
+        p = params[name]
+        shard = hf_param_shard(model, name, p.shape, src, hf, dims, tp, layout.tp_rank)
+        stats["tensors"] += 1
+        stats["bytes"] += shard.numel() * shard.element_size()
+        return shard.to(p.dtype)
+
+    save_streaming(model.sharded_state_dict(), out, load, params, progress=layout.rank == 0)
     return {"rank": layout.rank, "padded_vocab_size": int(model.vocab_size), **stats}
 
 
