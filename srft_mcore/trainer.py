@@ -61,7 +61,8 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from srft_mcore.bridge import load_hf_into_model
-        from srft_mcore.data import PromptSampler, build_dataset, write_embedded_dataset
+        from srft_mcore.data import (EMBEDDED_TASK, PromptSampler, build_dataset,
+                                     write_embedded_dataset)
         from srft_mcore.distributed import init_distributed
         from srft_mcore.models import build_model, load_hf_config
         from srft_mcore.models.tiny import load_tokenizer
@@ -84,7 +85,8 @@ class Trainer:
             data_cfg = dataclasses.replace(data_cfg, path=os.path.join(self.run_dir,
                                                                        "embedded_task.jsonl"))
             if self.layout.rank == 0 and not os.path.isfile(data_cfg.path):
-                write_embedded_dataset(data_cfg.path, n=2000, seed=cfg.train.seed)
+                write_embedded_dataset(data_cfg.path, n=2000, seed=cfg.train.seed,
+                                       **EMBEDDED_TASK)
             dist.barrier()
         self.dataset = build_dataset(data_cfg, self.tokenizer, run_dir=self.run_dir,
                                      require_demo=cfg.algorithm.name != "grpo", report=log0)

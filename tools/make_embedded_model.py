@@ -18,7 +18,7 @@ import random
 
 import torch
 
-from srft_mcore.data import generate_embedded
+from srft_mcore.data import EMBEDDED_TASK, generate_embedded
 from srft_mcore.models.tiny import load_tokenizer, make_tiny_hf_model
 from srft_mcore.reward import math_reward
 
@@ -66,8 +66,8 @@ def main(argv=None):
     make_tiny_hf_model(args.out, arch="qwen2", seed=0, **SHAPE)
     tok = load_tokenizer(args.out)
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
-    records = generate_embedded(4000, seed=PRETRAIN_SEED)
-    held_out = generate_embedded(64, seed=PRETRAIN_SEED + 1)
+    records = generate_embedded(4000, seed=PRETRAIN_SEED, **EMBEDDED_TASK)
+    held_out = generate_embedded(64, seed=PRETRAIN_SEED + 1, **EMBEDDED_TASK)
     data = [encode(tok, r) for r in records]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     acc, step = 0.0, 0

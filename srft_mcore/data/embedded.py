@@ -18,6 +18,8 @@ import os
 import random
 
 OPS = ("add", "subtract", "multiply")
+EMBEDDED_TASK = dict(min_steps=2, max_steps=2, max_value=10)
+"""The task of the embedded demo: two steps, values 1..10 (learnable by the tiny policy)."""
 _VERB = {"add": "add {d}", "subtract": "subtract {d}", "multiply": "multiply by {d}"}
 _SYMBOL = {"add": "+", "subtract": "-", "multiply": "*"}
 
