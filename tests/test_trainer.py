@@ -71,9 +71,12 @@ def test_tp2_run_with_sglang_trains_and_exports(reference_run):
     for r in rows:
         assert r["train/sequences"] == 8 * (2 + 1)  # rollouts + one demonstration per prompt
         assert r["loss"] is not None and abs(r["loss"]) < 100
-        assert 0 < r["w_sft"] <= 0.5 and r["w_rl"] is not None
+        assert 0 < r["w_sft"] <= 0.5
+        # w_RL is the mean over positive rollouts: undefined (null) in a step without one
+        assert r["w_rl"] is None or r["w_rl"] >= 0.1
         assert r["rollout/weight_syncs"] >= r["step"]
         assert r["train/skipped"] == 0
+    assert any(r["w_rl"] is not None for r in rows)
     assert rows[0]["optim/grad_norm"] > 0
     ckpts = os.path.join(reference_run, "checkpoints")
     assert open(os.path.join(ckpts, "latest")).read().strip() == "step_000004"
@@ -107,7 +110,12 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference_run, tm
     want, got = metrics(reference_run), metrics(run_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(want, got):
-        assert stable(a) == pytest.approx(stable(b), rel=1e-6, abs=1e-7), a["step"]
+        a, b = stable(a), stable(b)
+        assert a.keys() == b.keys()
+        for k in a:  # null marks a metric undefined in that step (e.g. w_rl, no positives)
+            assert (a[k] is None) == (b[k] is None), (a["step"], k)
+            if a[k] is not None:
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
     wa, wb = final_weights(reference_run), final_weights(run_dir)
     assert wa.keys() == wb.keys()
     for name in wa:
@@ -150,6 +158,8 @@ def build_tiny_with_optimizer(hf):
     model = build_model(hf, ModelConfig(), ParallelConfig())
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), module=model)
     opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), [ddp])
+    ddp.zero_grad_buffer()
+    opt.step()  # creates the Adam state a training checkpoint holds
     return model, opt
 
 
