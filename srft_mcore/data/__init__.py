@@ -5,6 +5,7 @@ from .loading import ACCEPTED, DataError, load_records
 from .sampler import PromptSampler
 from .templates import THINK_SYSTEM_PROMPT, TemplateError, render_prompt
 
-__all__ = ["ACCEPTED", "EMBEDDED_TASK", "DataError", "Example", "FilterStats", "PromptDataset", "PromptSampler",
+__all__ = ["ACCEPTED", "EMBEDDED_TASK", "DataError", "Example", "FilterStats", "PromptDataset",
+           "PromptSampler",
            "THINK_SYSTEM_PROMPT", "TemplateError", "build_dataset", "generate_embedded",
            "load_records", "render_prompt", "tokenize_records", "write_embedded_dataset"]
