@@ -49,7 +49,7 @@ echo "import srft_tv_shim" > "$SP/srft_tv_shim.pth"
 # 4) the project itself
 "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 # 5) guard: a CPU torch and no CUDA runtime wheels
-"$VENV/bin/python" - <<'PY'
+"$VENV/bin/python" -W ignore - <<'PY'
 import importlib.metadata as md
 import torch
 assert torch.version.cuda is None, f"expected the CPU build of torch, got {torch.__version__}"

@@ -168,7 +168,9 @@ class RolloutEngine:
         status = ("ok", [])
         if self.rank == 0:
             try:
-                dead = [s.url for s in self.servers if not s.healthy(timeout_s=10.0)]
+                # process liveness only: an HTTP health probe costs ~1 s per step on CPU, and
+                # a hung server is caught by the request timeouts of generate and sync
+                dead = [s.url for s in self.servers if s.owned and not s.is_alive()]
                 status = ("ok", self._recover(dead) if dead else [])
             except Exception as e:  # noqa: BLE001 - every rank raises below
                 status = ("error", f"{type(e).__name__}: {e}")
@@ -306,6 +308,19 @@ def _control(url: str, path: str, payload: dict) -> None:
         raise RolloutError(f"{url}{path}: HTTP {r.status_code}: {r.text[:300]}")
 
 
+def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:
+    """CUDA_VISIBLE_DEVICES of server ``index`` when SRFT_ROLLOUT_GPUS lists the rollout GPUs
+    (e.g. "4,5,6,7": two TP2 servers on GPUs 4-5 and 6-7); empty otherwise."""
+    listed = os.environ.get("SRFT_ROLLOUT_GPUS", "").strip()
+    if not listed:
+        return {}
+    gpus = [g for g in listed.split(",") if g]
+    if len(gpus) < tp * num_servers:
+        raise RolloutError(f"SRFT_ROLLOUT_GPUS={listed!r} lists {len(gpus)} GPUs; "
+                           f"{num_servers} servers x server_tp {tp} need {tp * num_servers}")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[index * tp:(index + 1) * tp])}
+
+
 def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = None,
                    server_args: Sequence[str] = ()) -> list[SGLangServer]:
     """Attach to ``cfg.urls`` or start ``cfg.num_servers`` servers (in parallel)."""
@@ -320,6 +335,7 @@ def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = Non
     log_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
     os.makedirs(log_dir, exist_ok=True)
     servers = [SGLangServer(model_path, tp=cfg.server_tp, extra_args=server_args,
+                            env=server_gpu_env(i, cfg.server_tp, cfg.num_servers),
                             log_path=os.path.join(log_dir, f"sglang-{i}.log"),
                             startup_timeout_s=cfg.startup_timeout_s)
                for i in range(cfg.num_servers)]
