@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from functools import partial
 from typing import Optional
 
 import torch

@@ -11,14 +11,13 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from srft_mcore import checkpoint as ckpt
-from srft_mcore.batching import USES_ROLLOUTS, build_sequences, make_micro_batches
+from srft_mcore.batching import build_sequences, make_micro_batches
 from srft_mcore.config import Config, ConfigError, load_config, save_config, validate
 
 

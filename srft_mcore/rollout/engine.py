@@ -32,7 +32,7 @@ import torch.distributed as dist
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
 from srft_mcore.rollout.server import SGLangServer, cuda_available
 from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats,
-                                            WeightSyncError, export_stream, make_transport,
+                                            export_stream, make_transport,
                                             source_info, sync_weights)
 
 
