@@ -8,12 +8,15 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 [[ -x "$PY" ]] || { echo "srft_tiny_cpu: $PY not found; run: bash scripts/setup_env.sh" >&2; exit 2; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 cd "$ROOT"
+# a new run directory each time, unless one is given (logging.run_dir=...; add --resume to continue)
+set -- "logging.run_dir=runs/srft_tiny_cpu/$(date +%Y%m%d-%H%M%S)" "$@"
 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m srft_mcore.trainer \
   --config examples/configs/srft_tiny_cpu.yaml "$@"
 RUN_DIR=$("$PY" - "$@" <<'PY'
 import sys
 from srft_mcore.config import load_config
-print(load_config("examples/configs/srft_tiny_cpu.yaml", sys.argv[1:]).logging.run_dir)
+overrides = [a for a in sys.argv[1:] if not a.startswith("--")]
+print(load_config("examples/configs/srft_tiny_cpu.yaml", overrides).logging.run_dir)
 PY
 )
 "$PY" -m srft_mcore.plot "$RUN_DIR" >/dev/null

@@ -72,6 +72,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if dist.is_initialized() is False and world > 1 and "RANK" not in os.environ:
             raise ConfigError("WORLD_SIZE is set without RANK: launch with torchrun")
+        self._refuse_to_overwrite()
         os.makedirs(self.run_dir, exist_ok=True)
         self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                        backend=cfg.parallel.backend, seed=cfg.train.seed)
@@ -126,6 +127,18 @@ class Trainer:
             self.resume()
         self.start_rollout()
         return self
+
+    def _refuse_to_overwrite(self):
+        """A fresh run never replaces an earlier run's metrics or checkpoints."""
+        if self.cfg.checkpoint.resume:
+            return
+        earlier = [p for p in (os.path.join(self.run_dir, "metrics.jsonl"),
+                               os.path.join(self.ckpt_dir, "latest")) if os.path.isfile(p)]
+        if earlier:
+            raise ConfigError(
+                f"config error: logging.run_dir={self.run_dir!r} already holds a run "
+                f"({', '.join(earlier)}). Fix: add --resume to continue it, or choose a new logging.run_dir "
+                f"(and checkpoint.dir); nothing was changed")
 
     def resume(self):
         path = ckpt.latest_checkpoint(self.ckpt_dir)

@@ -217,7 +217,8 @@ def single_rank(*overrides, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["missing_file", "missing_field", "bad_json", "no_template"])
+@pytest.mark.parametrize("case", ["missing_file", "missing_field", "bad_json", "no_template",
+                                  "existing_run"])
 def test_bad_input_fails_before_any_rollout(tmp_path, case):
     run_dir = tmp_path / "run"
     data = tmp_path / "data.jsonl"
@@ -234,6 +235,10 @@ def test_bad_input_fails_before_any_rollout(tmp_path, case):
         data.write_text('{"prompt": "1+1", "demonstration": \n')
         extra.append(f"data.path={data}")
         expect = str(data)
+    elif case == "existing_run":  # a fresh run must not replace an earlier run's files
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+        expect = "already holds a run"
     else:
         from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
 
@@ -250,3 +255,6 @@ def test_bad_input_fails_before_any_rollout(tmp_path, case):
     assert expect in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert not (run_dir / "rollout").exists()  # no SGLang server was started
+    if case == "existing_run":
+        assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
