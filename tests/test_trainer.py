@@ -174,6 +174,15 @@ def _load_latest(ckpt_dir):
                                                      for n, p in model.named_parameters()}
 
 
+def _load_weights_only(path):
+    from srft_mcore import checkpoint as ckpt
+    from srft_mcore.parallel_check import TINY_QWEN2
+
+    model, _ = build_tiny_with_optimizer(TINY_QWEN2)
+    kind = ckpt.load_model_weights(path, model)
+    return kind, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 @pytest.mark.slow
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     import multiprocessing as mp
@@ -202,6 +211,11 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     name, marker, params = spawn_ranks(_load_latest, 1, (ckpt_dir,))[0]
     assert (name, marker) == ("step_000001", "one")
     saved = torch.load(ready + ".pt")
+    for n, p in params.items():
+        assert torch.equal(p, saved[n]), n
+    # the second stage of SFT->RL loads only the weights of such a checkpoint
+    kind, params = spawn_ranks(_load_weights_only, 1, (os.path.join(ckpt_dir, name),))[0]
+    assert kind == "trainer checkpoint"
     for n, p in params.items():
         assert torch.equal(p, saved[n]), n
     shutil.rmtree(ckpt_dir)
