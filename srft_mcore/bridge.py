@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from srft_mcore.models.arch import TensorMap, get_architecture
+from srft_mcore.models.builder import unwrap_gpt
 from srft_mcore.models.sharding import global_name, merge_shards, partition_dim
 
 _LAYER_RE = re.compile(r"^(decoder\.layers\.)(\d+)(\..+)$")
@@ -358,14 +359,8 @@ def _check_file_size(path: str, handle) -> None:
 
 
 # --------------------------------------------------------------------------- load
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "decoder"):
-        model = model.module
-    return model
-
-
 def _chunks(model) -> list:
-    return [_unwrap(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
+    return [unwrap_gpt(m) for m in (model if isinstance(model, (list, tuple)) else [model])]
 
 
 def _uses_te(model) -> bool:

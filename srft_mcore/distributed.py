@@ -126,6 +126,15 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, backend: str = "auto
     )
 
 
+def broadcast_object(obj, group=None, group_src: int = 0):
+    """``obj`` from rank ``group_src`` of ``group`` (default: the world) to all its ranks."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, group=group, group_src=group_src)
+    return box[0]
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state as ps
 

@@ -19,17 +19,12 @@ import torch.distributed as dist
 from srft_mcore import checkpoint as ckpt
 from srft_mcore.batching import build_sequences, make_micro_batches
 from srft_mcore.config import Config, ConfigError, load_config, save_config, validate
+from srft_mcore.distributed import broadcast_object
 
 
 def log0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("[srft]", *args, flush=True)
-
-
-def broadcast_obj(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 # --------------------------------------------------------------------------- set-up
@@ -70,7 +65,7 @@ class Trainer:
         cfg = self.cfg
         # everything that can be wrong with the input is checked before heavy work
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if dist.is_initialized() is False and world > 1 and "RANK" not in os.environ:
+        if not dist.is_initialized() and world > 1 and "RANK" not in os.environ:
             raise ConfigError("WORLD_SIZE is set without RANK: launch with torchrun")
         self._refuse_to_overwrite()
         os.makedirs(self.run_dir, exist_ok=True)
@@ -253,10 +248,7 @@ class Trainer:
         """Loss metrics exist on the last PP stage; give them to every rank."""
         if self.layout.pp == 1:
             return metrics
-        src = dist.get_global_rank(self.layout.pp_group, self.layout.pp - 1)
-        box = [metrics]
-        dist.broadcast_object_list(box, src=src, group=self.layout.pp_group)
-        return box[0]
+        return broadcast_object(metrics, self.layout.pp_group, group_src=self.layout.pp - 1)
 
     def save(self):
         state = {"rollout_calls": self.rollout_calls, "skipped_total": self.skipped_total,
@@ -313,7 +305,7 @@ class Trainer:
                 groups = self.rollout(examples)
             with timer("reward"):
                 rewards = self.score(examples, groups)
-                groups, rewards = broadcast_obj((groups, rewards))
+                groups, rewards = broadcast_object((groups, rewards))
             seqs = build_sequences(examples, groups, rewards, cfg.algorithm)
             micro = make_micro_batches(seqs, cfg.train.micro_batch_size, self.layout.dp_rank,
                                        self.layout.dp, self.tokenizer.pad_token_id)

@@ -126,6 +126,13 @@ def layer_spec(model_cfg: ModelConfig):
     return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
+def unwrap_gpt(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def build_model(hf: dict, model_cfg: ModelConfig, par: ParallelConfig,
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
     """Build this rank's ``GPTModel`` stage from a HF config dict (weights not loaded)."""

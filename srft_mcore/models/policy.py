@@ -14,14 +14,8 @@ from typing import Optional
 
 import torch
 
+from srft_mcore.models.builder import unwrap_gpt
 from srft_mcore.ops import linear_vocab_parallel_logprob_entropy, vocab_parallel_logprob_entropy
-
-
-def unwrap_gpt(model):
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def output_weight(gpt) -> torch.Tensor:

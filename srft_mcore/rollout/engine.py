@@ -29,6 +29,7 @@ from typing import Callable, Optional, Sequence
 import requests
 import torch.distributed as dist
 
+from srft_mcore.distributed import broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
 from srft_mcore.rollout.server import SGLangServer, cuda_available
 from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats,
@@ -58,14 +59,6 @@ def _world(group) -> tuple[int, int]:
     if not dist.is_initialized():
         return 0, 1
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-def _broadcast(obj, group=None):
-    if _world(group)[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, group=group, group_src=0)
-    return box[0]
 
 
 class RolloutEngine:
@@ -113,7 +106,7 @@ class RolloutEngine:
                 servers = launch_servers(cfg, model_path, work_dir, server_args)
             except Exception as e:  # noqa: BLE001 - every rank raises below
                 error = e
-        urls = _broadcast(None if error else [s.url for s in servers], group)
+        urls = broadcast_object(None if error else [s.url for s in servers], group)
         if urls is None:
             raise error if error is not None else RolloutError("rank 0 failed to start SGLang")
         if rank != 0:
@@ -174,7 +167,7 @@ class RolloutEngine:
                 status = ("ok", self._recover(dead) if dead else [])
             except Exception as e:  # noqa: BLE001 - every rank raises below
                 status = ("error", f"{type(e).__name__}: {e}")
-        status = _broadcast(status, self.group)
+        status = broadcast_object(status, self.group)
         if status[0] == "error":
             raise RolloutError(status[1])
         self.transport.failed(status[1])
@@ -213,9 +206,9 @@ class RolloutEngine:
                         status = ("error", f"{e}; recovery failed: {e2}")
                 except Exception as e:  # noqa: BLE001
                     status = ("error", f"{type(e).__name__}: {e}")
-            status = _broadcast(status, self.group)
+            status = broadcast_object(status, self.group)
             if status[0] == "ok":
-                return _broadcast(out, self.group) if broadcast else out
+                return broadcast_object(out, self.group) if broadcast else out
             if status[0] == "error":
                 raise RolloutError(status[1])
             restarted = status[1]
