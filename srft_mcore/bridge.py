@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from srft_mcore.distributed import comm_device
 from srft_mcore.models.arch import TensorMap, get_architecture
 from srft_mcore.models.builder import unwrap_gpt
 from srft_mcore.models.sharding import global_name, merge_shards, partition_dim
@@ -485,7 +486,7 @@ def gather_hf_weights(model, hf_config: dict, tp_group=None, pp_group=None, dst_
                 if meta[0] is None:
                     break
                 hf_name, shape, t_dtype = meta[0]
-                t = torch.empty(shape, dtype=t_dtype)
+                t = torch.empty(shape, dtype=t_dtype, device=comm_device(pp_group))
                 dist.recv(t, src=src)
                 yield hf_name, t
 

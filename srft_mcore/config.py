@@ -67,6 +67,11 @@ class ParallelConfig:
     """Shard optimizer state over DP ranks (Megatron DistributedOptimizer) when dp > 1."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
+    timeout_s: float = 1800.0
+    """Timeout of the training collectives (NCCL watchdog / gloo)."""
+    wait_timeout_s: float = 7200.0
+    """How long ranks wait (on a gloo group, not NCCL) while rank 0 generates and scores a
+    step's rollouts; long responses take minutes."""
 
 
 @dataclass
@@ -128,31 +133,49 @@ class RewardConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = "srft"
-    """sft | grpo | luffy | srft | srft_no_wsft | srft_no_wrl."""
+    """sft | grpo | luffy | srft | srft_no_wsft | srft_no_wrl. Fields left null take this
+    algorithm's default from srft_mcore/algo/defaults.py (table in the README)."""
     demo_in_group: bool = True
     """The demonstration joins its prompt's group for the advantage (Eq. 7)."""
-    adv_std_norm: bool = True
-    """Divide group-centred rewards by the group std (LUFFY: off)."""
+    adv_std_norm: Optional[bool] = None
+    """Divide group-centred rewards by the group std (null: per algorithm; LUFFY: off)."""
     c_sft: float = 0.5
     """Constant of w_SFT = c_sft * exp(sft_entropy_sign * H) (Eq. 8)."""
     sft_entropy_sign: float = -1.0
     """Sign s in w_SFT = c_sft * exp(s * H); the paper writes -1."""
     c_rl: float = 0.1
     """Constant of w_RL = c_rl * exp(H) on positive rollouts (Eq. 12)."""
-    offpolicy_shaping: str = "none"
-    """Off-policy demo term shaping f(p): none | luffy (p / (p + gamma))."""
+    fixed_weight: float = 1.0
+    """The weight the ablations fix: w_SFT for srft_no_wsft, w_RL for srft_no_wrl."""
+    offpolicy_shaping: Optional[str] = None
+    """Off-policy demo term shaping f(p): none | luffy (p / (p + gamma)); null: per algorithm."""
     shaping_gamma: float = 0.1
     """gamma of the LUFFY shaping."""
-    entropy_weighting: str = "token"
-    """Entropy used in w_SFT / w_RL: token (per token) | batch (batch mean)."""
-    loss_agg: str = "token-mean"
-    """token-mean | seq-mean-token-mean | seq-sum-max-len."""
-    onpolicy_form: str = "sign"
-    """SRFT on-policy term: sign (Eq. 11 as written) | ppo (-A * ratio, clipped by clip_eps)."""
+    entropy_weighting: str = "batch"
+    """Entropy in w_SFT / w_RL: batch (one detached mean per step, from the old-policy pass;
+    the paper) | token (per-token H_t, capped by token_weight_cap)."""
+    entropy_tokens: str = "rollout"
+    """Tokens whose mean entropy is the step's H: rollout (the policy's own samples) |
+    demo | all."""
+    token_weight_cap: float = 1.0
+    """Upper bound of per-token w_SFT and w_RL (0.1 * exp(H_t) is unbounded; H_t <= ln V)."""
+    loss_agg: Optional[str] = None
+    """token-mean | seq-mean-token-mean | seq-sum-max-len; null: per algorithm."""
+    onpolicy_form: Optional[str] = None
+    """SRFT on-policy term: sign (Eq. 11: advantage +1 with w_RL on positive, -1 on negative
+    rollouts) | ppo (Eq. 7 advantages); both through the clipped ratio to the old policy."""
     clip_eps: Optional[float] = None
-    """PPO ratio clip epsilon; None = the paper's unclipped form."""
-    entropy_coef: float = 0.0
-    """Entropy bonus coefficient (LUFFY uses 0.001; the paper 0)."""
+    """PPO ratio clip epsilon (acts from the second mini-batch on); null: per algorithm;
+    a negative value turns clipping off."""
+    entropy_coef: Optional[float] = None
+    """Entropy bonus coefficient (LUFFY 0.001; the paper 0); null: per algorithm."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling: rollout-token losses times min(pi_old / pi_sglang, cap),
+    correcting the training-inference mismatch (needs unseeded rollouts); null = off."""
+    kl_coef: float = 0.0
+    """KL penalty to a frozen reference policy (the start weights); 0 = off (the paper)."""
+    kl_estimator: str = "k3"
+    """KL estimator on rollout tokens: k1 (log pi - log pi_ref) | k3 (unbiased, >= 0)."""
 
 
 @dataclass
@@ -185,6 +208,9 @@ class TrainConfig:
     """Prompts sampled per step (global)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch per DP rank."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch: prompts_per_step / mini-batch (the paper: 128 / 64
+    = 2). Mini-batches after the first are off-policy (ratio to the old log-probs)."""
     seed: int = 1234
     """Global seed (model init, data order, sampling)."""
     deterministic: bool = False
@@ -242,10 +268,12 @@ CHOICES = {
     "data.template": ("tokenizer", "think", "plain"),
     "rollout.weight_sync": ("auto", "distributed", "tensor", "disk"),
     "algorithm.name": ("sft", "grpo", "luffy", "srft", "srft_no_wsft", "srft_no_wrl"),
-    "algorithm.offpolicy_shaping": ("none", "luffy"),
-    "algorithm.onpolicy_form": ("sign", "ppo"),
+    "algorithm.offpolicy_shaping": (None, "none", "luffy"),
+    "algorithm.onpolicy_form": (None, "sign", "ppo"),
     "algorithm.entropy_weighting": ("token", "batch"),
-    "algorithm.loss_agg": ("token-mean", "seq-mean-token-mean", "seq-sum-max-len"),
+    "algorithm.entropy_tokens": ("rollout", "demo", "all"),
+    "algorithm.loss_agg": (None, "token-mean", "seq-mean-token-mean", "seq-sum-max-len"),
+    "algorithm.kl_estimator": ("k1", "k3"),
     "optimizer.lr_schedule": ("constant", "cosine", "linear"),
 }
 
@@ -349,7 +377,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    if cfg.algorithm.name in CHOICES["algorithm.name"]:  # else validate() names the problem
+        from srft_mcore.algo.defaults import resolve
+
+        cfg.algorithm = resolve(cfg.algorithm)
+    return cfg
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -378,8 +411,12 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         if flat[key] not in allowed:
             raise _err(key, flat[key], "not a supported choice",
                        f"use one of: {', '.join(str(a) for a in allowed)}")
+    from srft_mcore.algo.defaults import resolve
+
+    cfg.algorithm = resolve(cfg.algorithm)
     for key in ("parallel.tp", "parallel.pp", "parallel.cp", "rollout.n_samples",
                 "train.steps", "train.prompts_per_step", "train.micro_batch_size",
+                "train.mini_batches",
                 "checkpoint.every", "rollout.num_servers", "rollout.server_tp",
                 "rollout.bucket_mb", "model.make_vocab_size_divisible_by"):
         if flat[key] < 1:
@@ -391,6 +428,26 @@ def validate(cfg: Config, world_size: Optional[int] = None,
     if cfg.rollout.seeded and cfg.rollout.top_p < 1.0:
         raise _err("rollout.top_p", cfg.rollout.top_p, "seeded rollouts sample the full "
                    "distribution", "set rollout.top_p=1.0 or rollout.seeded=false")
+    if p.cp > 1:
+        raise _err("parallel.cp", p.cp, "context parallelism is not supported yet (sequences "
+                   "are not split across CP ranks)", "set parallel.cp=1; use tp/pp for long "
+                   "sequences")
+    a = cfg.algorithm
+    if a.tis_cap is not None and a.tis_cap <= 0:
+        raise _err("algorithm.tis_cap", a.tis_cap, "must be > 0", "use e.g. 2.0, or null (off)")
+    if a.tis_cap is not None and cfg.rollout.seeded:
+        raise _err("algorithm.tis_cap", a.tis_cap, "seeded rollouts report the log-probs of "
+                   "the Gumbel-perturbed logits, not the sampling policy's",
+                   "set rollout.seeded=false, or algorithm.tis_cap=null")
+    if a.kl_coef < 0:
+        raise _err("algorithm.kl_coef", a.kl_coef, "must be >= 0", "use 0 (off) or e.g. 0.001")
+    if a.token_weight_cap <= 0:
+        raise _err("algorithm.token_weight_cap", a.token_weight_cap, "must be > 0",
+                   "use e.g. 1.0")
+    if cfg.train.prompts_per_step % cfg.train.mini_batches != 0:
+        raise _err("train.mini_batches", cfg.train.mini_batches,
+                   f"does not divide train.prompts_per_step ({cfg.train.prompts_per_step})",
+                   "choose a divisor: each mini-batch holds whole prompt groups")
     if cfg.rollout.temperature <= 0:
         raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
                    "use a positive temperature (the paper uses 1.0)")
@@ -430,17 +487,18 @@ def validate(cfg: Config, world_size: Optional[int] = None,
                        f"set parallel.dp={dp}, leave it unset, or launch {mp * p.dp} ranks")
         p.dp = dp
     if p.dp is not None:
-        seqs = cfg.train.prompts_per_step * (cfg.rollout.n_samples + 1)
         per_rank = cfg.train.micro_batch_size * p.dp
-        if cfg.train.prompts_per_step % p.dp != 0:
+        mini = cfg.train.prompts_per_step // cfg.train.mini_batches
+        if mini % p.dp != 0:
             raise _err("train.prompts_per_step", cfg.train.prompts_per_step,
-                       f"not divisible by the data-parallel size {p.dp}",
-                       f"use a multiple of {p.dp}")
+                       f"{mini} prompts per mini-batch are not divisible by the data-parallel "
+                       f"size {p.dp}", f"use a multiple of {p.dp * cfg.train.mini_batches}")
+        seqs = mini * (cfg.rollout.n_samples + 1)
         if seqs % per_rank != 0:
             raise _err("train.micro_batch_size", cfg.train.micro_batch_size,
-                       f"{seqs} sequences per step are not divisible by micro_batch_size*dp="
-                       f"{per_rank}", "choose a micro batch size that divides the step's "
-                       "sequences per DP rank")
+                       f"{seqs} sequences per mini-batch are not divisible by "
+                       f"micro_batch_size*dp={per_rank}", "choose a micro batch size that "
+                       "divides the mini-batch's sequences per DP rank")
     return cfg
 
 

@@ -32,6 +32,9 @@ class ParallelLayout:
     pp_group: Optional[object]
     dp_group: Optional[object]
     device: torch.device
+    cpu_group: Optional[object] = None
+    """A gloo group over all ranks for Python objects and CPU tensors, with the long
+    ``wait_timeout_s``: ranks wait on it (not on NCCL) while rank 0 generates rollouts."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -84,8 +87,12 @@ def set_seed(seed: int) -> None:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, backend: str = "auto",
-                     seed: int = 1234, timeout_s: float = 600.0) -> ParallelLayout:
+                     seed: int = 1234, timeout_s: float = 1800.0,
+                     wait_timeout_s: float = 7200.0) -> ParallelLayout:
     """Initialise torch.distributed from the torchrun environment and Megatron's groups.
+
+    timeout_s bounds the training collectives; wait_timeout_s the gloo ``cpu_group`` on
+    which ranks wait for rank 0's rollouts.
 
     Without RANK/WORLD_SIZE in the environment a single-rank group is created on a free
     loopback port, so the same code runs under ``python`` and under ``torchrun``.
@@ -113,6 +120,7 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, backend: str = "auto
     set_seed(seed)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
         else torch.device("cpu")
+    cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait_timeout_s))
     return ParallelLayout(
         rank=dist.get_rank(), world_size=world, tp=tp, pp=pp,
         dp=ps.get_data_parallel_world_size(),
@@ -123,7 +131,15 @@ def init_distributed(tp: int = 1, pp: int = 1, cp: int = 1, backend: str = "auto
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         device=device,
+        cpu_group=cpu_group,
     )
+
+
+def comm_device(group=None) -> torch.device:
+    """The device a tensor must live on for a collective of ``group`` (cuda under NCCL)."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_object(obj, group=None, group_src: int = 0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from functools import partial
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from srft_mcore import checkpoint as ckpt
-from srft_mcore.batching import build_sequences, make_micro_batches
+from srft_mcore.batching import build_sequences
 from srft_mcore.config import Config, ConfigError, load_config, save_config, validate
 from srft_mcore.distributed import broadcast_object
 
@@ -49,52 +50,46 @@ class Trainer:
         self.engine = None
 
     # ------------------------------------------------------------------ building
-    def setup(self):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    def init_policy(self):
+        """Process groups, the policy (model, DDP, optimizer, scheduler), no data or SGLang.
 
-        from srft_mcore.bridge import load_hf_into_model
-        from srft_mcore.data import (EMBEDDED_TASK, PromptSampler, build_dataset,
-                                     write_embedded_dataset)
+        The start weights (HF or ``model.load_mcore``) are loaded before the optimizer is
+        built: a mixed-precision optimizer clones fp32 master weights at construction, and
+        a later load would be undone by its first step.
+        """
+        self._init_groups()
+        return self._init_model()
+
+    def _init_groups(self):
+        """Process groups, the model's HF config and tokenizer, the checked config."""
         from srft_mcore.distributed import init_distributed
-        from srft_mcore.models import build_model, load_hf_config
+        from srft_mcore.models import load_hf_config
         from srft_mcore.models.tiny import load_tokenizer
-        from srft_mcore.reward import get_reward_fn
 
         cfg = self.cfg
-        # everything that can be wrong with the input is checked before heavy work
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if not dist.is_initialized() and world > 1 and "RANK" not in os.environ:
-            raise ConfigError("WORLD_SIZE is set without RANK: launch with torchrun")
-        self._refuse_to_overwrite()
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.layout = init_distributed(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
-                                       backend=cfg.parallel.backend, seed=cfg.train.seed)
+        p = cfg.parallel
+        self.layout = init_distributed(tp=p.tp, pp=p.pp, cp=p.cp, backend=p.backend,
+                                       seed=cfg.train.seed, timeout_s=p.timeout_s,
+                                       wait_timeout_s=p.wait_timeout_s)
         self.model_dir = resolve_model_dir(cfg)
         self.hf = load_hf_config(self.model_dir)
         validate(cfg, world_size=self.layout.world_size, hf_config=self.hf)
         self.tokenizer = load_tokenizer(self.model_dir)
-        data_cfg = cfg.data
-        if data_cfg.path is None:  # the embedded task, written once by rank 0
-            data_cfg = dataclasses.replace(data_cfg, path=os.path.join(self.run_dir,
-                                                                       "embedded_task.jsonl"))
-            if self.layout.rank == 0 and not os.path.isfile(data_cfg.path):
-                write_embedded_dataset(data_cfg.path, n=2000, seed=cfg.train.seed,
-                                       **EMBEDDED_TASK)
-            dist.barrier()
-        self.dataset = build_dataset(data_cfg, self.tokenizer, run_dir=self.run_dir,
-                                     require_demo=cfg.algorithm.name != "grpo", report=log0)
-        self.sampler = PromptSampler(len(self.dataset), cfg.train.prompts_per_step,
-                                     seed=cfg.data.shuffle_seed)
-        self.reward_fn = get_reward_fn(cfg.reward.fn)
-        if self.layout.rank == 0:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
-        model = build_model(self.hf, cfg.model, cfg.parallel)
-        if cfg.model.load_hf_weights and not cfg.model.load_mcore:
-            load_hf_into_model(model, self.model_dir, self.hf, tp_group=self.layout.tp_group)
-        use_distopt = cfg.parallel.use_distributed_optimizer and self.layout.dp > 1
+    def _init_model(self):
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
+        p = cfg.parallel
+        model = self._build_start_model()
+        use_distopt = p.use_distributed_optimizer and self.layout.dp > 1
+        # the schedule then all-reduces DP grads, tied embedding grads across PP stages and
+        # sequence-parallel norm grads after the last micro-batch (Megatron-LM training.py)
+        model.config.finalize_model_grads_func = finalize_model_grads
         self.model = DistributedDataParallel(
             model.config, DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -107,14 +102,70 @@ class Trainer:
                             use_distributed_optimizer=use_distopt,
                             bf16=cfg.model.dtype == "bfloat16",
                             params_dtype=model.config.params_dtype), [self.model])
+        # the schedule counts optimizer steps: mini_batches per training step
+        k = cfg.train.mini_batches
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if o.warmup_steps else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-            lr_warmup_steps=o.warmup_steps, lr_decay_steps=max(cfg.train.steps, 1),
+            lr_warmup_steps=o.warmup_steps * k, lr_decay_steps=max(cfg.train.steps * k, 1),
             lr_decay_style=o.lr_schedule, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=max(cfg.train.steps, 1), wd_incr_style="constant")
+            wd_incr_steps=max(cfg.train.steps * k, 1), wd_incr_style="constant")
+        self.ref_model = None
+        if cfg.algorithm.kl_coef > 0:  # frozen start policy, same sharding, no optimizer
+            self.ref_model = self._build_start_model(quiet=True)
+            self.ref_model.eval()
+            for param in self.ref_model.parameters():
+                param.requires_grad_(False)
+        return self
+
+    def _build_start_model(self, quiet: bool = False):
+        """A GPTModel stage holding the start weights: model.load_mcore, else HF."""
+        from srft_mcore.bridge import load_hf_into_model
+        from srft_mcore.models import build_model
+
+        cfg = self.cfg
+        model = build_model(self.hf, cfg.model, cfg.parallel)
         if cfg.model.load_mcore:  # e.g. the RL stage of SFT->RL starts from the SFT run
-            kind = ckpt.load_model_weights(cfg.model.load_mcore, self.model.module)
-            log0(f"loaded model weights from the {kind} {cfg.model.load_mcore}")
+            kind = ckpt.load_model_weights(cfg.model.load_mcore, model)
+            if not quiet:
+                log0(f"loaded model weights from the {kind} {cfg.model.load_mcore}")
+        elif cfg.model.load_hf_weights:
+            load_hf_into_model(model, self.model_dir, self.hf, tp_group=self.layout.tp_group)
+        return model
+
+    def setup(self):
+        from srft_mcore.data import (EMBEDDED_TASK, PromptSampler, build_dataset,
+                                     write_embedded_dataset)
+        from srft_mcore.reward import get_reward_fn
+
+        cfg = self.cfg
+        # everything that can be wrong with the input is checked before heavy work
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not dist.is_initialized() and world > 1 and "RANK" not in os.environ:
+            raise ConfigError("WORLD_SIZE is set without RANK: launch with torchrun")
+        # one trainer per run directory, checked first: rank 0 holds the lock until it exits
+        # (if it is refused, torchrun stops the other ranks, still waiting at the rendezvous)
+        from srft_mcore.lifecycle import lock_run_dir
+
+        self.run_lock = lock_run_dir(self.run_dir) if os.environ.get("RANK", "0") == "0" else None
+        self._refuse_to_overwrite()
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._init_groups()
+        data_cfg = cfg.data
+        if data_cfg.path is None:  # the embedded task, written once by rank 0
+            data_cfg = dataclasses.replace(data_cfg, path=os.path.join(self.run_dir,
+                                                                       "embedded_task.jsonl"))
+            if self.layout.rank == 0 and not os.path.isfile(data_cfg.path):
+                write_embedded_dataset(data_cfg.path, n=2000, seed=cfg.train.seed,
+                                       **EMBEDDED_TASK)
+            dist.barrier(group=self.layout.cpu_group)
+        self.dataset = build_dataset(data_cfg, self.tokenizer, run_dir=self.run_dir,
+                                     require_demo=cfg.algorithm.name != "grpo", report=log0)
+        self.sampler = PromptSampler(len(self.dataset), cfg.train.prompts_per_step,
+                                     seed=cfg.data.shuffle_seed)
+        self.reward_fn = get_reward_fn(cfg.reward.fn)
+        if self.layout.rank == 0:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self._init_model()
 
         ckpt.clean_stale(self.ckpt_dir)
         self.resumed = False
@@ -154,7 +205,8 @@ class Trainer:
 
         self.engine = RolloutEngine.launch(self.cfg.rollout, model_path=self.model_dir,
                                            layout=self.layout, hf_config=self.hf,
-                                           work_dir=os.path.join(self.run_dir, "rollout"))
+                                           work_dir=os.path.join(self.run_dir, "rollout"),
+                                           group=self.layout.cpu_group)
         if self.step > 0 or self.cfg.model.load_mcore:
             # the servers start from the HF weights on disk: give them the policy's
             self.engine.sync_weights(self.model.module, version=str(self.step))
@@ -170,8 +222,10 @@ class Trainer:
         sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.data.max_response_len,
                                   stop_token_ids=[self.tokenizer.eos_token_id], seed=seed)
+        # seeded sampling decodes Gumbel-perturbed logits: their log-probs are not the policy's
         groups = self.engine.generate([ex.prompt_ids for ex in examples],
-                                      n=cfg.rollout.n_samples, sampling=sampling)
+                                      n=cfg.rollout.n_samples, sampling=sampling,
+                                      return_logprob=not cfg.rollout.seeded)
         self.rollout_calls += 1
         return groups
 
@@ -185,36 +239,145 @@ class Trainer:
                        for ex, comps in zip(examples, groups)]
         return rewards
 
-    def train_batch(self, micro_batches, totals):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+    # ------------------------------------------------------------------ the training step
+    def train_step(self, seqs) -> dict:
+        """Train on one rollout batch (a list of :class:`TrainSequence`), as the paper does.
 
-        from srft_mcore.algo.losses import make_loss_func, reduce_metrics
-        from srft_mcore.models.policy import policy_forward
+        1. Split it into ``train.mini_batches`` optimizer mini-batches of whole prompt groups.
+        2. One no-grad pass of the policy that generated it (:meth:`old_policy_pass`): old
+           log-probs, the step's entropy H (one scalar for every micro-batch and rank) and
+           the training-inference mismatch against SGLang's log-probs.
+        3. One optimizer step per mini-batch (:meth:`train_batch`); from the second on the
+           policy has moved, so the ratio to the old log-probs is no longer 1 and clips.
+        Returns the step's metrics on every rank.
+        """
+        from srft_mcore.algo.losses import batch_totals
+        from srft_mcore.batching import split_mini_batches
 
         cfg = self.cfg
-        n_micro = len(micro_batches)
-        loss_func = make_loss_func(cfg.algorithm, totals, num_microbatches=n_micro,
-                                   dp_size=self.layout.dp,
-                                   onpolicy_form=cfg.algorithm.onpolicy_form)
-        vocab = self.hf["vocab_size"]
+        k = cfg.train.mini_batches
+        minis = [self._micro_batches(part) for part in
+                 split_mini_batches(seqs, k, -(-self._n_groups(seqs) // k) * k) if part]
+        record = self.old_policy_pass(minis)
+        entropy = record["entropy/step"] if cfg.algorithm.entropy_weighting == "batch" else None
+        updates = []
+        for micro in minis:
+            totals = batch_totals(torch.cat([m["loss_mask"] for m in micro]),
+                                  torch.cat([m["is_demo"] for m in micro]),
+                                  max_len=cfg.data.max_response_len,
+                                  dp_group=self.layout.dp_group, batch_entropy=entropy)
+            updates.append(self.train_batch(micro, totals))
+        record.update(combine_updates(updates))
+        return record
+
+    @staticmethod
+    def _n_groups(seqs) -> int:
+        return max((s.group for s in seqs), default=-1) + 1
+
+    def _micro_batches(self, seqs) -> list:
+        """This DP rank's micro-batches of ``seqs``, on the layout's device."""
+        from srft_mcore.batching import make_micro_batches
+
+        p = self.cfg.parallel
+        micro = make_micro_batches(seqs, self.cfg.train.micro_batch_size, self.layout.dp_rank,
+                                   self.layout.dp, self.tokenizer.pad_token_id,
+                                   pad_to_multiple=p.tp if p.sequence_parallel else 1)
+        dev = self.layout.device
+        return [{k: v.to(dev, non_blocking=True) for k, v in mb.items()} for mb in micro]
+
+    def _schedule(self, micro, forward_step, model, forward_only: bool) -> list:
+        """Megatron's forward(-backward) schedule over ``micro`` (TP/PP/DP aware)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq_len = micro[0]["tokens"].shape[1]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+            num_microbatches=len(micro), seq_length=seq_len,
+            micro_batch_size=micro[0]["tokens"].shape[0], decoder_seq_length=seq_len,
+            forward_only=forward_only)
+
+    def _policy_output(self, model, mb, entropy_grad: bool = False):
+        from srft_mcore.models.policy import policy_forward
+
+        return policy_forward(model, mb["tokens"], mb["position_ids"], mb["targets"],
+                              vocab_size=self.hf["vocab_size"], tp_group=self.layout.tp_group,
+                              temperature=self.cfg.rollout.temperature,
+                              entropy_grad=entropy_grad)
+
+    @torch.no_grad()
+    def old_policy_pass(self, minis: list) -> dict:
+        """Forward the whole step batch once with the weights that generated it.
+
+        Stores ``old_logprobs`` (and ``ref_logprobs`` with a KL penalty) on each micro-batch
+        of the last pipeline stage, the same fused kernel as training so the first
+        mini-batch's ratio is exactly 1. Returns ``entropy/step`` (mean entropy over
+        ``algorithm.entropy_tokens``; all trained tokens when there are none) and the
+        mismatch |log p_sglang - log p_megatron| over rollout tokens, on every rank.
+        """
+        from srft_mcore.algo.losses import _masked_metric, _max_metric, entropy_token_mask, \
+            reduce_metrics
+
+        def record_old(mb, output):
+            logp_bs, ent_bs = output
+            logp_bs = logp_bs.float()
+            mb["old_logprobs"] = logp_bs
+            mask_bs = mb["loss_mask"]
+            have_bs = mb["rollout_logprob_mask"] * mask_bs
+            diff_bs = (mb["rollout_logprobs"] - logp_bs).abs()
+            out = {f"entropy/step_{w}": _masked_metric(
+                ent_bs.double(), entropy_token_mask(mask_bs, mb["is_demo"], w).double())
+                for w in ("rollout", "demo", "all")}
+            out["mismatch/logprob_abs_diff"] = _masked_metric(diff_bs, have_bs)
+            out["mismatch/logprob_abs_diff_max"] = _max_metric(diff_bs, have_bs)
+            return logp_bs.sum() * 0.0, out
+
+        def record_ref(mb, output):
+            mb["ref_logprobs"] = output[0].float()
+            return output[0].sum() * 0.0, {}
+
+        dicts = []
+        for model, record in ((self.model, record_old), (self.ref_model, record_ref)):
+            if model is None:
+                continue
+            model.eval()
+
+            def forward_step(it, m, record=record):
+                mb = next(it)
+                return self._policy_output(m, mb), partial(record, mb)
+
+            for micro in minis:
+                dicts += self._schedule(micro, forward_step, model, forward_only=True) or []
+        self.model.train()
+        metrics = self._from_last_stage(reduce_metrics(dicts, dp_group=self.layout.dp_group)
+                                        if dicts else {})
+        which = self.cfg.algorithm.entropy_tokens
+        h = metrics.pop(f"entropy/step_{which}")
+        metrics["entropy/step"] = h if h == h else metrics["entropy/step_all"]  # NaN: none
+        for w in ("rollout", "demo", "all"):
+            metrics.pop(f"entropy/step_{w}", None)
+        if math.isnan(metrics.get("mismatch/logprob_abs_diff", math.nan)):
+            metrics.pop("mismatch/logprob_abs_diff", None)  # no SGLang log-probs this step
+            metrics.pop("mismatch/logprob_abs_diff_max", None)
+        return metrics
+
+    def train_batch(self, micro_batches, totals) -> dict:
+        """One optimizer step on one mini-batch's micro-batches (Megatron schedule, fused
+        SRFT loss, non-finite gradients skip the step)."""
+        from srft_mcore.algo.losses import make_loss_func, reduce_metrics
+
+        cfg = self.cfg
+        loss_func = make_loss_func(cfg.algorithm, totals, num_microbatches=len(micro_batches),
+                                   dp_size=self.layout.dp)
+        entropy_grad = bool(cfg.algorithm.entropy_coef)
 
         def forward_step(it, model):
             mb = next(it)
-            out = policy_forward(model, mb["tokens"], mb["position_ids"], mb["targets"],
-                                 vocab_size=vocab, tp_group=self.layout.tp_group,
-                                 temperature=cfg.rollout.temperature,
-                                 entropy_grad=cfg.algorithm.entropy_coef > 0)
-            return out, partial(loss_func, mb)
+            return self._policy_output(model, mb, entropy_grad), partial(loss_func, mb)
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        seq_len = micro_batches[0]["tokens"].shape[1]
-        outs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches),
-            model=[self.model], num_microbatches=n_micro, seq_length=seq_len,
-            micro_batch_size=micro_batches[0]["tokens"].shape[0], decoder_seq_length=seq_len,
-            forward_only=False)
-        self.model.finish_grad_sync()
+        # the schedule ends with finalize_model_grads: DP, tied-embedding and SP-norm grads
+        outs = self._schedule(micro_batches, forward_step, self.model, forward_only=False)
         metrics = reduce_metrics(outs, dp_group=self.layout.dp_group) if outs else {}
         metrics = self._from_last_stage(metrics)
 
@@ -224,8 +387,9 @@ class Trainer:
             metrics["train/skipped"] = 1.0
             limit = cfg.optimizer.max_consecutive_skips
             if self.skipped_in_a_row >= limit:
-                raise RuntimeError(f"{limit} steps in a row had non-finite gradients; stopping. "
-                                   f"Lower optimizer.lr or check the data (last step {self.step})")
+                raise RuntimeError(f"{limit} optimizer steps in a row had non-finite gradients; "
+                                   f"stopping. Lower optimizer.lr or check the data (last step "
+                                   f"{self.step})")
             return metrics
         self.skipped_in_a_row = 0
         ok, grad_norm, _ = self.optimizer.step()
@@ -235,12 +399,11 @@ class Trainer:
         return metrics
 
     def _grads_finite(self) -> bool:
-        bad = torch.zeros(1)
-        for p in self.model.module.parameters():
-            g = getattr(p, "main_grad", None)
-            if g is not None and not torch.isfinite(g).all():
-                bad[0] = 1.0
-                break
+        """One fused check of the whole fp32 gradient buffer, one all-reduce, one host copy."""
+        buffers = self.model.buffers + self.model.expert_parallel_buffers
+        bad = torch.zeros((), device=self.layout.device)
+        for buf in buffers:
+            bad = bad + (~torch.isfinite(buf.grad_data)).any().float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bad.item() == 0.0
 
@@ -288,7 +451,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self):
-        from srft_mcore.algo.losses import batch_totals
         from srft_mcore.metrics import MetricsLogger, ProgressBar, Timer
 
         cfg = self.cfg
@@ -305,15 +467,11 @@ class Trainer:
                 groups = self.rollout(examples)
             with timer("reward"):
                 rewards = self.score(examples, groups)
-                groups, rewards = broadcast_object((groups, rewards))
+                # the other ranks wait here, on the gloo group with the long timeout
+                groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
             seqs = build_sequences(examples, groups, rewards, cfg.algorithm)
-            micro = make_micro_batches(seqs, cfg.train.micro_batch_size, self.layout.dp_rank,
-                                       self.layout.dp, self.tokenizer.pad_token_id)
-            totals = batch_totals(torch.cat([m["loss_mask"] for m in micro]),
-                                  torch.cat([m["is_demo"] for m in micro]),
-                                  max_len=cfg.data.max_response_len, dp_group=self.layout.dp_group)
             with timer("train"):
-                record = self.train_batch(micro, totals)
+                record = self.train_step(seqs)
             self.step += 1
             with timer("sync"):
                 self.engine.sync_weights(self.model.module, version=str(self.step))
@@ -335,6 +493,23 @@ class Trainer:
     def close(self):
         if self.engine is not None:
             self.engine.shutdown()
+
+
+def combine_updates(updates: list) -> dict:
+    """The step's view of its mini-batch updates: means, maxima of ``*_max``, the skip count
+    and the last learning rate."""
+    out = {}
+    for key in sorted({k for u in updates for k in u}):
+        vals = [u[key] for u in updates if key in u and not math.isnan(u[key])]
+        if key == "train/skipped":
+            out[key] = float(sum(vals))
+        elif key == "optim/lr":
+            out[key] = vals[-1] if vals else math.nan
+        elif key.endswith("_max"):
+            out[key] = max(vals, default=math.nan)
+        else:
+            out[key] = sum(vals) / len(vals) if vals else math.nan
+    return out
 
 
 def rollout_metrics(groups, rewards, seqs) -> dict:
@@ -379,6 +554,9 @@ def _input_errors() -> tuple:
 
 
 def main(argv=None) -> int:
+    from srft_mcore.lifecycle import watch_launcher
+
+    watch_launcher()  # under torchrun: this rank and its SGLang servers end with the launcher
     args = parse_args(argv)
     trainer = None
     try:
@@ -402,6 +580,8 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+            if getattr(trainer, "run_lock", None) is not None:
+                trainer.run_lock.release()
     log0(f"run directory: {trainer.run_dir}")
     return 0
 

@@ -1,4 +1,5 @@
 """Config loading, overrides and validation: every bad case names key, value and fix."""
+import os
 import subprocess
 import sys
 
@@ -90,9 +91,52 @@ def test_choices_and_batch_arithmetic():
         validate(cfg)
     cfg = Config()
     cfg.train.prompts_per_step = 3
-    with pytest.raises(ConfigError, match=r"train\.prompts_per_step=3: not divisible by the "
-                                          r"data-parallel size 2"):
+    with pytest.raises(ConfigError, match=r"train\.prompts_per_step=3: 3 prompts per "
+                                          r"mini-batch are not divisible by the data-parallel"):
         validate(cfg, world_size=2)
+    cfg = load_config(None, ["train.prompts_per_step=6", "train.mini_batches=4"])
+    with pytest.raises(ConfigError, match=r"train\.mini_batches=4: does not divide"):
+        validate(cfg)
+    cfg = load_config(None, ["train.prompts_per_step=8", "train.mini_batches=2"])
+    with pytest.raises(ConfigError, match=r"4 prompts per mini-batch .* data-parallel size 8"):
+        validate(cfg, world_size=8)
+    with pytest.raises(ConfigError, match=r"parallel\.cp=2: context parallelism"):
+        validate(load_config(None, ["parallel.cp=2"]))
+    with pytest.raises(ConfigError, match=r"algorithm\.tis_cap=2\.0: seeded rollouts"):
+        validate(load_config(None, ["algorithm.tis_cap=2.0", "rollout.seeded=true"]))
+    validate(load_config(None, ["algorithm.tis_cap=2.0"]))
+
+
+@pytest.mark.parametrize("name", ["srft", "srft_no_wsft", "srft_no_wrl", "sft", "grpo",
+                                  "luffy"])
+def test_each_algorithm_gets_its_own_defaults(name):
+    from srft_mcore.algo.defaults import DEFAULTS
+
+    cfg = load_config(None, [f"algorithm.name={name}"])
+    for field, value in DEFAULTS[name].items():
+        assert getattr(cfg.algorithm, field) == value, field
+    # a value the user sets wins; a negative clip means no clipping
+    cfg = load_config(None, [f"algorithm.name={name}", "algorithm.loss_agg=token-mean",
+                             "algorithm.clip_eps=-1"])
+    assert cfg.algorithm.loss_agg == "token-mean" and cfg.algorithm.clip_eps is None
+
+
+def test_baseline_defaults_from_their_papers():
+    luffy = load_config(None, ["algorithm.name=luffy"]).algorithm
+    assert (luffy.offpolicy_shaping, luffy.adv_std_norm, luffy.clip_eps, luffy.entropy_coef,
+            luffy.loss_agg) == ("luffy", False, None, 0.001, "seq-sum-max-len")
+    grpo = load_config(None, ["algorithm.name=grpo"]).algorithm
+    assert (grpo.clip_eps, grpo.loss_agg) == (0.2, "seq-mean-token-mean")
+    srft = load_config(None, []).algorithm
+    assert (srft.onpolicy_form, srft.entropy_weighting, srft.kl_coef) == ("sign", "batch", 0.0)
+    assert load_config(None, ["algorithm.name=srft_no_wrl"]).algorithm.fixed_weight == 1.0
+
+
+def test_readme_holds_the_defaults_table():
+    from srft_mcore.algo.defaults import markdown_table
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    assert markdown_table() in readme
 
 
 def run_doctor_config(*args):

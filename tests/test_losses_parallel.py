@@ -58,7 +58,8 @@ def _rank(tp, pp, micro_batch, sequence_parallel, fused, reference, save_to):
     n_micro = per_dp // micro_batch
     totals = batch_totals(local["loss_mask"], local["is_demo"], max_len=SEQ,
                           dp_group=lay.dp_group)
-    cfg = AlgorithmConfig(name="srft", entropy_coef=0.01)  # entropy gradient flows too
+    cfg = AlgorithmConfig(name="srft", entropy_coef=0.01,  # entropy gradient flows too
+                          entropy_weighting="token")
     loss_func = make_loss_func(cfg, totals, num_microbatches=n_micro, dp_size=lay.dp)
     position_ids = torch.arange(SEQ).unsqueeze(0).expand(micro_batch, -1)
 

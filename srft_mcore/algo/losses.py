@@ -13,7 +13,14 @@ entropy bonus over all trained tokens. ``loss_agg`` picks the average: token-mea
 seq-mean-token-mean, or seq-sum-max-len (sum per sequence / max response length, then mean
 over sequences). Averages are over the whole global batch: :class:`BatchTotals` holds its
 token and sequence counts, so a micro-batch contributes sum / global count and the result
-does not depend on how the batch is split over micro-batches and DP ranks.
+does not depend on how the batch is split over micro-batches and DP ranks. With
+``train.mini_batches`` > 1 each optimizer mini-batch is its own global batch.
+
+The step: one no-grad pass of the policy that generated the rollouts gives the old
+log-probs (``ppo_token_loss``'s pi_old: ratio exactly 1 on the first mini-batch, clipped
+from the second on) and the step's entropy H, one detached scalar shared by every
+micro-batch and rank, in w_SFT = 0.5 exp(-H) and w_RL = 0.1 exp(H) (the paper's "policy
+entropy over the current batch"; ``entropy_weighting=token`` is the per-token variant).
 
 Shape suffixes: b sequences of a micro-batch, s positions; ``_bs`` per token, ``_b`` per
 sequence. Per-token inputs are aligned with targets: ``logp_bs[i, j]`` is the log-prob of
@@ -21,6 +28,7 @@ sequence. Per-token inputs are aligned with targets: ``logp_bs[i, j]`` is the lo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -69,18 +77,21 @@ def rl_weight(entropy_bs: torch.Tensor, c_rl: float = 0.1) -> torch.Tensor:
     return c_rl * torch.exp(entropy_bs.detach())
 
 
-def onpolicy_sign_token_loss(logp_bs: torch.Tensor, positive_bs: torch.Tensor) -> torch.Tensor:
-    """arXiv 2506.19767, Eq. 11 per token: -log pi(y+_t) on positive samples, +log pi(y-_t)
-    on negative ones (the policy gradient with rewards +-1). w_RL is applied by the caller."""
-    return torch.where(positive_bs, -logp_bs, logp_bs)
+def sign_advantage(positive_bs: torch.Tensor) -> torch.Tensor:
+    """arXiv 2506.19767, Eq. 11: the on-policy term with rewards +-1, i.e. advantage +1 on
+    positive and -1 on negative samples. Through :func:`ppo_token_loss` at ratio 1 its
+    gradient is -grad log pi(y+_t) + grad log pi(y-_t), Eq. 11 as written; w_RL is applied
+    by the caller."""
+    return positive_bs.float() * 2.0 - 1.0
 
 
 def ppo_token_loss(logp_bs: torch.Tensor, old_logp_bs: Optional[torch.Tensor],
                    adv_bs: torch.Tensor, clip_eps: Optional[float] = None):
     """Clipped-ratio policy gradient, the general form of Eq. 11-12 (and GRPO's loss).
 
-    ratio = pi / pi_old (pi_old = the detached current policy when no old log-probs are
-    given, so ratio = 1 with gradient A * grad log pi). Without ``clip_eps``: -A * ratio.
+    ratio = pi / pi_old with pi_old the policy that generated the step (the old-log-prob
+    pass); the detached current policy when none is given, so ratio = 1 with gradient
+    -A * grad log pi. Without ``clip_eps``: -A * ratio; with it, PPO's pessimistic clip.
     Returns (loss_bs, ratio_bs, clipped_bs).
     """
     old_bs = logp_bs.detach() if old_logp_bs is None else old_logp_bs.float()
@@ -92,14 +103,32 @@ def ppo_token_loss(logp_bs: torch.Tensor, old_logp_bs: Optional[torch.Tensor],
     return torch.maximum(unclipped_bs, clipped_bs), ratio_bs, clipped_bs > unclipped_bs
 
 
+def kl_penalty(logp_bs: torch.Tensor, ref_logp_bs: torch.Tensor, estimator: str = "k3"):
+    """Per-token KL(pi || pi_ref) estimate on samples of pi: k1 = log pi - log pi_ref, or
+    k3 = exp(d) - d - 1 with d = log pi_ref - log pi (unbiased and >= 0)."""
+    if estimator == "k1":
+        return logp_bs - ref_logp_bs
+    if estimator == "k3":
+        d_bs = ref_logp_bs - logp_bs
+        return torch.exp(d_bs) - d_bs - 1.0
+    raise ValueError(f"kl_estimator must be k1 or k3, got {estimator!r}")
+
+
+def tis_weight(old_logp_bs: torch.Tensor, rollout_logp_bs: torch.Tensor,
+               cap: float) -> torch.Tensor:
+    """Truncated importance weight min(pi_old / pi_sglang, cap) (detached): corrects for the
+    inference engine sampling from a slightly different distribution than the trainer's."""
+    return torch.exp(old_logp_bs.float() - rollout_logp_bs.float()).clamp(max=cap).detach()
+
+
 # --------------------------------------------------------------------------- aggregation
 @dataclass
 class BatchTotals:
     """Counts over the whole global batch (every micro-batch, every DP rank).
 
-    Computed once per optimizer step with :func:`batch_totals`. ``batch_entropy`` is the
-    mean entropy over the batch's trained tokens for ``entropy_weighting=batch``; without
-    it each micro-batch uses its own mean (then the weights depend on the split).
+    Computed once per optimizer step with :func:`batch_totals`. ``batch_entropy``: the
+    step's mean entropy (``entropy_weighting=batch``), the same detached scalar on every
+    micro-batch, mini-batch and rank, from the old-log-prob pass before the first update.
     """
 
     demo_tokens: float
@@ -146,75 +175,108 @@ def aggregate(token_loss_bs: torch.Tensor, mask_bs: torch.Tensor, mode: str,
     raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {mode!r}")
 
 
-def entropy_for_weights(entropy_bs: torch.Tensor, mask_bs: torch.Tensor, mode: str,
+def entropy_for_weights(entropy_bs: torch.Tensor, mode: str,
                         batch_entropy: Optional[float] = None) -> torch.Tensor:
-    """The (detached) entropy that enters w_SFT and w_RL: per token, or one batch mean."""
+    """The (detached) entropy that enters w_SFT and w_RL: per token, or the step's one
+    batch mean (computed before the first update by the old-log-prob pass)."""
     ent_bs = entropy_bs.detach()
     if mode == "token":
         return ent_bs
     if mode != "batch":
         raise ValueError(f"entropy_weighting must be token or batch, got {mode!r}")
     if batch_entropy is None:
-        batch_entropy = (ent_bs * mask_bs).sum() / mask_bs.sum().clamp(min=1.0)
+        raise ValueError("entropy_weighting=batch needs BatchTotals.batch_entropy (the step's "
+                         "mean entropy from the old-log-prob pass)")
     return torch.full_like(ent_bs, float(batch_entropy))
 
 
+def entropy_token_mask(mask_bs: torch.Tensor, demo_b: torch.Tensor, which: str) -> torch.Tensor:
+    """Tokens whose mean entropy is the step's H: rollout | demo | all trained tokens."""
+    demo_b = demo_b.bool().to(mask_bs.device).unsqueeze(-1)
+    if which == "rollout":
+        return mask_bs * ~demo_b
+    if which == "demo":
+        return mask_bs * demo_b
+    if which == "all":
+        return mask_bs
+    raise ValueError(f"entropy_tokens must be rollout, demo or all, got {which!r}")
+
+
 # --------------------------------------------------------------------------- the objective
-def _metric(num, den) -> torch.Tensor:
-    """Metrics travel as [numerator, denominator] so they sum over micro-batches and ranks."""
+def _metric(num, den, like: torch.Tensor) -> torch.Tensor:
+    """Metrics travel as [numerator, denominator] device tensors, summed over micro-batches
+    and ranks once per step (no host sync per micro-batch)."""
     num = num.detach().float() if torch.is_tensor(num) else torch.tensor(float(num))
     den = den.detach().float() if torch.is_tensor(den) else torch.tensor(float(den))
-    return torch.stack([num.reshape(()).cpu(), den.reshape(()).cpu()])
+    return torch.stack([num.reshape(()).to(like.device), den.reshape(()).to(like.device)])
 
 
 def _masked_metric(x_bs, mask_bs):
-    return _metric((x_bs.detach() * mask_bs).sum(), mask_bs.sum())
+    return _metric((x_bs.detach() * mask_bs).sum(), mask_bs.sum(), x_bs)
+
+
+def _max_metric(x_bs, mask_bs):
+    """[max over masked tokens, 1]; keys ending in ``_max`` are reduced with max."""
+    masked = torch.where(mask_bs > 0, x_bs.detach().float(), torch.full_like(x_bs, -math.inf))
+    return _metric(masked.max() if masked.numel() else -math.inf, 1.0, x_bs)
 
 
 def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
-              totals: BatchTotals, onpolicy_form: str = "sign", metric_share: float = 1.0):
+              totals: BatchTotals, onpolicy_form: Optional[str] = None,
+              metric_share: float = 1.0):
     """arXiv 2506.19767, Eq. 13 (and the baselines): this micro-batch's share of the loss.
 
     batch: ``loss_mask`` [b, s], ``is_demo`` [b] bool, ``advantages`` [b] or [b, s],
-    ``rewards`` [b] (reward > 0 marks a positive sample), optional ``old_logprobs`` [b, s].
-    cfg: an :class:`srft_mcore.config.AlgorithmConfig`. onpolicy_form for the SRFT
-    variants: ``sign`` (Eq. 11 literally: -log pi on positive, +log pi on negative
-    rollouts) or ``ppo`` (-A * ratio, clipped when cfg.clip_eps is set); GRPO and LUFFY
-    always use ``ppo``. metric_share: the denominator given to loss-term metrics
-    (1 / (micro-batches * DP ranks), so that reduced metrics equal the global terms).
+    ``rewards`` [b] (reward > 0 marks a positive sample); optional per-token
+    ``old_logprobs`` (the policy that generated the step; ratio 1 without), ``ref_logprobs``
+    (for ``kl_coef``), ``rollout_logprobs`` + ``rollout_logprob_mask`` (SGLang's, for
+    ``tis_cap``). cfg: an :class:`srft_mcore.config.AlgorithmConfig` (null fields take the
+    algorithm's defaults). onpolicy_form overrides cfg.onpolicy_form for the SRFT variants:
+    ``sign`` (Eq. 11: advantage +1, weighted by w_RL, on positive and -1 on negative rollouts)
+    or ``ppo`` (Eq. 7 advantages, w_RL on positive rollouts); both through the clipped ratio.
+    GRPO and LUFFY always use ``ppo``. metric_share: the denominator given to loss-term
+    metrics (1 / (micro-batches * DP ranks), so that reduced metrics equal the global terms).
     Returns (loss, metrics), metrics as [numerator, denominator] tensors.
     """
+    from srft_mcore.algo.defaults import resolve
+
+    if cfg.name not in ALGORITHMS:
+        raise ValueError(f"algorithm.name must be one of {ALGORITHMS}, got {cfg.name!r}")
+    cfg = resolve(cfg)
     name = cfg.name
-    if name not in ALGORITHMS:
-        raise ValueError(f"algorithm.name must be one of {ALGORITHMS}, got {name!r}")
-    if onpolicy_form not in ("sign", "ppo"):
-        raise ValueError(f"onpolicy_form must be sign or ppo, got {onpolicy_form!r}")
+    form = onpolicy_form or cfg.onpolicy_form
+    if form not in ("sign", "ppo"):
+        raise ValueError(f"onpolicy_form must be sign or ppo, got {form!r}")
     logp_bs = logp_bs.float()
     entropy_bs = entropy_bs.float()
-    mask_bs = batch["loss_mask"].to(logp_bs.device).float()
-    demo_b = batch["is_demo"].to(logp_bs.device).bool()
+    dev = logp_bs.device
+    mask_bs = batch["loss_mask"].to(dev).float()
+    demo_b = batch["is_demo"].to(dev).bool()
     demo_bs = mask_bs * demo_b.unsqueeze(-1)
     roll_bs = mask_bs * (~demo_b).unsqueeze(-1)
     adv_bs = batch.get("advantages")
     if adv_bs is not None:
-        adv_bs = adv_bs.to(logp_bs.device).float()
+        adv_bs = adv_bs.to(dev).float()
         adv_bs = adv_bs.unsqueeze(-1).expand_as(logp_bs) if adv_bs.dim() == 1 else adv_bs
+    old_bs = batch.get("old_logprobs")
+    old_bs = old_bs.to(dev).float() if old_bs is not None else None
     agg, t = cfg.loss_agg, totals
     has_offpolicy = name == "luffy" or name in _SRFT
     has_onpolicy = name != "sft"
     # the RL terms are pooled over rollouts and, when trained off-policy, demonstrations
     rl_tokens = t.rollout_tokens + (t.demo_tokens if has_offpolicy else 0.0)
     rl_seqs = t.rollout_seqs + (t.demo_seqs if has_offpolicy else 0.0)
-    h_w_bs = entropy_for_weights(entropy_bs, mask_bs, cfg.entropy_weighting, t.batch_entropy)
+    h_w_bs = entropy_for_weights(entropy_bs, cfg.entropy_weighting, t.batch_entropy)
+    cap = cfg.token_weight_cap if cfg.entropy_weighting == "token" else math.inf
 
     zero = logp_bs.sum() * 0.0  # keeps the graph connected when a term is absent
     terms = {}
     metrics = {}
     if name == "sft" or name in _SRFT:
         if name in ("srft", "srft_no_wrl"):
-            w_sft_bs = sft_weight(h_w_bs, cfg.c_sft, cfg.sft_entropy_sign)
+            w_sft_bs = sft_weight(h_w_bs, cfg.c_sft, cfg.sft_entropy_sign).clamp(max=cap)
         else:
-            w_sft_bs = torch.full_like(logp_bs, 1.0 if name == "sft" else cfg.c_sft)
+            w_sft_bs = torch.full_like(logp_bs, 1.0 if name == "sft" else cfg.fixed_weight)
         terms["sft"] = aggregate(w_sft_bs * sft_token_loss(logp_bs), demo_bs, agg,
                                  t.demo_tokens, t.demo_seqs, t.max_len)
         metrics["w_sft"] = _masked_metric(w_sft_bs, demo_bs)
@@ -223,24 +285,37 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
                                            cfg.shaping_gamma)
         terms["offpolicy"] = aggregate(off_bs, demo_bs, agg, rl_tokens, rl_seqs, t.max_len)
     if has_onpolicy:
-        positive_b = batch["rewards"].to(logp_bs.device).float() > 0
+        positive_b = batch["rewards"].to(dev).float() > 0
         positive_bs = positive_b.unsqueeze(-1).expand_as(logp_bs)
         if name in _SRFT:
-            w_pos_bs = (rl_weight(h_w_bs, cfg.c_rl) if name in ("srft", "srft_no_wsft")
-                        else torch.full_like(logp_bs, cfg.c_rl))
+            w_pos_bs = (rl_weight(h_w_bs, cfg.c_rl).clamp(max=cap)
+                        if name in ("srft", "srft_no_wsft")
+                        else torch.full_like(logp_bs, cfg.fixed_weight))
             w_rl_bs = torch.where(positive_bs, w_pos_bs, torch.ones_like(w_pos_bs))
             metrics["w_rl"] = _masked_metric(w_pos_bs, roll_bs * positive_bs)
         else:
             w_rl_bs = torch.ones_like(logp_bs)
-        if name in _SRFT and onpolicy_form == "sign":
-            on_bs = onpolicy_sign_token_loss(logp_bs, positive_bs)
-        else:
-            on_bs, ratio_bs, clipped_bs = ppo_token_loss(logp_bs, batch.get("old_logprobs"),
-                                                         adv_bs, cfg.clip_eps)
-            metrics["ppo/ratio"] = _masked_metric(ratio_bs, roll_bs)
-            metrics["ppo/clipfrac"] = _masked_metric(clipped_bs.float(), roll_bs)
+        on_adv_bs = sign_advantage(positive_bs) if name in _SRFT and form == "sign" else adv_bs
+        on_bs, ratio_bs, clipped_bs = ppo_token_loss(logp_bs, old_bs, on_adv_bs, cfg.clip_eps)
+        if cfg.tis_cap is not None and "rollout_logprobs" in batch and old_bs is not None:
+            have_bs = batch["rollout_logprob_mask"].to(dev).float()
+            tis_bs = torch.where(have_bs > 0, tis_weight(old_bs, batch["rollout_logprobs"].to(
+                dev), cfg.tis_cap), torch.ones_like(on_bs))
+            on_bs = on_bs * tis_bs
+            metrics["tis/weight"] = _masked_metric(tis_bs, roll_bs)
         terms["onpolicy"] = aggregate(w_rl_bs * on_bs, roll_bs, agg, rl_tokens, rl_seqs,
                                       t.max_len)
+        metrics["ppo/ratio"] = _masked_metric(ratio_bs, roll_bs)
+        metrics["ppo/ratio_max"] = _max_metric(ratio_bs, roll_bs)
+        metrics["ppo/clipfrac"] = _masked_metric(clipped_bs.float(), roll_bs)
+        if old_bs is not None:  # KL(old || new) on the old policy's samples, k3
+            metrics["ppo/approx_kl"] = _masked_metric(kl_penalty(old_bs, logp_bs.detach()),
+                                                      roll_bs)
+        if cfg.kl_coef:
+            kl_bs = kl_penalty(logp_bs, batch["ref_logprobs"].to(dev).float(), cfg.kl_estimator)
+            terms["kl"] = cfg.kl_coef * aggregate(kl_bs, roll_bs, agg, t.rollout_tokens,
+                                                  t.rollout_seqs, t.max_len)
+            metrics["kl/ref"] = _masked_metric(kl_bs, roll_bs)
     if cfg.entropy_coef:  # over every token the algorithm trains on
         if name == "grpo":
             pop_bs, n_tok, n_seq = roll_bs, t.rollout_tokens, t.rollout_seqs
@@ -253,9 +328,9 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
                                                                n_seq, t.max_len)
 
     loss = zero + sum(terms.values())
-    metrics["loss"] = _metric(loss, metric_share)
+    metrics["loss"] = _metric(loss, metric_share, logp_bs)
     for k, v in terms.items():
-        metrics[f"loss/{k}"] = _metric(v, metric_share)
+        metrics[f"loss/{k}"] = _metric(v, metric_share, logp_bs)
     metrics["entropy/demo"] = _masked_metric(entropy_bs, demo_bs)
     metrics["entropy/rollout"] = _masked_metric(entropy_bs, roll_bs)
     metrics["logp/demo"] = _masked_metric(logp_bs, demo_bs)
@@ -268,7 +343,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
 
 # --------------------------------------------------------------------------- megatron glue
 def make_loss_func(cfg, totals: BatchTotals, *, num_microbatches: int, dp_size: int,
-                   onpolicy_form: str = "sign") -> Callable:
+                   onpolicy_form: Optional[str] = None) -> Callable:
     """Megatron ``loss_func`` factory: ``partial(loss_func, micro_batch)`` is what a
     ``forward_step_func`` returns beside the model output ``(logp_bs, entropy_bs)``.
 
@@ -293,17 +368,29 @@ def make_loss_func(cfg, totals: BatchTotals, *, num_microbatches: int, dp_size: 
 def reduce_metrics(metric_dicts: list, dp_group=None) -> dict:
     """Sum [numerator, denominator] metrics over micro-batches (and ``dp_group``); ratios.
 
-    Metrics exist on the last pipeline stage only. A metric with denominator 0 is NaN.
+    Keys ending in ``_max`` hold [value, 1] and are reduced with max. One collective per
+    kind and one device-to-host copy for the whole step. Metrics exist on the last pipeline
+    stage only. A metric with denominator 0 is NaN.
     """
     keys = sorted({k for d in metric_dicts for k in d})
     if not keys:
         return {}
-    stacked = torch.zeros(len(keys), 2, dtype=torch.float64)
+    device = next(iter(metric_dicts[0].values())).device
+    sums = [k for k in keys if not k.endswith("_max")]
+    maxes = [k for k in keys if k.endswith("_max")]
+    summed = torch.zeros(len(sums), 2, dtype=torch.float64, device=device)
+    maxed = torch.full((max(len(maxes), 1),), -math.inf, dtype=torch.float64, device=device)
     for d in metric_dicts:
-        for i, k in enumerate(keys):
+        for i, k in enumerate(sums):
             if k in d:
-                stacked[i] += d[k].double()
+                summed[i] += d[k].double()
+        for i, k in enumerate(maxes):
+            if k in d:
+                maxed[i] = torch.maximum(maxed[i], d[k][0].double())
     if dp_group is not None and dist.is_initialized() and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(stacked, group=dp_group)
-    return {k: (stacked[i, 0] / stacked[i, 1]).item() if stacked[i, 1] != 0 else float("nan")
-            for i, k in enumerate(keys)}
+        dist.all_reduce(summed, group=dp_group)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=dp_group)
+    summed, maxed = summed.tolist(), maxed.tolist()
+    out = {k: num / den if den != 0 else float("nan") for k, (num, den) in zip(sums, summed)}
+    out.update({k: v if v != -math.inf else float("nan") for k, v in zip(maxes, maxed)})
+    return out

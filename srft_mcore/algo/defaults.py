@@ -1,0 +1,64 @@
+"""Each algorithm's defaults, as its own paper or code defines it: one table.
+
+A field of ``AlgorithmConfig`` left null (None) takes the value in this table for the
+configured ``algorithm.name``; a value the user sets always wins. The README reproduces the
+table; ``SOURCES`` says where each value comes from.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+# field -> value, per algorithm. clip_eps None = no clipping.
+DEFAULTS = {
+    "srft": dict(onpolicy_form="sign", clip_eps=0.2, adv_std_norm=True,
+                 offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
+    "srft_no_wsft": dict(onpolicy_form="sign", clip_eps=0.2, adv_std_norm=True,
+                         offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
+    "srft_no_wrl": dict(onpolicy_form="sign", clip_eps=0.2, adv_std_norm=True,
+                        offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
+    "sft": dict(onpolicy_form="ppo", clip_eps=None, adv_std_norm=True,
+                offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
+    "grpo": dict(onpolicy_form="ppo", clip_eps=0.2, adv_std_norm=True,
+                 offpolicy_shaping="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+    "luffy": dict(onpolicy_form="ppo", clip_eps=None, adv_std_norm=False,
+                  offpolicy_shaping="luffy", loss_agg="seq-sum-max-len", entropy_coef=0.001),
+}
+
+SOURCES = {
+    "srft": "arXiv 2506.19767 sec. 4 (Eq. 7-13: std-normalised group advantages, pi_beta=1 "
+            "without shaping, no entropy bonus, no KL); trained with verl, whose PPO clip "
+            "0.2 acts on the off-policy second mini-batch",
+    "srft_no_wsft": "as srft, with w_SFT fixed to algorithm.fixed_weight (1.0)",
+    "srft_no_wrl": "as srft, with w_RL fixed to algorithm.fixed_weight (1.0)",
+    "sft": "demonstrations only, token-mean negative log-likelihood",
+    "grpo": "arXiv 2402.03300 Eq. 3 (clip 0.2, 1/G sum_i 1/|o_i| sum_t: per-sequence mean); "
+            "no KL, as in the SRFT paper's baseline",
+    "luffy": "LUFFY exp_scripts/train.sh and mix_core_alg.py: grpo_use_std=False, "
+             "off_policy_reshape=p_div_p_0.1, loss_remove_clip=True, "
+             "loss_remove_token_mean=True (sum / max response length), entropy_coeff=0.001",
+}
+
+FIELDS = tuple(next(iter(DEFAULTS.values())))
+
+
+def resolve(algo):
+    """A copy of ``algo`` (an AlgorithmConfig) with its null fields filled from the table.
+
+    clip_eps: an explicit negative value means "no clipping" and becomes None.
+    """
+    table = DEFAULTS[algo.name]
+    filled = {f: table[f] for f in FIELDS if getattr(algo, f) is None}
+    out = dataclasses.replace(algo, **filled)
+    if out.clip_eps is not None and out.clip_eps < 0:
+        out = dataclasses.replace(out, clip_eps=None)
+    return out
+
+
+def markdown_table() -> str:
+    """The table as markdown (the README's copy is checked against it by a test)."""
+    names = list(DEFAULTS)
+    rows = ["| field | " + " | ".join(f"`{n}`" for n in names) + " |",
+            "|---|" + "---|" * len(names)]
+    for f in FIELDS:
+        rows.append(f"| {f} | " + " | ".join(str(DEFAULTS[n][f]) for n in names) + " |")
+    return "\n".join(rows)
