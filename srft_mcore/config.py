@@ -47,6 +47,12 @@ class ModelConfig:
     """Dropout inside attention (0 for RL fine-tuning)."""
     hidden_dropout: float = 0.0
     """Dropout on hidden states (0 for RL fine-tuning)."""
+    rope_theta: Optional[float] = None
+    """Override of config.json's RoPE base, for the trainer and the SGLang servers alike;
+    null = the checkpoint's."""
+    max_position_embeddings: Optional[int] = None
+    """Override of config.json's context length (trainer and SGLang alike); null = the
+    checkpoint's. Going past the trained length usually comes with a larger rope_theta."""
 
 
 @dataclass
@@ -396,6 +402,39 @@ def _divides(key: str, value: int, what: str, total: int, fix: str) -> None:
         raise _err(key, value, f"does not divide {what} ({total})", fix)
 
 
+def check_context_length(cfg: Config, hf_config: Optional[dict]) -> None:
+    """Prompt + response tokens must fit the model's context: config.json's (with RoPE
+    scaling), or the model.rope_theta / model.max_position_embeddings overrides, which the
+    trainer's model and the SGLang servers both get."""
+    m, d = cfg.model, cfg.data
+    if m.rope_theta is not None and m.rope_theta <= 0:
+        raise _err("model.rope_theta", m.rope_theta, "must be > 0",
+                   "give a RoPE base such as 40000, or null for the checkpoint's")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < 1:
+        raise _err("model.max_position_embeddings", m.max_position_embeddings, "must be >= 1",
+                   "give a context length such as 16384, or null for the checkpoint's")
+    if hf_config is None:
+        return
+    from srft_mcore.models.builder import context_limit, with_overrides
+
+    limit = context_limit(with_overrides(hf_config, m))
+    need = d.max_prompt_len + d.max_response_len
+    if limit is None or need <= limit:
+        return
+    source = (f"model.max_position_embeddings={m.max_position_embeddings}"
+              if m.max_position_embeddings is not None else
+              f"max_position_embeddings={hf_config.get('max_position_embeddings')} in the "
+              f"model's config.json")
+    raise ConfigError(
+        f"config error: data.max_prompt_len + data.max_response_len = {d.max_prompt_len} + "
+        f"{d.max_response_len} = {need} tokens, but the model's context is {limit} tokens "
+        f"({source}). Fix: raise it with model.max_position_embeddings (>= {need}; trainer "
+        f"and SGLang servers both get it), usually with a larger model.rope_theta (the "
+        f"paper's Qwen2.5-Math-7B setup: model.rope_theta=40000 "
+        f"model.max_position_embeddings=16384), or shorten data.max_prompt_len / "
+        f"data.max_response_len")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None,
              hf_config: Optional[dict] = None) -> Config:
     """Check value ranges and combinations; fill ``parallel.dp`` from the world size.
@@ -452,6 +491,7 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
                    "use a positive temperature (the paper uses 1.0)")
 
+    check_context_length(cfg, hf_config)
     if hf_config is not None:
         heads = hf_config["num_attention_heads"]
         kv = hf_config.get("num_key_value_heads") or heads
@@ -487,18 +527,12 @@ def validate(cfg: Config, world_size: Optional[int] = None,
                        f"set parallel.dp={dp}, leave it unset, or launch {mp * p.dp} ranks")
         p.dp = dp
     if p.dp is not None:
-        per_rank = cfg.train.micro_batch_size * p.dp
+        # (the sequence count needs no check: micro-batches are padded with masked sequences)
         mini = cfg.train.prompts_per_step // cfg.train.mini_batches
         if mini % p.dp != 0:
             raise _err("train.prompts_per_step", cfg.train.prompts_per_step,
                        f"{mini} prompts per mini-batch are not divisible by the data-parallel "
                        f"size {p.dp}", f"use a multiple of {p.dp * cfg.train.mini_batches}")
-        seqs = mini * (cfg.rollout.n_samples + 1)
-        if seqs % per_rank != 0:
-            raise _err("train.micro_batch_size", cfg.train.micro_batch_size,
-                       f"{seqs} sequences per mini-batch are not divisible by "
-                       f"micro_batch_size*dp={per_rank}", "choose a micro batch size that "
-                       "divides the mini-batch's sequences per DP rank")
     return cfg
 
 

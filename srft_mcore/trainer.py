@@ -23,6 +23,9 @@ from srft_mcore.config import Config, ConfigError, load_config, save_config, val
 from srft_mcore.distributed import broadcast_object
 
 
+ENTROPY_GRID = 2.0 ** 24
+
+
 def log0(*args):
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("[srft]", *args, flush=True)
@@ -324,8 +327,11 @@ class Trainer:
             mask_bs = mb["loss_mask"]
             have_bs = mb["rollout_logprob_mask"] * mask_bs
             diff_bs = (mb["rollout_logprobs"] - logp_bs).abs()
+            # entropies on a 2^-24 grid sum exactly in float64 (integers < 2^53), so H does not
+            # depend on how the step is split into micro-batches or DP ranks, to the bit
+            ent_int_bs = torch.round(ent_bs.double() * ENTROPY_GRID)
             out = {f"entropy/step_{w}": _masked_metric(
-                ent_bs.double(), entropy_token_mask(mask_bs, mb["is_demo"], w).double())
+                ent_int_bs, entropy_token_mask(mask_bs, mb["is_demo"], w).double())
                 for w in ("rollout", "demo", "all")}
             out["mismatch/logprob_abs_diff"] = _masked_metric(diff_bs, have_bs)
             out["mismatch/logprob_abs_diff_max"] = _max_metric(diff_bs, have_bs)
@@ -351,8 +357,9 @@ class Trainer:
         metrics = self._from_last_stage(reduce_metrics(dicts, dp_group=self.layout.dp_group)
                                         if dicts else {})
         which = self.cfg.algorithm.entropy_tokens
-        h = metrics.pop(f"entropy/step_{which}")
-        metrics["entropy/step"] = h if h == h else metrics["entropy/step_all"]  # NaN: none
+        h = metrics[f"entropy/step_{which}"]
+        h = h if not math.isnan(h) else metrics["entropy/step_all"]  # no such tokens
+        metrics["entropy/step"] = h / ENTROPY_GRID
         for w in ("rollout", "demo", "all"):
             metrics.pop(f"entropy/step_{w}", None)
         if math.isnan(metrics.get("mismatch/logprob_abs_diff", math.nan)):

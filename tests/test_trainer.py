@@ -17,7 +17,8 @@ SMALL = ["train.prompts_per_step=8", "rollout.n_samples=2", "train.micro_batch_s
          "data.max_response_len=32", "logging.tensorboard=false", "logging.progress_bar=false",
          "checkpoint.every=1", "checkpoint.keep=10"]
 # wall-clock and throughput figures differ between runs; everything else must not
-VOLATILE = ("time/", "perf/", "wall_time", "rollout/sync_s", "rollout/sync_gb_per_s")
+VOLATILE = ("time/", "perf/", "wall_time", "rollout/sync_s", "rollout/sync_gb_per_s",
+            "rollout/weight_syncs")  # counts the syncs of this process (restarts on resume)
 
 
 def launch(run_dir, *overrides, nproc=2, **popen):

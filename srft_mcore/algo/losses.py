@@ -206,18 +206,21 @@ def entropy_token_mask(mask_bs: torch.Tensor, demo_b: torch.Tensor, which: str) 
 def _metric(num, den, like: torch.Tensor) -> torch.Tensor:
     """Metrics travel as [numerator, denominator] device tensors, summed over micro-batches
     and ranks once per step (no host sync per micro-batch)."""
-    num = num.detach().float() if torch.is_tensor(num) else torch.tensor(float(num))
-    den = den.detach().float() if torch.is_tensor(den) else torch.tensor(float(den))
+    num = num.detach().double() if torch.is_tensor(num) else torch.tensor(float(num))
+    den = den.detach().double() if torch.is_tensor(den) else torch.tensor(float(den))
     return torch.stack([num.reshape(()).to(like.device), den.reshape(()).to(like.device)])
 
 
 def _masked_metric(x_bs, mask_bs):
-    return _metric((x_bs.detach() * mask_bs).sum(), mask_bs.sum(), x_bs)
+    # float64 sums: a per-step constant (the batch-entropy weights) averages back to itself
+    x_bs, mask_bs = x_bs.detach().double(), mask_bs.double()
+    return _metric((x_bs * mask_bs).sum(), mask_bs.sum(), x_bs)
 
 
 def _max_metric(x_bs, mask_bs):
     """[max over masked tokens, 1]; keys ending in ``_max`` are reduced with max."""
-    masked = torch.where(mask_bs > 0, x_bs.detach().float(), torch.full_like(x_bs, -math.inf))
+    x_bs = x_bs.detach().float()
+    masked = torch.where(mask_bs > 0, x_bs, torch.full_like(x_bs, -math.inf))
     return _metric(masked.max() if masked.numel() else -math.inf, 1.0, x_bs)
 
 

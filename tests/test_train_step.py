@@ -1,0 +1,190 @@
+"""The paper's training step on the embedded policy, on real gloo ranks: the old-policy pass,
+two optimizer mini-batches (ratio exactly 1, then not, then clipped), one batch entropy per
+step, and split invariance over micro-batch sizes and DP."""
+import math
+
+import pytest
+import torch
+
+from srft_mcore.launch import spawn_ranks
+
+PROMPTS, ROLLOUTS = 4, 3
+# (rewards of the 3 rollouts of each prompt): mixed, all wrong, all right, mixed
+REWARDS = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
+
+
+def _synthetic_step(vocab: int, seed: int = 3):
+    """The step's sequences through the trainer's own build_sequences: prompts of 5-8
+    tokens, rollouts and demonstrations of 2-12 tokens, SGLang-like log-probs."""
+    from srft_mcore.batching import build_sequences
+    from srft_mcore.config import AlgorithmConfig
+    from srft_mcore.rollout.client import Completion
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        n = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return torch.randint(10, vocab, (n,), generator=g).tolist()
+
+    class Example:
+        def __init__(self, i):
+            self.index, self.prompt_ids, self.demo_ids = i, ids(5, 8), ids(2, 12)
+
+    examples = [Example(i) for i in range(PROMPTS)]
+    groups = []
+    for _ in examples:
+        comps = []
+        for _ in range(ROLLOUTS):
+            tok = ids(2, 12)
+            comps.append(Completion(tok, "", (-torch.rand(len(tok), generator=g)).tolist(),
+                                    "stop"))
+        groups.append(comps)
+    return build_sequences(examples, groups, REWARDS, AlgorithmConfig())
+
+
+def _trainer(overrides):
+    from srft_mcore.config import load_config
+    from srft_mcore.trainer import Trainer
+
+    cfg = load_config(None, ["train.prompts_per_step=4", f"rollout.n_samples={ROLLOUTS}",
+                             "data.max_response_len=16", "optimizer.grad_clip=0",
+                             "parallel.use_distributed_optimizer=false", *overrides])
+    return Trainer(cfg).init_policy()
+
+
+def _logp_ent(t, micro):
+    """(log-prob, entropy) of every micro-batch under the current weights (no grad)."""
+    with torch.no_grad():
+        return [t._policy_output(t.model, mb) for mb in micro]
+
+
+def _grads(t):
+    from srft_mcore.models.sharding import global_name
+
+    m = t.model.module
+    return {global_name(m, n): p.main_grad.detach().clone() for n, p in m.named_parameters()}
+
+
+# --------------------------------------------------------------------------- mini-batches
+def _two_mini_batches_rank():
+    from srft_mcore.algo.losses import batch_totals
+    from srft_mcore.batching import split_mini_batches
+
+    over = ["train.mini_batches=2", "train.micro_batch_size=4", "optimizer.lr=0.05",
+            "algorithm.clip_eps=0.2"]
+    t = _trainer(over)
+    seqs = _synthetic_step(t.hf["vocab_size"])
+    minis = [t._micro_batches(p) for p in split_mini_batches(seqs, 2)]
+    h0 = _logp_ent(t, [mb for micro in minis for mb in micro])
+    old = t.old_policy_pass(minis)
+    # the step's entropy by hand: the mean over rollout tokens of the start policy
+    num = sum(((e.double() * mb["loss_mask"]) * ~mb["is_demo"].unsqueeze(-1)).sum()
+              for (_, e), mb in zip(h0, [mb for micro in minis for mb in micro]))
+    den = sum((mb["loss_mask"] * ~mb["is_demo"].unsqueeze(-1)).sum()
+              for micro in minis for mb in micro)
+    out = {"entropy_step": old["entropy/step"], "entropy_hand": (num / den).item()}
+    totals = [batch_totals(torch.cat([m["loss_mask"] for m in micro]),
+                           torch.cat([m["is_demo"] for m in micro]), max_len=16,
+                           batch_entropy=old["entropy/step"]) for micro in minis]
+    first = t.train_batch(minis[0], totals[0])
+    moved = _logp_ent(t, minis[1])  # the policy after the first update, on mini-batch 2
+    second = t.train_batch(minis[1], totals[1])
+    ratios, clipped = [], []
+    for (lp, _), mb in zip(moved, minis[1]):
+        roll = (mb["loss_mask"] * ~mb["is_demo"].unsqueeze(-1)).bool()
+        r = torch.exp(lp.float() - mb["old_logprobs"])[roll]
+        pos = (mb["rewards"] > 0).unsqueeze(-1).expand_as(lp)[roll]
+        ratios.append(r)
+        clipped.append(torch.where(pos, r > 1.2, r < 0.8))
+    r, c = torch.cat(ratios), torch.cat(clipped).float()
+    out.update(first=first, second=second, ratio_hand=r.mean().item(),
+               ratio_max_hand=r.max().item(), clipfrac_hand=c.mean().item(),
+               old_equals_start=all(torch.equal(a[0].float(), mb["old_logprobs"])
+                                    for a, mb in zip(h0, [mb for mi in minis for mb in mi])))
+    # train_step composes exactly these pieces
+    t2 = _trainer(over)
+    out["step"] = t2.train_step(_synthetic_step(t2.hf["vocab_size"]))
+    return out
+
+
+@pytest.mark.slow
+def test_two_mini_batches_ratio_one_then_moved_and_clipped():
+    out = spawn_ranks(_two_mini_batches_rank, 1, timeout_s=300)[0]
+    first, second = out["first"], out["second"]
+    assert out["old_equals_start"]  # the old-policy pass is the start policy, bit for bit
+    assert first["ppo/ratio"] == 1.0 and first["ppo/ratio_max"] == 1.0
+    assert first["ppo/clipfrac"] == 0.0 and first["ppo/approx_kl"] == 0.0
+    assert second["ppo/ratio"] != 1.0
+    assert second["ppo/ratio"] == pytest.approx(out["ratio_hand"], rel=1e-5)
+    assert second["ppo/ratio_max"] == pytest.approx(out["ratio_max_hand"], rel=1e-5)
+    assert second["ppo/clipfrac"] == pytest.approx(out["clipfrac_hand"], abs=1e-6)
+    assert second["ppo/clipfrac"] > 0  # lr 0.05 moves the policy past the 0.2 clip
+    assert out["entropy_step"] == pytest.approx(out["entropy_hand"], rel=1e-6)
+    step = out["step"]
+    assert step["entropy/step"] == out["entropy_step"]
+    assert step["ppo/ratio"] == pytest.approx((1.0 + second["ppo/ratio"]) / 2, rel=1e-6)
+    assert step["ppo/ratio_max"] == pytest.approx(second["ppo/ratio_max"], rel=1e-6)
+    # one entropy for the whole step: the same weights on both mini-batches
+    h = out["entropy_step"]
+    for upd in (first, second, step):
+        assert upd["w_sft"] == pytest.approx(0.5 * math.exp(-h), rel=1e-6)
+        assert upd["w_rl"] == pytest.approx(0.1 * math.exp(h), rel=1e-6)
+    assert "mismatch/logprob_abs_diff" in step and step["mismatch/logprob_abs_diff_max"] > 0
+
+
+# --------------------------------------------------------------------------- split invariance
+def _split_rank(micro_batch_size):
+    t = _trainer([f"train.micro_batch_size={micro_batch_size}", "optimizer.lr=0.0"])
+    rec = t.train_step(_synthetic_step(t.hf["vocab_size"]))
+    return {"record": rec, "grads": _grads(t) if t.layout.dp_rank == 0 else None}
+
+
+@pytest.mark.slow
+def test_step_is_split_invariant_over_micro_batches_and_dp():
+    base = spawn_ranks(_split_rank, 1, (16,), timeout_s=300)[0]
+    rec0, g0 = base["record"], base["grads"]
+    assert rec0["loss"] != 0 and rec0["w_sft"] > 0 and rec0["w_rl"] > 0
+    runs = [(1, 1), (1, 4), (2, 1), (2, 4), (2, 16)]  # (DP ranks, micro-batch size)
+    for world, mbs in runs:
+        got = spawn_ranks(_split_rank, world, (mbs,), timeout_s=300)[0]
+        rec, g = got["record"], got["grads"]
+        for key in ("loss", "loss/sft", "loss/offpolicy", "loss/onpolicy", "w_sft", "w_rl",
+                    "entropy/step"):
+            assert rec[key] == pytest.approx(rec0[key], rel=1e-6), (world, mbs, key)
+        scale = max(v.abs().max().item() for v in g0.values())
+        diff = max((g[k] - g0[k]).abs().max().item() for k in g0)
+        assert diff <= 1e-6 * scale, (world, mbs, diff, scale)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_embedded_run_weights_do_not_depend_on_the_micro_batch_size(tmp_path):
+    """Seeded rollouts, so both runs train on the same step-1 batch."""
+    from test_trainer import metrics, run
+
+    rows = {}
+    for mbs in (4, 16):
+        run_dir = str(tmp_path / f"mbs{mbs}")
+        run(run_dir, "train.steps=1", f"train.micro_batch_size={mbs}",
+            "checkpoint.export_hf=false")
+        rows[mbs] = metrics(run_dir)[0]
+    assert rows[4]["entropy/step"] == rows[16]["entropy/step"]
+    assert rows[4]["w_sft"] == rows[16]["w_sft"]
+    assert rows[4]["w_rl"] == rows[16]["w_rl"]  # both null when step 1 has no positive
+    assert rows[4]["loss"] == pytest.approx(rows[16]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_mini_batches_log_the_ratio_and_the_mismatch(tmp_path):
+    from test_trainer import metrics, run
+
+    run_dir = str(tmp_path / "mini2")
+    run(run_dir, "train.steps=2", "train.mini_batches=2", "rollout.seeded=false",
+        "algorithm.tis_cap=2.0", "checkpoint.export_hf=false")
+    for row in metrics(run_dir):
+        assert row["ppo/ratio"] != 1.0 and row["ppo/ratio_max"] > 1.0
+        assert 0.0 <= row["ppo/clipfrac"] < 1.0 and row["ppo/approx_kl"] > 0.0
+        # SGLang's and Megatron's fp32 log-probs of the same tokens: close, not identical
+        assert 0.0 < row["mismatch/logprob_abs_diff"] < 1e-3
+        assert row["mismatch/logprob_abs_diff"] <= row["mismatch/logprob_abs_diff_max"] < 1e-2
+        assert row["tis/weight"] == pytest.approx(1.0, abs=1e-3)
