@@ -270,6 +270,7 @@ class Trainer:
                                   max_len=cfg.data.max_response_len,
                                   dp_group=self.layout.dp_group, batch_entropy=entropy)
             updates.append(self.train_batch(micro, totals))
+        self.last_updates = updates
         record.update(combine_updates(updates))
         return record
 

@@ -128,7 +128,8 @@ def test_baseline_defaults_from_their_papers():
     grpo = load_config(None, ["algorithm.name=grpo"]).algorithm
     assert (grpo.clip_eps, grpo.loss_agg) == (0.2, "seq-mean-token-mean")
     srft = load_config(None, []).algorithm
-    assert (srft.onpolicy_form, srft.entropy_weighting, srft.kl_coef) == ("sign", "batch", 0.0)
+    assert (srft.onpolicy_form, srft.entropy_weighting, srft.kl_coef, srft.clip_eps) == (
+        "sign", "batch", 0.0, None)
     assert load_config(None, ["algorithm.name=srft_no_wrl"]).algorithm.fixed_weight == 1.0
 
 

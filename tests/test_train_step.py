@@ -188,3 +188,32 @@ def test_two_mini_batches_log_the_ratio_and_the_mismatch(tmp_path):
         assert 0.0 < row["mismatch/logprob_abs_diff"] < 1e-3
         assert row["mismatch/logprob_abs_diff"] <= row["mismatch/logprob_abs_diff_max"] < 1e-2
         assert row["tis/weight"] == pytest.approx(1.0, abs=1e-3)
+
+
+# --------------------------------------------------------------------------- KL, groups
+def _kl_rank():
+    t = _trainer(["algorithm.kl_coef=0.1", "algorithm.kl_estimator=k3", "optimizer.lr=0.05",
+                  "train.mini_batches=2", "parallel.timeout_s=300",
+                  "parallel.wait_timeout_s=4000"])
+    seqs = _synthetic_step(t.hf["vocab_size"])
+    step = t.train_step(seqs)
+    first = t.last_updates[0]
+    ref_frozen = all(not p.requires_grad for p in t.ref_model.parameters())
+    moved = max((a - b).abs().max().item() for a, b in
+                zip(t.model.module.parameters(), t.ref_model.parameters()))
+    import torch.distributed as dist
+
+    return {"first": first, "second": t.last_updates[1], "step": step, "moved": moved,
+            "ref_frozen": ref_frozen,
+            "cpu_group": dist.get_backend(t.layout.cpu_group)}
+
+
+@pytest.mark.slow
+def test_kl_to_the_frozen_start_policy():
+    out = spawn_ranks(_kl_rank, 1, timeout_s=300)[0]
+    # the reference is the start policy: no KL on the first mini-batch, some after a step
+    assert out["first"]["kl/ref"] == 0.0 and out["first"]["loss/kl"] == 0.0
+    assert out["second"]["kl/ref"] > 0.0 and out["second"]["loss/kl"] > 0.0
+    assert out["ref_frozen"] and out["moved"] > 0
+    # ranks wait for rollouts on a gloo group (not NCCL), with its own timeout
+    assert out["cpu_group"] == "gloo"

@@ -10,11 +10,11 @@ import dataclasses
 
 # field -> value, per algorithm. clip_eps None = no clipping.
 DEFAULTS = {
-    "srft": dict(onpolicy_form="sign", clip_eps=0.2, adv_std_norm=True,
+    "srft": dict(onpolicy_form="sign", clip_eps=None, adv_std_norm=True,
                  offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
-    "srft_no_wsft": dict(onpolicy_form="sign", clip_eps=0.2, adv_std_norm=True,
+    "srft_no_wsft": dict(onpolicy_form="sign", clip_eps=None, adv_std_norm=True,
                          offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
-    "srft_no_wrl": dict(onpolicy_form="sign", clip_eps=0.2, adv_std_norm=True,
+    "srft_no_wrl": dict(onpolicy_form="sign", clip_eps=None, adv_std_norm=True,
                         offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
     "sft": dict(onpolicy_form="ppo", clip_eps=None, adv_std_norm=True,
                 offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
@@ -25,17 +25,21 @@ DEFAULTS = {
 }
 
 SOURCES = {
-    "srft": "arXiv 2506.19767 sec. 4 (Eq. 7-13: std-normalised group advantages, pi_beta=1 "
-            "without shaping, no entropy bonus, no KL); trained with verl, whose PPO clip "
-            "0.2 acts on the off-policy second mini-batch",
+    "srft": "arXiv 2506.19767 sec. 4: Eq. 7 std-normalised group advantages with the demo in "
+            "the group, Eq. 9-10 with pi_beta=1 and no shaping, Eq. 11 sign form, no entropy "
+            "bonus, no KL; no clip, as in the LUFFY code base the paper builds on "
+            "(exp_scripts/train.sh: loss_remove_clip=True)",
     "srft_no_wsft": "as srft, with w_SFT fixed to algorithm.fixed_weight (1.0)",
     "srft_no_wrl": "as srft, with w_RL fixed to algorithm.fixed_weight (1.0)",
     "sft": "demonstrations only, token-mean negative log-likelihood",
-    "grpo": "arXiv 2402.03300 Eq. 3 (clip 0.2, 1/G sum_i 1/|o_i| sum_t: per-sequence mean); "
-            "no KL, as in the SRFT paper's baseline",
-    "luffy": "LUFFY exp_scripts/train.sh and mix_core_alg.py: grpo_use_std=False, "
-             "off_policy_reshape=p_div_p_0.1, loss_remove_clip=True, "
-             "loss_remove_token_mean=True (sum / max response length), entropy_coeff=0.001",
+    "grpo": "arXiv 2402.03300 Eq. 3: clipped ratio (0.2, the PPO convention; verl "
+            "actor.yaml clip_ratio), 1/G sum_i 1/|o_i| sum_t (per-sequence mean); KL off, "
+            "as in the SRFT paper's GRPO baseline (set algorithm.kl_coef=0.04 for the "
+            "DeepSeekMath setting)",
+    "luffy": "LUFFY exp_scripts/train.sh: grpo_use_std=False, off_policy_reshape=p_div_p_0.1, "
+             "loss_remove_clip=True, loss_remove_token_mean=True (sum / max response length), "
+             "entropy_coeff=0.001, use_kl_loss=False; mix_core_alg.py pools on- and off-policy "
+             "tokens in one sum",
 }
 
 FIELDS = tuple(next(iter(DEFAULTS.values())))
