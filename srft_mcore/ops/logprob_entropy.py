@@ -67,10 +67,11 @@ def _chunk_len(chunk_size: Optional[int], n_cols: int) -> int:
 
 
 def _local_targets(targets_t: torch.Tensor, start: int, n_valid: int):
-    """Rows whose target lives in this shard, and the target's local column."""
-    local = targets_t - start
-    rows = ((local >= 0) & (local < n_valid)).nonzero(as_tuple=True)[0]
-    return rows, local[rows]
+    """Each token's target column in this shard (clamped into range) and whether the target
+    lives here. Masks, not ``nonzero``: no device-to-host sync per chunk."""
+    local_t = targets_t - start
+    here_t = (local_t >= 0) & (local_t < n_valid)
+    return local_t.clamp(0, max(n_valid - 1, 0)), here_t
 
 
 def _forward_stats(z_tv: torch.Tensor, targets_t: torch.Tensor, start: int, group):
@@ -89,8 +90,10 @@ def _forward_stats(z_tv: torch.Tensor, targets_t: torch.Tensor, start: int, grou
     sums = torch.zeros(3, n, dtype=torch.float32, device=z_tv.device)
     sums[0] = e_tv.sum(dim=-1)
     sums[1] = torch.bmm(e_tv.unsqueeze(1), zs_tv.unsqueeze(-1)).view(n)  # no [t, v] product
-    rows, cols = _local_targets(targets_t, start, zs_tv.shape[1])
-    sums[2, rows] = zs_tv[rows, cols]
+    if zs_tv.shape[1] > 0:
+        cols_t, here_t = _local_targets(targets_t, start, zs_tv.shape[1])
+        picked_t = zs_tv.gather(1, cols_t.unsqueeze(-1)).squeeze(-1)
+        sums[2] = torch.where(here_t, picked_t, torch.zeros_like(picked_t))
     _all_reduce(sums, dist.ReduceOp.SUM, group)
     log_s_t = sums[0].log()
     entropy_t = log_s_t - sums[1] / sums[0]
@@ -109,9 +112,10 @@ def _grad_z(z_tv, targets_t, start, m_t, log_s_t, entropy_t, g_lp_t, g_h_t):
         grad_tv = p_tv.mul_(coef_tv).neg_()
     else:
         grad_tv = p_tv.mul_(-g_lp_t.unsqueeze(-1))
-    if g_lp_t is not None:
-        rows, cols = _local_targets(targets_t, start, grad_tv.shape[1])
-        grad_tv.index_put_((rows, cols), g_lp_t[rows], accumulate=True)
+    if g_lp_t is not None and grad_tv.shape[1] > 0:
+        cols_t, here_t = _local_targets(targets_t, start, grad_tv.shape[1])
+        add_t = torch.where(here_t, g_lp_t, torch.zeros_like(g_lp_t))
+        grad_tv.scatter_add_(1, cols_t.unsqueeze(-1), add_t.unsqueeze(-1))
     return grad_tv
 
 
