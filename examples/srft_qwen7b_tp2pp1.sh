@@ -7,6 +7,8 @@
 #
 # MODEL_DIR: a Hugging Face checkpoint directory; DATA_PATH: jsonl/parquet/arrow with
 # prompt, demonstration and answer fields. Extra arguments are config overrides.
+# The config raises the model's context from 4096 to 16384 positions with RoPE theta 40000
+# (the paper's setting for Qwen2.5-Math-7B), so prompts of 1024 + responses of 8192 tokens fit.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python}

@@ -1,10 +1,12 @@
-"""From rollouts and demonstrations to padded micro-batches for Megatron's schedules.
+"""From rollouts and demonstrations to micro-batches for Megatron's schedules.
 
 Each prompt contributes its ``n`` rollouts and (for algorithms that use them) its expert
-demonstration; the demonstration joins the prompt's group for the advantage (Eq. 7). Every
-micro-batch of a step is padded to the step's longest sequence so that pipeline stages
-exchange tensors of one shape, and each DP rank takes a contiguous share.
-Shape suffixes: b sequences, s positions.
+demonstration; the demonstration joins the prompt's group for the advantage (Eq. 7).
+Micro-batches are either padded (a fixed number of sequences, one per row, padded to the
+step's longest) or packed (``train.max_tokens_per_micro_batch``: several sequences per row,
+balanced bins of at most that many tokens). Every micro-batch of a step has one shape, so
+pipeline stages exchange tensors of one shape, and every DP rank runs the same number.
+Shape suffixes: b rows, s positions, n sequences of the micro-batch.
 """
 from __future__ import annotations
 
@@ -87,52 +89,126 @@ def split_mini_batches(seqs: list, n: int, n_groups: Optional[int] = None) -> li
 
 
 def make_micro_batches(seqs: list, micro_batch_size: int, dp_rank: int, dp_size: int,
-                       pad_id: int, pad_to_multiple: int = 1) -> list:
-    """This DP rank's micro-batches; each a dict of tensors padded to the step's max length.
+                       pad_id: int, pad_to_multiple: int = 1,
+                       max_tokens: Optional[int] = None) -> list:
+    """This DP rank's micro-batches of ``seqs``, as dicts of tensors.
 
-    The sequence count is padded with empty (fully masked) sequences to a multiple of
-    ``micro_batch_size * dp_size`` so every rank runs the same number of micro-batches.
-    The length is padded to a multiple of ``pad_to_multiple`` (the TP size under sequence
+    Padded (``max_tokens`` None): ``micro_batch_size`` sequences per micro-batch, one per
+    row, every row padded to the longest sequence; the sequence count is padded with empty
+    (fully masked) sequences to a multiple of ``micro_batch_size * dp_size`` so every rank
+    runs the same number of micro-batches.
+
+    Packed (``max_tokens`` set): sequences are packed into rows of at most ``max_tokens``
+    tokens (:func:`token_budget_bins`), one row per micro-batch, positions restarting at 0
+    for each sequence; every rank gets the same number of rows. Attention must then stay
+    inside each sequence: ``seq_ids`` says which sequence each position belongs to.
+
+    Keys: tokens, targets, position_ids, loss_mask, seq_ids (-1 = padding),
+    rollout_logprobs, rollout_logprob_mask [rows, s]; is_demo, advantages, rewards [n]: per
+    sequence of the micro-batch, indexed by ``seq_ids`` (one sequence per row when padded).
+    Lengths are padded to a multiple of ``pad_to_multiple`` (the TP size under sequence
     parallelism, which splits the sequence dimension over TP ranks).
     """
-    per_step = micro_batch_size * dp_size
-    seqs = list(seqs)
-    n_empty = (-len(seqs)) % per_step
     if not seqs:
         raise ValueError("no sequences to train on in this step")
-    max_len = max(len(s.tokens) for s in seqs)
-    max_len += (-max_len) % pad_to_multiple
-    seqs += [TrainSequence([pad_id], 1, False, 0.0, -1)] * n_empty
-    per_rank = len(seqs) // dp_size
-    mine = seqs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    batches = []
-    for i in range(0, per_rank, micro_batch_size):
-        chunk = mine[i:i + micro_batch_size]
-        b = len(chunk)
-        tokens_bs = torch.full((b, max_len), pad_id, dtype=torch.long)
-        targets_bs = torch.full((b, max_len), pad_id, dtype=torch.long)
-        mask_bs = torch.zeros(b, max_len)
-        rollout_lp_bs = torch.zeros(b, max_len)
-        have_lp_bs = torch.zeros(b, max_len)
-        for j, s in enumerate(chunk):
+    if max_tokens is not None:
+        bins = token_budget_bins([len(s.tokens) for s in seqs], max_tokens, dp_size)
+        rows = [[[seqs[i] for i in b]] for b in bins[dp_rank]]  # one packed row each
+        width = max(sum(len(seqs[i].tokens) for i in b) for rank in bins for b in rank)
+    else:
+        seqs = list(seqs) + [None] * ((-len(seqs)) % (micro_batch_size * dp_size))
+        per_rank = len(seqs) // dp_size
+        mine = seqs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+        rows = [[[s] if s is not None else [] for s in mine[i:i + micro_batch_size]]
+                for i in range(0, per_rank, micro_batch_size)]
+        width = max(len(s.tokens) for s in seqs if s is not None)
+    width += (-width) % pad_to_multiple
+    return [_micro_batch(mb_rows, width, pad_id) for mb_rows in rows]
+
+
+def _micro_batch(rows: list, width: int, pad_id: int) -> dict:
+    """Tensors of one micro-batch: ``rows`` is a list of rows, each a list of sequences."""
+    b = len(rows)
+    out = {"tokens": torch.full((b, width), pad_id, dtype=torch.long),
+           "targets": torch.full((b, width), pad_id, dtype=torch.long),
+           "position_ids": torch.zeros(b, width, dtype=torch.long),
+           "loss_mask": torch.zeros(b, width),
+           "seq_ids": torch.full((b, width), -1, dtype=torch.long),
+           "rollout_logprobs": torch.zeros(b, width),
+           "rollout_logprob_mask": torch.zeros(b, width)}
+    flat, bounds = [], []
+    for r, row in enumerate(rows):
+        start = 0
+        for s in row:
+            n, k, end = len(s.tokens), len(flat), start + len(s.tokens)
             t = torch.tensor(s.tokens, dtype=torch.long)
-            tokens_bs[j, :len(t)] = t
-            targets_bs[j, :len(t) - 1] = t[1:]
+            out["tokens"][r, start:end] = t
+            out["targets"][r, start:end - 1] = t[1:]
+            out["position_ids"][r, start:end] = torch.arange(n)
+            out["seq_ids"][r, start:end] = k
             # position p predicts token p+1: train where p+1 is a response token
-            mask_bs[j, s.prompt_len - 1:len(t) - 1] = 1.0 if s.group >= 0 else 0.0
-            if s.rollout_logprobs is not None and s.group >= 0:
-                rollout_lp_bs[j, s.prompt_len - 1:len(t) - 1] = torch.tensor(
-                    s.rollout_logprobs, dtype=torch.float32)
-                have_lp_bs[j, s.prompt_len - 1:len(t) - 1] = 1.0
-        batches.append({
-            "tokens": tokens_bs,
-            "targets": targets_bs,
-            "position_ids": torch.arange(max_len).unsqueeze(0).expand(b, -1),
-            "loss_mask": mask_bs,
-            "is_demo": torch.tensor([s.is_demo for s in chunk]),
-            "advantages": torch.tensor([s.advantage for s in chunk], dtype=torch.float32),
-            "rewards": torch.tensor([s.reward for s in chunk], dtype=torch.float32),
-            "rollout_logprobs": rollout_lp_bs,
-            "rollout_logprob_mask": have_lp_bs,
-        })
-    return batches
+            trained = slice(start + s.prompt_len - 1, end - 1)
+            out["loss_mask"][r, trained] = 1.0
+            if s.rollout_logprobs is not None:
+                out["rollout_logprobs"][r, trained] = torch.tensor(s.rollout_logprobs,
+                                                                   dtype=torch.float32)
+                out["rollout_logprob_mask"][r, trained] = 1.0
+            flat.append(s)
+            start = end
+        if start < width:  # padding positions continue the row's count, never trained
+            out["position_ids"][r, start:] = torch.arange(start, width)
+        bounds.append([0] + [len(s.tokens) for s in row] + ([width - start] if start < width
+                                                            else []))
+        if not row:  # an empty row (count padding) still gets one sequence slot
+            flat.append(None)
+            out["seq_ids"][r, :] = len(flat) - 1
+    out["is_demo"] = torch.tensor([s is not None and s.is_demo for s in flat])
+    out["advantages"] = torch.tensor([s.advantage if s else 0.0 for s in flat],
+                                     dtype=torch.float32)
+    out["rewards"] = torch.tensor([s.reward if s else 0.0 for s in flat], dtype=torch.float32)
+    if b == 1:  # segment boundaries of a packed row (THD): host-side, no device sync later
+        out["cu_seqlens"] = torch.tensor(bounds[0], dtype=torch.int32).cumsum(0).to(torch.int32)
+        out["max_seqlen"] = max(bounds[0][1:], default=width)
+    return out
+
+
+def token_budget_bins(lengths: list, max_tokens: int, dp_size: int) -> list:
+    """Balanced bins of sequence indices, at most ``max_tokens`` tokens each (a longer
+    sequence gets a bin of its own), the same number of bins on each of ``dp_size`` ranks.
+
+    Longest-processing-time greedy: sequences, longest first, go to the emptiest bin; the bin
+    count starts at the least that can hold the tokens and grows by ``dp_size`` until every
+    bin fits. Returns ``bins[rank] = [[seq indices in input order], ...]``. Deterministic.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    total = sum(lengths)
+    n_bins = dp_size * max(1, -(-total // (max_tokens * dp_size)))
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    while True:
+        loads, bins = [0] * n_bins, [[] for _ in range(n_bins)]
+        for i in order:
+            j = min(range(n_bins), key=lambda k: (loads[k], k))
+            bins[j].append(i)
+            loads[j] += lengths[i]
+        if all(load <= max_tokens or len(b) == 1 for load, b in zip(loads, bins)):
+            break
+        n_bins += dp_size
+    # heaviest bins spread over the ranks in turn, so ranks carry similar token counts
+    ranked = sorted(range(n_bins), key=lambda k: (-loads[k], k))
+    return [[sorted(bins[k]) for k in ranked[r::dp_size]] for r in range(dp_size)]
+
+
+def sequence_totals(seqs: list, max_len: int = 1, batch_entropy: Optional[float] = None):
+    """:class:`BatchTotals` of a (mini-)batch from its sequences (every rank holds the whole
+    list, so no collective): trained tokens and sequences, demonstrations vs rollouts."""
+    from srft_mcore.algo.losses import BatchTotals
+
+    n_tok = [len(s.tokens) - s.prompt_len for s in seqs]
+    demo = [s.is_demo for s in seqs]
+    return BatchTotals(
+        demo_tokens=float(sum(n for n, d in zip(n_tok, demo) if d)),
+        rollout_tokens=float(sum(n for n, d in zip(n_tok, demo) if not d)),
+        demo_seqs=float(sum(1 for n, d in zip(n_tok, demo) if d and n > 0)),
+        rollout_seqs=float(sum(1 for n, d in zip(n_tok, demo) if not d and n > 0)),
+        max_len=max_len, batch_entropy=batch_entropy)

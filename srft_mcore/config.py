@@ -214,6 +214,9 @@ class TrainConfig:
     """Prompts sampled per step (global)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch per DP rank."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """Pack sequences into rows of at most this many tokens (balanced bins, attention kept
+    inside each sequence) instead of micro_batch_size padded rows; null = padded."""
     mini_batches: int = 1
     """Optimizer steps per rollout batch: prompts_per_step / mini-batch (the paper: 128 / 64
     = 2). Mini-batches after the first are off-policy (ratio to the old log-probs)."""
@@ -483,6 +486,12 @@ def validate(cfg: Config, world_size: Optional[int] = None,
     if a.token_weight_cap <= 0:
         raise _err("algorithm.token_weight_cap", a.token_weight_cap, "must be > 0",
                    "use e.g. 1.0")
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget is not None and budget < cfg.data.max_prompt_len + cfg.data.max_response_len:
+        raise _err("train.max_tokens_per_micro_batch", budget, "is below the longest sequence "
+                   f"(data.max_prompt_len + data.max_response_len = "
+                   f"{cfg.data.max_prompt_len + cfg.data.max_response_len})",
+                   "raise it (a few times the longest sequence packs well), or null to pad")
     if cfg.train.prompts_per_step % cfg.train.mini_batches != 0:
         raise _err("train.mini_batches", cfg.train.mini_batches,
                    f"does not divide train.prompts_per_step ({cfg.train.prompts_per_step})",

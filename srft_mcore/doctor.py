@@ -79,13 +79,15 @@ def cmd_config(args) -> int:
 
 
 def cmd_parallel(args) -> int:
-    from srft_mcore.config import Config, ConfigError, ParallelConfig, TrainConfig, validate
+    from srft_mcore.config import (Config, ConfigError, DataConfig, ParallelConfig, TrainConfig,
+                                   validate)
     from srft_mcore.parallel_check import TINY_QWEN2, check_layout
 
     world = args.tp * args.pp * args.dp
     try:  # the same checks a training run gets, before any rank is started
         validate(Config(parallel=ParallelConfig(tp=args.tp, pp=args.pp, dp=args.dp),
-                        train=TrainConfig(prompts_per_step=args.dp, micro_batch_size=1)),
+                        train=TrainConfig(prompts_per_step=args.dp, micro_batch_size=1),
+                        data=DataConfig(max_prompt_len=8, max_response_len=8)),  # 16 tokens
                  world_size=world, hf_config=TINY_QWEN2)
         if args.global_batch % (args.dp * args.micro_batch):
             raise ConfigError(f"config error: --global-batch={args.global_batch}: not divisible "

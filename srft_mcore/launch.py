@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -27,7 +28,9 @@ def _rank_main(fn, args, rank, world_size, port, results, env):
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     try:
-        out = fn(*args)
+        # plain pickle: torch's queue reductions would share tensors through this process's
+        # file descriptors, which are gone once it exits before the parent reads them
+        out = pickle.dumps(fn(*args))
         results.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - the traceback goes to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -70,7 +73,7 @@ def spawn_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: floa
                 continue
             if not ok:
                 raise RankFailed(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=30 if len(out) == world_size else 1)

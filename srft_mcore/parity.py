@@ -10,6 +10,7 @@ the same ranks, see :func:`run_rank`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from typing import Optional
@@ -111,6 +112,36 @@ def run_rank(tp: int, pp: int, cases: list, pp_layer_split: Optional[list] = Non
     return results
 
 
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_layout(hf: dict, hf_dir: str, tp: int, pp: int,
+                 pp_layer_split: Optional[list] = None) -> None:
+    """Raise ConfigError (naming the flag, the model's size and the fix) when ``tp`` x ``pp``
+    cannot split this model; called before any rank or process group starts."""
+    from srft_mcore.config import ConfigError
+    from srft_mcore.models import get_architecture
+
+    get_architecture(hf)
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp {tp} --pp {pp}: sizes must be >= 1. Fix: e.g. --tp 1 --pp 1")
+    heads = hf["num_attention_heads"]
+    sizes = {"num_attention_heads": heads,
+             "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+             "intermediate_size": hf["intermediate_size"]}
+    for what, n in sizes.items():
+        if n % tp:
+            common = math.gcd(*sizes.values())
+            raise ConfigError(f"--tp {tp} does not divide {what} ({n}) of the model in "
+                              f"{hf_dir} (tensor parallelism splits it over the TP ranks). "
+                              f"Fix: choose --tp from {_divisors(common)}")
+    layers = hf["num_hidden_layers"]
+    if pp_layer_split is None and layers % pp:
+        raise ConfigError(f"--pp {pp} does not divide num_hidden_layers ({layers}) of the "
+                          f"model in {hf_dir}. Fix: choose --pp from {_divisors(layers)}")
+
+
 def parity_check(hf_dir: str, tp: int = 1, pp: int = 1, batch: int = 2, seq_len: int = 16,
                  pp_layer_split: Optional[list] = None, timeout_s: float = 900.0) -> dict:
     """Max abs difference of Megatron (``tp`` x ``pp`` gloo ranks) vs transformers logits."""
@@ -119,6 +150,7 @@ def parity_check(hf_dir: str, tp: int = 1, pp: int = 1, batch: int = 2, seq_len:
     from srft_mcore.models import load_hf_config
 
     hf = load_hf_config(hf_dir)
+    check_layout(hf, hf_dir, tp, pp, pp_layer_split)
     check_tp(hf, tp)
     tokens = sample_tokens(hf["vocab_size"], batch, seq_len)
     with tempfile.TemporaryDirectory(prefix="srft_parity_") as tmp:
@@ -148,7 +180,19 @@ def add_parity_subcommand(subparsers):
 
 
 def run_parity_command(args) -> int:
-    res = parity_check(args.hf, tp=args.tp, pp=args.pp, batch=args.batch, seq_len=args.seq_len)
+    import sys
+
+    from srft_mcore.bridge import BridgeError
+    from srft_mcore.config import ConfigError
+    from srft_mcore.models import UnsupportedArchitecture
+
+    try:  # bad input: one paragraph and exit 2, before any rank starts
+        res = parity_check(args.hf, tp=args.tp, pp=args.pp, batch=args.batch,
+                           seq_len=args.seq_len)
+    except (ConfigError, BridgeError, UnsupportedArchitecture, FileNotFoundError) as e:
+        print(f"srft-doctor parity: {e}", file=sys.stderr, flush=True)
+        print(json.dumps({"check": "parity", "ok": False, "error": str(e)}), flush=True)
+        return 2
     res["tol"] = args.tol
     res["ok"] = res["max_abs_diff"] <= args.tol
     print(json.dumps(res), flush=True)

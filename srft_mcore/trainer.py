@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -24,6 +25,10 @@ from srft_mcore.distributed import broadcast_object
 
 
 ENTROPY_GRID = 2.0 ** 24
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. gradients non-finite K times in a row); one paragraph."""
 
 
 def log0(*args):
@@ -74,8 +79,11 @@ class Trainer:
         self.layout = init_distributed(tp=p.tp, pp=p.pp, cp=p.cp, backend=p.backend,
                                        seed=cfg.train.seed, timeout_s=p.timeout_s,
                                        wait_timeout_s=p.wait_timeout_s)
+        from srft_mcore.models.builder import with_overrides
+
         self.model_dir = resolve_model_dir(cfg)
-        self.hf = load_hf_config(self.model_dir)
+        # model.rope_theta / max_position_embeddings: one config for the model, SGLang, export
+        self.hf = with_overrides(load_hf_config(self.model_dir), cfg.model)
         validate(cfg, world_size=self.layout.world_size, hf_config=self.hf)
         self.tokenizer = load_tokenizer(self.model_dir)
 
@@ -206,7 +214,10 @@ class Trainer:
     def start_rollout(self):
         from srft_mcore.rollout.engine import RolloutEngine
 
+        from srft_mcore.rollout.server import context_server_args
+
         self.engine = RolloutEngine.launch(self.cfg.rollout, model_path=self.model_dir,
+                                           server_args=context_server_args(self.cfg, self.hf),
                                            layout=self.layout, hf_config=self.hf,
                                            work_dir=os.path.join(self.run_dir, "rollout"),
                                            group=self.layout.cpu_group)
@@ -254,21 +265,18 @@ class Trainer:
            policy has moved, so the ratio to the old log-probs is no longer 1 and clips.
         Returns the step's metrics on every rank.
         """
-        from srft_mcore.algo.losses import batch_totals
-        from srft_mcore.batching import split_mini_batches
+        from srft_mcore.batching import sequence_totals, split_mini_batches
 
         cfg = self.cfg
         k = cfg.train.mini_batches
-        minis = [self._micro_batches(part) for part in
-                 split_mini_batches(seqs, k, -(-self._n_groups(seqs) // k) * k) if part]
+        parts = [p for p in split_mini_batches(seqs, k, -(-self._n_groups(seqs) // k) * k) if p]
+        minis = [self._micro_batches(part) for part in parts]
         record = self.old_policy_pass(minis)
         entropy = record["entropy/step"] if cfg.algorithm.entropy_weighting == "batch" else None
         updates = []
-        for micro in minis:
-            totals = batch_totals(torch.cat([m["loss_mask"] for m in micro]),
-                                  torch.cat([m["is_demo"] for m in micro]),
-                                  max_len=cfg.data.max_response_len,
-                                  dp_group=self.layout.dp_group, batch_entropy=entropy)
+        for part, micro in zip(parts, minis):
+            totals = sequence_totals(part, max_len=cfg.data.max_response_len,
+                                     batch_entropy=entropy)
             updates.append(self.train_batch(micro, totals))
         self.last_updates = updates
         record.update(combine_updates(updates))
@@ -282,12 +290,14 @@ class Trainer:
         """This DP rank's micro-batches of ``seqs``, on the layout's device."""
         from srft_mcore.batching import make_micro_batches
 
-        p = self.cfg.parallel
-        micro = make_micro_batches(seqs, self.cfg.train.micro_batch_size, self.layout.dp_rank,
+        p, t = self.cfg.parallel, self.cfg.train
+        micro = make_micro_batches(seqs, t.micro_batch_size, self.layout.dp_rank,
                                    self.layout.dp, self.tokenizer.pad_token_id,
-                                   pad_to_multiple=p.tp if p.sequence_parallel else 1)
+                                   pad_to_multiple=p.tp if p.sequence_parallel else 1,
+                                   max_tokens=t.max_tokens_per_micro_batch)
         dev = self.layout.device
-        return [{k: v.to(dev, non_blocking=True) for k, v in mb.items()} for mb in micro]
+        return [{k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in mb.items()} for mb in micro]
 
     def _schedule(self, micro, forward_step, model, forward_only: bool) -> list:
         """Megatron's forward(-backward) schedule over ``micro`` (TP/PP/DP aware)."""
@@ -303,10 +313,11 @@ class Trainer:
     def _policy_output(self, model, mb, entropy_grad: bool = False):
         from srft_mcore.models.policy import policy_forward
 
+        packed = mb if self.cfg.train.max_tokens_per_micro_batch else None
         return policy_forward(model, mb["tokens"], mb["position_ids"], mb["targets"],
                               vocab_size=self.hf["vocab_size"], tp_group=self.layout.tp_group,
                               temperature=self.cfg.rollout.temperature,
-                              entropy_grad=entropy_grad)
+                              entropy_grad=entropy_grad, packed=packed)
 
     @torch.no_grad()
     def old_policy_pass(self, minis: list) -> dict:
@@ -319,7 +330,7 @@ class Trainer:
         mismatch |log p_sglang - log p_megatron| over rollout tokens, on every rank.
         """
         from srft_mcore.algo.losses import _masked_metric, _max_metric, entropy_token_mask, \
-            reduce_metrics
+            per_token, reduce_metrics
 
         def record_old(mb, output):
             logp_bs, ent_bs = output
@@ -331,8 +342,9 @@ class Trainer:
             # entropies on a 2^-24 grid sum exactly in float64 (integers < 2^53), so H does not
             # depend on how the step is split into micro-batches or DP ranks, to the bit
             ent_int_bs = torch.round(ent_bs.double() * ENTROPY_GRID)
+            demo_bs = per_token(mb["is_demo"], mb["seq_ids"])
             out = {f"entropy/step_{w}": _masked_metric(
-                ent_int_bs, entropy_token_mask(mask_bs, mb["is_demo"], w).double())
+                ent_int_bs, entropy_token_mask(mask_bs, demo_bs, w).double())
                 for w in ("rollout", "demo", "all")}
             out["mismatch/logprob_abs_diff"] = _masked_metric(diff_bs, have_bs)
             out["mismatch/logprob_abs_diff_max"] = _max_metric(diff_bs, have_bs)
@@ -395,9 +407,11 @@ class Trainer:
             metrics["train/skipped"] = 1.0
             limit = cfg.optimizer.max_consecutive_skips
             if self.skipped_in_a_row >= limit:
-                raise RuntimeError(f"{limit} optimizer steps in a row had non-finite gradients; "
-                                   f"stopping. Lower optimizer.lr or check the data (last step "
-                                   f"{self.step})")
+                raise TrainingStopped(
+                    f"step {self.step + 1}: {limit} optimizer steps in a row had non-finite "
+                    f"gradients (optimizer.max_consecutive_skips={limit}); stopped, the last "
+                    f"checkpoint is untouched. Fix: lower optimizer.lr, check the rewards and "
+                    f"data, or resume from the last checkpoint with --resume")
             return metrics
         self.skipped_in_a_row = 0
         ok, grad_norm, _ = self.optimizer.step()
@@ -453,6 +467,8 @@ class Trainer:
                     raise
                 writer.close()
                 copy_side_files(self.model_dir, tmp)
+                with open(os.path.join(tmp, "config.json"), "w") as f:  # with the overrides
+                    json.dump(self.hf, f, indent=2)
         dist.barrier()
         log0(f"exported the policy as a HF checkpoint: {out}")
         return out
@@ -479,6 +495,7 @@ class Trainer:
                 groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
             seqs = build_sequences(examples, groups, rewards, cfg.algorithm)
             with timer("train"):
+                self.engine.before_train()  # colocated: SGLang frees its GPU memory
                 record = self.train_step(seqs)
             self.step += 1
             with timer("sync"):
@@ -558,7 +575,7 @@ def _input_errors() -> tuple:
     from srft_mcore.rollout.server import ServerStartError
 
     return (ConfigError, FileNotFoundError, DataError, TemplateError, RewardError, BridgeError,
-            CheckpointError, UnsupportedArchitecture, ServerStartError)
+            CheckpointError, UnsupportedArchitecture, ServerStartError, TrainingStopped)
 
 
 def main(argv=None) -> int:
@@ -574,8 +591,11 @@ def main(argv=None) -> int:
         if cfg.model.hf_path:
             from srft_mcore.models import get_architecture, load_hf_config
 
+            from srft_mcore.models.tiny import check_tokenizer_files
+
             hf = load_hf_config(cfg.model.hf_path)
             get_architecture(hf)
+            check_tokenizer_files(cfg.model.hf_path)
         validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), hf_config=hf)
         trainer = Trainer(cfg)
         trainer.setup()

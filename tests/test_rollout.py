@@ -1,5 +1,7 @@
 """Rollout client and server lifecycle: load balancing and retries against a fake HTTP
-server, the flattened-bucket wire format, and start-up failures of real SGLang servers."""
+server, the flattened-bucket wire format, the colocated tensor mode (one handle per server
+TP rank, buffers kept alive, memory released around training) against a fake SGLang, and
+start-up failures of real SGLang servers."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import torch
 
 from srft_mcore.distributed import free_port
 from srft_mcore.rollout.client import GenerateError, SamplingParams, SGLangClient, parse_completion
+from srft_mcore.rollout import weight_sync as ws
 from srft_mcore.rollout.weight_sync import flatten_bucket, _bucket_metadata
 
 
@@ -103,6 +106,399 @@ def test_flattened_bucket_round_trips_through_sglang_reader():
         names, dtypes, shapes)).reconstruct_tensors())
     for name, t in bucket:
         assert torch.equal(got[name], t) and torch.equal(via_meta[name], t)
+
+
+# --------------------------------------------------------------------------- colocated tensor mode
+ALL_TAGS = ["kv_cache", "weights", "cuda_graph"]
+
+
+class _FakeSGLang(BaseHTTPRequestHandler):
+    """The endpoints the engine uses, with SGLang's rules that matter here: a memory tag is
+    resumed only after it was released, the first ``busy`` releases find the server not yet
+    idle, weights are only written inside a weight-update session and while their memory is
+    resident. Each ``/update_weights_from_tensor`` entry is opened as its TP rank would
+    open it and summarised per tensor (device and mean). State: ``self.server.state``."""
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, code: int, body) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        st = self.server.state
+        self._reply(200, {"weight_version": st["version"]} if self.path == "/model_info"
+                    else {"calls": st["calls"], "updates": st["updates"]})
+
+    def do_POST(self):
+        st = self.server.state
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        st["calls"].append([self.path, body.get("tags")])
+        try:
+            out = self._handle(st, body)
+        except AssertionError as e:
+            self._reply(400, {"success": False, "message": str(e)})
+            return
+        self._reply(200, out if out is not None else {"success": True})
+
+    def _handle(self, st, body):
+        path = self.path
+        if path == "/release_memory_occupation":
+            if st["busy"] > 0:
+                st["busy"] -= 1
+                raise AssertionError("release_memory_occupation should be called only when "
+                                     "server is idle.")
+            st["released"].update(body.get("tags") or ALL_TAGS)
+        elif path == "/resume_memory_occupation":
+            tags = set(body.get("tags") or ALL_TAGS)
+            assert tags <= st["released"], f"KeyError: {sorted(tags - st['released'])}"
+            st["released"] -= tags
+        elif path == "/begin_weight_update":
+            assert not st["session"], "a weight-update session is already open"
+            st["session"] = True
+        elif path == "/end_weight_update":
+            st["session"] = False
+        elif path == "/update_weight_version":
+            st["version"] = body["new_version"]
+        elif path == "/update_weights_from_tensor":
+            assert st["session"], "update_weights_from_tensor must run between begin/end"
+            assert "weights" not in st["released"], "the weights' memory is released"
+            if st.get("probe"):
+                st["probe"]()
+            st["updates"].append([_open_entry(e, st["cuda"])
+                                  for e in body["serialized_named_tensors"]])
+        elif path == "/generate":
+            assert not st["released"], f"generate with {sorted(st['released'])} released"
+            return {"text": "ok", "output_ids": [7],
+                    "meta_info": {"output_token_logprobs": [[-0.5, 7, None]],
+                                  "finish_reason": {"type": "length", "length": 1},
+                                  "prompt_tokens": 1, "weight_version": st["version"]}}
+        return None
+
+
+def _open_entry(entry: str, cuda: bool = False) -> dict:
+    """What one SGLang TP rank does with its entry: deserialize, rebuild the tensors, copy.
+    ``cuda``: read CUDA handles as SGLang does (by GPU UUID); the patch this needs breaks
+    pickling CPU tensors in the same process, so the in-process fake leaves it out."""
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+
+    if cuda:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        monkey_patch_torch_reductions()
+    data = MultiprocessingSerializer.deserialize(entry)
+    flat = data["flattened_tensor"]
+    bucket = FlattenedTensorBucket(flattened_tensor=flat, metadata=data["metadata"])
+    tensors = {n: t.clone() for n, t in bucket.reconstruct_tensors()}
+    return {"device": str(flat.device),
+            "tensors": {n: float(t.float().mean()) for n, t in tensors.items()}}
+
+
+def _fake_state(busy: int = 0, cuda: bool = False) -> dict:
+    return {"calls": [], "updates": [], "released": set(), "session": False,
+            "version": None, "busy": busy, "cuda": cuda}
+
+
+def _start_fake(state: dict):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSGLang)
+    httpd.state = state
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+def _serve_fake_process(port_queue) -> None:
+    """A fake SGLang in its own process, as the real one is: handles are opened there."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSGLang)
+    httpd.state = _fake_state(cuda=True)
+    port_queue.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+@pytest.fixture
+def fake_sglang_process():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_serve_fake_process, args=(q,), daemon=True)
+    proc.start()
+    try:
+        yield f"http://127.0.0.1:{q.get(timeout=120)}"
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+@pytest.fixture
+def shm_sharing():
+    """The tensor mode's CPU sharing strategy, restored afterwards."""
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    ws._detach_shm_manager_from_stdio()
+    yield
+    torch.multiprocessing.set_sharing_strategy(before)
+
+
+def test_colocated_plan_puts_each_server_rank_on_its_trainer_rank():
+    assert ws.colocated_plan(2, 2, 4, on_gpu=True) == [[0, 1], [2, 3]]
+    assert ws.colocated_plan(1, 2, 8, on_gpu=True) == [[0, 1]]
+    with pytest.raises(ws.WeightSyncError, match="2 servers x server_tp 2 need 4 GPUs"):
+        ws.colocated_plan(2, 2, 2, on_gpu=True)
+    # shared memory opens anywhere: CPU ranks wrap around a small world
+    assert ws.colocated_plan(2, 1, 1, on_gpu=False) == [[0], [0]]
+    # a re-sync of the second server alone (after its restart) still finds its GPUs
+    transport = ws.TensorTransport(server_tp=2, placement=["http://a", "http://b"])
+    assert transport.plan(["http://b"], world=4, on_gpu=True) == [[2, 3]]
+
+
+def test_payload_has_one_entry_per_server_tp_rank_from_its_own_rank(shm_sharing):
+    # four "trainer ranks", each with its own copy of one bucket (marked by its rank)
+    bucket = [("a.weight", torch.zeros(3, 4)), ("b.bias", torch.zeros(5))]
+    flat0, names, dtypes, shapes = flatten_bucket(bucket)
+    meta = _bucket_metadata(names, dtypes, shapes)
+    copies = [torch.full_like(flat0.view(torch.float32), g + 1.0).view(torch.uint8)
+              for g in range(4)]
+    handles = [ws.serialize_bucket(c, meta) for c in copies]
+    plan = ws.colocated_plan(2, 2, 4, on_gpu=True)
+    payloads = ws.server_payloads(handles, plan)
+    assert [len(p) for p in payloads] == [2, 2]
+    for s, entries in enumerate(payloads):
+        for r, entry in enumerate(entries):
+            opened = _open_entry(entry)
+            assert opened["tensors"] == {"a.weight": plan[s][r] + 1.0,
+                                         "b.bias": plan[s][r] + 1.0}, (s, r)
+    with pytest.raises(ws.WeightSyncError, match=r"server 1: trainer ranks \[3\]"):
+        ws.server_payloads(handles[:3] + [None], plan)
+
+
+def test_colocated_gpu_servers_start_at_their_trainer_ranks_gpus(monkeypatch):
+    from srft_mcore.config import RolloutConfig
+    from srft_mcore.rollout import engine
+
+    monkeypatch.setattr(engine, "cuda_available", lambda: True)
+    monkeypatch.delenv("SRFT_ROLLOUT_GPUS", raising=False)
+    cfg = RolloutConfig(weight_sync="tensor", server_tp=2, num_servers=2)
+    assert [engine.colocated_gpu_args(cfg, i) for i in (0, 1)] == [
+        ["--base-gpu-id", "0"], ["--base-gpu-id", "2"]]
+    assert engine.colocated_gpu_args(RolloutConfig(weight_sync="distributed"), 1) == []
+    monkeypatch.setenv("SRFT_ROLLOUT_GPUS", "4,5,6,7")  # placed explicitly: left alone
+    assert engine.colocated_gpu_args(cfg, 1) == []
+
+
+def _stream(n: int, value: float = 1.0, prefix: str = "w"):
+    return [(f"{prefix}{i}", torch.full((64,), value + i)) for i in range(n)]
+
+
+def test_buffers_live_until_the_server_answers_then_are_freed(shm_sharing, monkeypatch):
+    import gc
+    import weakref
+
+    refs = []
+
+    def recording(bucket):
+        out = flatten_bucket(bucket)
+        refs.append(weakref.ref(out[0]))
+        return out
+
+    monkeypatch.setattr(ws, "flatten_bucket", recording)
+    state = _fake_state()
+    alive_during_post = []
+    state["probe"] = lambda: alive_during_post.append(refs[-1]() is not None)
+    httpd, url = _start_fake(state)
+    try:
+        src = ws.SourceInfo(rank=0, pp_rank=0, exports=True, sends=True)
+        stats = ws.sync_weights(ws.TensorTransport(server_tp=2), [url], src, "v1",
+                                lambda: _stream(5), bucket_bytes=512)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    gc.collect()
+    assert stats.buckets == 3 and stats.bytes == 5 * 64 * 4  # 2 + 2 + 1 tensors
+    assert alive_during_post == [True, True, True]
+    assert [r() for r in refs] == [None, None, None]
+    # one entry per server TP rank; both TP ranks read the same (only) trainer rank here
+    assert [len(u) for u in state["updates"]] == [2, 2, 2]
+    assert state["updates"][2][1]["tensors"] == {"w4": 5.0}
+
+
+def _fake_engine(url: str, tmp_path, mode: str = "tensor"):
+    from srft_mcore.rollout.engine import RolloutEngine
+    from srft_mcore.rollout.server import SGLangServer
+
+    return RolloutEngine([SGLangServer.attach(url)], mode=mode, bucket_mb=0.001,
+                         work_dir=str(tmp_path), request_timeout_s=10, server_tp=2)
+
+
+def test_memory_is_released_for_training_and_resumed_around_the_sync(shm_sharing, tmp_path):
+    from srft_mcore.rollout.engine import RolloutError
+
+    state = _fake_state(busy=2)  # the first two releases find a batch still finishing
+    httpd, url = _start_fake(state)
+    try:
+        eng = _fake_engine(url, tmp_path)
+        eng.sync_tensors(lambda: _stream(3), version="1")
+        assert eng.generate([[1, 2]], n=1)[0][0].weight_version == "1"
+        state["calls"].clear()
+
+        eng.before_train()
+        eng.before_train()  # already released: no second request
+        assert state["released"] == set(ALL_TAGS)
+        assert eng.released == {url: sorted(ALL_TAGS)}
+        with pytest.raises(RolloutError, match="call sync_weights before generating"):
+            eng.generate([[1, 2]], n=1)
+        eng.sync_tensors(lambda: _stream(3, value=10.0), version="2")
+        assert state["released"] == set() and eng.released == {}
+        eng.after_train()  # nothing left to resume: no request
+        assert eng.generate([[1, 2]], n=1)[0][0].weight_version == "2"
+        assert eng.metrics()["rollout/memory_requests"] == 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    paths = [p for p, _ in state["calls"]]
+    release = [i for i, p in enumerate(paths) if p == "/release_memory_occupation"]
+    assert len(release) == 3  # two refused while busy, then accepted
+    resumes = [(i, tags) for i, (p, tags) in enumerate(state["calls"])
+               if p == "/resume_memory_occupation"]
+    assert [tags for _, tags in resumes] == [["weights"], ["kv_cache", "cuda_graph"]]
+    updates = [i for i, p in enumerate(paths) if p == "/update_weights_from_tensor"]
+    begin, end = paths.index("/begin_weight_update"), paths.index("/continue_generation")
+    # release < resume weights < begin < updates < continue generating < resume the rest
+    assert release[-1] < resumes[0][0] < begin < updates[0] <= updates[-1] < end < resumes[1][0]
+    assert paths[-1] == "/generate"
+    assert state["updates"][-1][0]["tensors"] == {"w0": 10.0, "w1": 11.0, "w2": 12.0}
+
+
+def test_memory_stays_put_when_servers_have_their_own_gpus(tmp_path):
+    state = _fake_state()
+    httpd, url = _start_fake(state)
+    try:
+        eng = _fake_engine(url, tmp_path, mode="disk")
+        eng.before_train()
+        eng.after_train()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert state["calls"] == [] and eng.released == {}
+
+
+def _colocated_job(url: str, device: str, phases: tuple) -> dict:
+    """Two trainer ranks, one server with TP2 (rank r holds the copy for TP rank r)."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    group = dist.new_group(backend="gloo")
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
+    import srft_mcore.distributed as sd
+
+    # the life of each tensor this rank hands out, against the moment rank 0 says that the
+    # servers have answered (its status broadcast); and whether any copy outlives the sync
+    refs, events = [], []
+    real_flatten, real_serialize = ws.flatten_bucket, ws.serialize_bucket
+    real_broadcast = sd.broadcast_object
+
+    def flattening(bucket):
+        out = real_flatten(bucket)
+        refs.append(weakref.ref(out[0]))
+        return out
+
+    def serializing(flat, metadata):
+        k = sum(e.startswith("made") for e in events)
+        events.append(f"made{k}")
+        weakref.finalize(flat, events.append, f"freed{k}")
+        return real_serialize(flat, metadata)
+
+    def told(*args, **kwargs):
+        out = real_broadcast(*args, **kwargs)
+        events.append("told")
+        return out
+
+    ws.flatten_bucket, ws.serialize_bucket = flattening, serializing
+    sd.broadcast_object = told
+    transport = ws.TensorTransport(server_tp=2)
+    stats = {}
+    if "pp1" in phases:
+        # rank-specific values (fault injection): an entry shows which rank it came from
+        src = ws.SourceInfo(rank=rank, pp_rank=0, exports=True, sends=rank == 0)
+        s = ws.sync_weights(transport, [url], src, "pp1",
+                            lambda: [(n, t.to(dev)) for n, t in _stream(4, 10.0 * rank)],
+                            bucket_bytes=512, group=group)
+        stats["pp1"] = (s.bytes, s.buckets)
+    pp1_events = list(events)
+    if "pp2" in phases:
+        # PP2 over the world: each rank is a stage with its own layers; both TP ranks of the
+        # server need both stages' buckets
+        src = ws.SourceInfo(rank=rank, pp_rank=rank, exports=True, sends=True, pp=2)
+        s = ws.sync_weights(transport, [url], src, "pp2",
+                            lambda: _stream(3, 100.0 * (rank + 1), prefix=f"s{rank}.w"),
+                            bucket_bytes=512, group=group)
+        stats["pp2"] = (s.bytes, s.buckets)
+    gc.collect()
+    return dict(stats=stats, flats=len(refs), alive=sum(r() is not None for r in refs),
+                pp1_events=pp1_events,
+                device=str(torch.cuda.current_device()) if device == "cuda" else "cpu")
+
+
+def _run_colocated(url: str, device: str, phases: tuple) -> tuple[list, dict]:
+    import requests
+
+    from srft_mcore.launch import spawn_ranks
+
+    results = spawn_ranks(_colocated_job, 2, (url, device, phases), timeout_s=300)
+    return results, requests.get(url + "/calls", timeout=10).json()
+
+
+@pytest.mark.slow
+def test_each_server_tp_rank_reads_its_own_trainer_rank_on_cpu(fake_sglang_process):
+    results, seen = _run_colocated(fake_sglang_process, "cpu", ("pp1", "pp2"))
+    pp1, pp2 = seen["updates"][:2], seen["updates"][2:]
+    # pp1: rank r's copy went to TP rank r, read in the server's own process (shared
+    # memory: a copy freed before the POST could not have been opened)
+    assert [sorted(e["tensors"]) for e in pp1[0]] == [["w0", "w1"], ["w0", "w1"]]
+    for bucket in pp1:
+        for r, entry in enumerate(bucket):
+            assert all(v - 10.0 * r in (0.0, 1.0, 2.0, 3.0) for v in entry["tensors"].values())
+    assert pp1[1][1]["tensors"] == {"w2": 12.0, "w3": 13.0}
+    # pp2: stage 1's buckets reached rank 0 (and stage 0's rank 1) by the PP broadcast
+    assert len(pp2) == 4
+    for r in (0, 1):
+        assert [sorted(b[r]["tensors"]) for b in pp2] == [
+            ["s0.w0", "s0.w1"], ["s0.w2"], ["s1.w0", "s1.w1"], ["s1.w2"]]
+        assert pp2[3][r]["tensors"] == {"s1.w2": 202.0}
+    assert results[0]["stats"] == {"pp1": (4 * 256, 2), "pp2": (6 * 256, 4)}
+    # each rank frees a copy only after rank 0 has heard back from the server
+    kept = ["made0", "told", "freed0", "made1", "told", "freed1"]
+    assert [r["pp1_events"] for r in results] == [kept, kept]
+    # every copy a rank flattened is gone once the sync returned
+    assert [(r["flats"], r["alive"]) for r in results] == [(4, 0), (4, 0)]
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a CUDA GPU")
+def test_each_server_tp_rank_gets_a_cuda_ipc_handle_on_its_own_gpu(fake_sglang_process):
+    pytest.importorskip("sglang")
+    results, seen = _run_colocated(fake_sglang_process, "cuda", ("pp1",))
+    assert len(seen["updates"]) == 2
+    for bucket in seen["updates"]:
+        for r, entry in enumerate(bucket):
+            # opened by CUDA IPC on the GPU of trainer rank r, with rank r's values
+            assert entry["device"] == f"cuda:{results[r]['device']}", (r, entry)
+            assert all(v - 10.0 * r in (0.0, 1.0, 2.0, 3.0) for v in entry["tensors"].values())
+    kept = ["made0", "told", "freed0", "made1", "told", "freed1"]
+    assert [r["pp1_events"] for r in results] == [kept, kept]
+    assert [(r["flats"], r["alive"]) for r in results] == [(2, 0), (2, 0)]
 
 
 # --------------------------------------------------------------------------- real servers

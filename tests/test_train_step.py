@@ -217,3 +217,54 @@ def test_kl_to_the_frozen_start_policy():
     assert out["ref_frozen"] and out["moved"] > 0
     # ranks wait for rollouts on a gloo group (not NCCL), with its own timeout
     assert out["cpu_group"] == "gloo"
+
+
+# --------------------------------------------------------------------------- packing
+def _per_sequence_logprobs(t, micro):
+    """{sequence tokens: its trained positions' old log-probs} from one old-policy pass."""
+    t.old_policy_pass([micro])
+    out = {}
+    if not t.layout.is_last_stage:
+        return out
+    for mb in micro:
+        for r in range(mb["tokens"].shape[0]):
+            for k in mb["seq_ids"][r].unique().tolist():
+                at = (mb["seq_ids"][r] == k) & (mb["loss_mask"][r] > 0)
+                if at.any():
+                    key = tuple(mb["tokens"][r][mb["seq_ids"][r] == k].tolist())
+                    out[key] = mb["old_logprobs"][r][at]
+    return out
+
+
+def _packed_rank(tp, pp, budget):
+    """Padded and packed micro-batches of the same step under one layout: log-probs per
+    sequence, the step's metrics and this rank's gradient shard."""
+    out = {}
+    for name, extra in (("padded", ["train.micro_batch_size=4"]),
+                        ("packed", [f"train.max_tokens_per_micro_batch={budget}"])):
+        t = _trainer([f"parallel.tp={tp}", f"parallel.pp={pp}", "optimizer.lr=0.0",
+                      "data.max_prompt_len=8", *extra])
+        seqs = _synthetic_step(t.hf["vocab_size"])
+        micro = t._micro_batches(seqs)
+        out[name] = {"logp": _per_sequence_logprobs(t, micro),
+                     "rows": sum(mb["tokens"].shape[0] for mb in micro),
+                     "width": micro[0]["tokens"].shape[1],
+                     "record": t.train_step(seqs), "grads": _grads(t)}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,tp,pp", [(1, 1, 1), (2, 2, 1), (2, 1, 2)])
+def test_packed_equals_padded(world, tp, pp):
+    for res in spawn_ranks(_packed_rank, world, (tp, pp, 48), timeout_s=300):
+        padded, packed = res["padded"], res["packed"]
+        assert packed["rows"] < padded["rows"] == 16  # several sequences per packed row
+        assert padded["logp"].keys() == packed["logp"].keys()
+        for key, lp in padded["logp"].items():
+            assert torch.allclose(packed["logp"][key], lp, rtol=1e-6, atol=1e-6), key
+        for k in ("loss", "loss/sft", "loss/onpolicy", "w_sft", "w_rl", "entropy/step"):
+            assert packed["record"][k] == pytest.approx(padded["record"][k], rel=1e-6), k
+        scale = max(v.abs().max().item() for v in padded["grads"].values())
+        diff = max((packed["grads"][k] - v).abs().max().item()
+                   for k, v in padded["grads"].items())
+        assert diff <= 1e-6 * scale, (tp, pp, diff, scale)

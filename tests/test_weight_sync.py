@@ -3,8 +3,10 @@
 One spawned 2-rank job shares one engine-owned server across all checks (start-up costs
 ~30 s): for each layout and each sync mode it perturbs the Megatron weights, syncs, and
 compares SGLang's greedy continuation and log-probs with the Megatron model's own greedy
-decode; then it kills the server by PID during a rollout and checks the recovery. The test
-functions assert on the collected results.
+decode (the colocated ``tensor`` mode releases the server's memory right after the rollout,
+as before a training step, and the sync brings it back); then it kills the server by PID
+during a rollout and checks the recovery. The test functions assert on the collected
+results.
 """
 from __future__ import annotations
 
@@ -114,10 +116,13 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
             eng = RolloutEngine(engine.servers, mode=mode, layout=layout, hf_config=hf,
                                 bucket_mb=0.2, work_dir=work_dir, request_timeout_s=60)
             before = _greedy(eng, [PROMPT])
+            eng.before_train()  # right after a rollout, as the trainer does
+            released = eng.released
             seed += 1
             _perturb(model, layout, seed)
             version = f"tp{tp}pp{pp}-{mode}"
             stats = eng.sync_weights(model, version=version)
+            resident = eng.released
             after = _greedy(eng, [PROMPT])
             mg_ids, mg_lp = megatron_greedy(model, layout, hf["vocab_size"], PROMPT, N_NEW)
             if layout.rank == 0:
@@ -126,7 +131,8 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
                     sg_lp=after[0][0].logprobs, mg_ids=mg_ids, mg_lp=mg_lp,
                     reported=eng.client.weight_version(eng.urls[0]),
                     completion_version=after[0][0].weight_version,
-                    seconds=stats.seconds, bytes=stats.bytes, buckets=stats.buckets)
+                    seconds=stats.seconds, bytes=stats.bytes, buckets=stats.buckets,
+                    released=released, resident=resident, memory_calls=eng.memory_calls)
             eng.transport.close()
         last = (model, layout)
         ps.destroy_model_parallel()
@@ -251,6 +257,11 @@ def test_sync_matches_megatron_greedy(job, mode, tp, pp):
     assert diff <= 1e-3, (diff, ph)
     assert ph["reported"] == ph["completion_version"] == f"tp{tp}pp{pp}-{mode}"
     assert ph["bytes"] > 0 and ph["buckets"] >= 2  # 0.2 MiB buckets: several per stage
+    if mode == "tensor":  # the real server accepted the release and both resumes
+        assert list(ph["released"].values()) == [["cuda_graph", "kv_cache", "weights"]]
+        assert ph["resident"] == {} and ph["memory_calls"] == 3
+    else:
+        assert ph["released"] == ph["resident"] == {} and ph["memory_calls"] == 0
 
 
 def test_killed_server_is_restarted_and_resynced(job):

@@ -159,20 +159,34 @@ def batch_totals(loss_mask_bs: torch.Tensor, is_demo_b: torch.Tensor, max_len: i
 
 
 def aggregate(token_loss_bs: torch.Tensor, mask_bs: torch.Tensor, mode: str,
-              n_tokens: float, n_seqs: float, max_len: int = 1) -> torch.Tensor:
+              n_tokens: float, n_seqs: float, max_len: int = 1,
+              seq_ids_bs: Optional[torch.Tensor] = None, n_local: int = 0) -> torch.Tensor:
     """This micro-batch's share of a global average of ``token_loss_bs`` over ``mask_bs``.
 
     Summing the results of all micro-batches (of all DP ranks) gives the global average.
+    seq_ids_bs: the sequence of each position (packed rows hold several; -1 = padding),
+    ``n_local`` sequences in this micro-batch; None = one sequence per row.
     """
     masked_bs = token_loss_bs * mask_bs
     if mode == "token-mean":
         return masked_bs.sum() / max(n_tokens, 1.0)
     if mode == "seq-mean-token-mean":
-        per_seq_b = masked_bs.sum(-1) / mask_bs.sum(-1).clamp(min=1.0)
-        return per_seq_b.sum() / max(n_seqs, 1.0)
+        if seq_ids_bs is None:
+            per_seq = masked_bs.sum(-1) / mask_bs.sum(-1).clamp(min=1.0)
+        else:  # per-sequence sums of packed rows; padding carries mask 0
+            idx = seq_ids_bs.clamp(min=0).reshape(-1)
+            sums = masked_bs.new_zeros(n_local).index_add_(0, idx, masked_bs.reshape(-1))
+            counts = mask_bs.new_zeros(n_local).index_add_(0, idx, mask_bs.reshape(-1))
+            per_seq = sums / counts.clamp(min=1.0)
+        return per_seq.sum() / max(n_seqs, 1.0)
     if mode == "seq-sum-max-len":
         return masked_bs.sum() / (max_len * max(n_seqs, 1.0))
     raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def per_token(x, seq_ids_bs: torch.Tensor) -> torch.Tensor:
+    """A per-sequence value [n] spread over the positions of its sequence [b, s]."""
+    return x if x.dim() == 2 else x[seq_ids_bs.clamp(min=0)]
 
 
 def entropy_for_weights(entropy_bs: torch.Tensor, mode: str,
@@ -190,9 +204,11 @@ def entropy_for_weights(entropy_bs: torch.Tensor, mode: str,
     return torch.full_like(ent_bs, float(batch_entropy))
 
 
-def entropy_token_mask(mask_bs: torch.Tensor, demo_b: torch.Tensor, which: str) -> torch.Tensor:
-    """Tokens whose mean entropy is the step's H: rollout | demo | all trained tokens."""
-    demo_b = demo_b.bool().to(mask_bs.device).unsqueeze(-1)
+def entropy_token_mask(mask_bs: torch.Tensor, demo: torch.Tensor, which: str) -> torch.Tensor:
+    """Tokens whose mean entropy is the step's H: rollout | demo | all trained tokens.
+    demo: per row [b] or per position [b, s]."""
+    demo_b = demo.bool().to(mask_bs.device)
+    demo_b = demo_b.unsqueeze(-1) if demo_b.dim() == 1 else demo_b
     if which == "rollout":
         return mask_bs * ~demo_b
     if which == "demo":
@@ -254,13 +270,16 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
     entropy_bs = entropy_bs.float()
     dev = logp_bs.device
     mask_bs = batch["loss_mask"].to(dev).float()
-    demo_b = batch["is_demo"].to(dev).bool()
-    demo_bs = mask_bs * demo_b.unsqueeze(-1)
-    roll_bs = mask_bs * (~demo_b).unsqueeze(-1)
+    seq_bs = batch.get("seq_ids")  # packed rows: the sequence of each position
+    n_local = batch["is_demo"].shape[0]
+    seq_bs = (torch.arange(mask_bs.shape[0], device=dev).unsqueeze(-1).expand_as(mask_bs)
+              if seq_bs is None else seq_bs.to(dev))
+    is_demo_bs = per_token(batch["is_demo"].to(dev).bool(), seq_bs)
+    demo_bs = mask_bs * is_demo_bs
+    roll_bs = mask_bs * ~is_demo_bs
     adv_bs = batch.get("advantages")
     if adv_bs is not None:
-        adv_bs = adv_bs.to(dev).float()
-        adv_bs = adv_bs.unsqueeze(-1).expand_as(logp_bs) if adv_bs.dim() == 1 else adv_bs
+        adv_bs = per_token(adv_bs.to(dev).float(), seq_bs)
     old_bs = batch.get("old_logprobs")
     old_bs = old_bs.to(dev).float() if old_bs is not None else None
     agg, t = cfg.loss_agg, totals
@@ -281,15 +300,15 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         else:
             w_sft_bs = torch.full_like(logp_bs, 1.0 if name == "sft" else cfg.fixed_weight)
         terms["sft"] = aggregate(w_sft_bs * sft_token_loss(logp_bs), demo_bs, agg,
-                                 t.demo_tokens, t.demo_seqs, t.max_len)
+                                 t.demo_tokens, t.demo_seqs, t.max_len, seq_bs, n_local)
         metrics["w_sft"] = _masked_metric(w_sft_bs, demo_bs)
     if has_offpolicy:
         off_bs = offpolicy_demo_token_loss(logp_bs, adv_bs, cfg.offpolicy_shaping,
                                            cfg.shaping_gamma)
-        terms["offpolicy"] = aggregate(off_bs, demo_bs, agg, rl_tokens, rl_seqs, t.max_len)
+        terms["offpolicy"] = aggregate(off_bs, demo_bs, agg, rl_tokens, rl_seqs, t.max_len,
+                                       seq_bs, n_local)
     if has_onpolicy:
-        positive_b = batch["rewards"].to(dev).float() > 0
-        positive_bs = positive_b.unsqueeze(-1).expand_as(logp_bs)
+        positive_bs = per_token(batch["rewards"].to(dev).float(), seq_bs) > 0
         if name in _SRFT:
             w_pos_bs = (rl_weight(h_w_bs, cfg.c_rl).clamp(max=cap)
                         if name in ("srft", "srft_no_wsft")
@@ -307,7 +326,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
             on_bs = on_bs * tis_bs
             metrics["tis/weight"] = _masked_metric(tis_bs, roll_bs)
         terms["onpolicy"] = aggregate(w_rl_bs * on_bs, roll_bs, agg, rl_tokens, rl_seqs,
-                                      t.max_len)
+                                      t.max_len, seq_bs, n_local)
         metrics["ppo/ratio"] = _masked_metric(ratio_bs, roll_bs)
         metrics["ppo/ratio_max"] = _max_metric(ratio_bs, roll_bs)
         metrics["ppo/clipfrac"] = _masked_metric(clipped_bs.float(), roll_bs)
@@ -317,7 +336,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         if cfg.kl_coef:
             kl_bs = kl_penalty(logp_bs, batch["ref_logprobs"].to(dev).float(), cfg.kl_estimator)
             terms["kl"] = cfg.kl_coef * aggregate(kl_bs, roll_bs, agg, t.rollout_tokens,
-                                                  t.rollout_seqs, t.max_len)
+                                                  t.rollout_seqs, t.max_len, seq_bs, n_local)
             metrics["kl/ref"] = _masked_metric(kl_bs, roll_bs)
     if cfg.entropy_coef:  # over every token the algorithm trains on
         if name == "grpo":
@@ -328,7 +347,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
             pop_bs = mask_bs
             n_tok, n_seq = t.demo_tokens + t.rollout_tokens, t.demo_seqs + t.rollout_seqs
         terms["entropy_bonus"] = -cfg.entropy_coef * aggregate(entropy_bs, pop_bs, agg, n_tok,
-                                                               n_seq, t.max_len)
+                                                               n_seq, t.max_len, seq_bs, n_local)
 
     loss = zero + sum(terms.values())
     metrics["loss"] = _metric(loss, metric_share, logp_bs)

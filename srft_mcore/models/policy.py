@@ -29,7 +29,7 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
                    targets_bs: Optional[torch.Tensor], *, vocab_size: int, tp_group=None,
                    temperature: float = 1.0, fused: str = "linear",
                    chunk_size: Optional[int] = None, entropy_grad: bool = False,
-                   attention_mask=None):
+                   attention_mask=None, packed: Optional[dict] = None):
     """Run this rank's stage; on the last stage return (logp_bs, entropy_bs) for targets.
 
     tp_group: the tensor-parallel group (default: the model's ``pg_collection.tp``).
@@ -39,20 +39,35 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
     output layer, then the chunked kernel on its vocab-sharded logits). entropy_grad: let
     gradients flow through the entropy (needed only for an entropy bonus). With
     ``targets_bs=None`` the model's ordinary forward runs and the last stage returns logits.
+    packed: rows holding several sequences (``seq_ids`` [b, s]; ``cu_seqlens`` and
+    ``max_seqlen`` for one-row THD micro-batches): attention stays inside each sequence and
+    positions restart (see models/packing.py).
     """
+    from srft_mcore.models import packing
+
     gpt = unwrap_gpt(model)
-    if targets_bs is None or not gpt.post_process:
+    if packed is None and (targets_bs is None or not gpt.post_process):
         return model(tokens_bs, position_ids_bs, attention_mask)
     if gpt.config.mtp_num_layers:
         raise NotImplementedError("policy_forward does not support multi-token prediction")
 
     # GPTModel.forward up to the decoder output (megatron-core 0.16), then our own head
+    thd = None
+    if packed is not None and packing.uses_te(gpt):
+        thd = packing.thd_params(packed["cu_seqlens"], packed["max_seqlen"])
     decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, seq_len_offset, \
-        padding_mask = gpt._preprocess(input_ids=tokens_bs, position_ids=position_ids_bs)[:6]
+        padding_mask = gpt._preprocess(input_ids=tokens_bs, position_ids=position_ids_bs,
+                                       packed_seq_params=thd)[:6]
+    if packed is not None and thd is None:
+        attention_mask = packing.block_causal_mask(packed["seq_ids"])
+        if rotary_pos_emb is not None:
+            rotary_pos_emb = packing.rotary_for_positions(gpt, position_ids_bs)
     hidden_sbh = gpt.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
                              rotary_pos_emb=rotary_pos_emb, rotary_pos_cos=rotary_pos_cos,
                              rotary_pos_sin=rotary_pos_sin, sequence_len_offset=seq_len_offset,
-                             padding_mask=padding_mask)
+                             padding_mask=padding_mask, packed_seq_params=thd)
+    if not gpt.post_process or targets_bs is None:
+        return hidden_sbh
     if tp_group is None:  # the model's own TP group, as its output layer uses it
         tp_group = gpt.pg_collection.tp
     targets_sb = targets_bs.t()

@@ -71,9 +71,49 @@ def build_tokenizer(out_dir: str = TOKENIZER_DIR, vocab_size: int = 512) -> str:
     return out_dir
 
 
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+               "vocab.txt")
+"""Any one of these holds a tokenizer's vocabulary (or vocab.json with merges.txt)."""
+
+
+class MissingTokenizer(FileNotFoundError):
+    """A model directory without the tokenizer files (an input error, reported in one
+    paragraph)."""
+
+
+def check_tokenizer_files(model_dir: str) -> None:
+    """Raise MissingTokenizer naming what is missing from a local model directory.
+
+    transformers 5 does not fail on such a directory: it builds an empty tokenizer (or one
+    with default special tokens) that only breaks much later, e.g. inside SGLang.
+    """
+    if not os.path.isdir(model_dir):
+        return  # a hub id or a single file: transformers reports it
+    has = set(os.listdir(model_dir))
+    missing = []
+    if not has & set(VOCAB_FILES) and not {"vocab.json", "merges.txt"} <= has:
+        detail = " (vocab.json without merges.txt)" if "vocab.json" in has else ""
+        missing.append(f"a vocabulary file{detail}: one of {', '.join(VOCAB_FILES)} or "
+                       f"vocab.json + merges.txt")
+    if "tokenizer_config.json" not in has:
+        missing.append("tokenizer_config.json (the special tokens, e.g. the end-of-sequence "
+                       "token that stops rollouts)")
+    if missing:
+        raise MissingTokenizer(
+            f"model directory {model_dir} has no usable tokenizer: missing "
+            f"{'; and '.join(missing)}. The trainer and the SGLang servers read the tokenizer "
+            f"from the model directory. Fix: copy the tokenizer files of the base model this "
+            f"checkpoint comes from into {model_dir} (tokenizer.json and "
+            f"tokenizer_config.json, and chat_template.jinja, vocab.json/merges.txt or "
+            f"tokenizer.model where the base model has them)")
+
+
 def load_tokenizer(path: Optional[str] = None):
+    """The tokenizer of a HF model directory (default: the shipped tiny tokenizer)."""
     from transformers import AutoTokenizer
 
+    if path is not None:
+        check_tokenizer_files(path)
     return AutoTokenizer.from_pretrained(path or TOKENIZER_DIR)
 
 

@@ -18,6 +18,12 @@ own layers) and in the recovery protocol of :meth:`generate`: when a server dies
 (requests fail, then ``/health_generate`` does not answer), rank 0 restarts it, every rank
 re-syncs the current weights into it, and the request batch is retried. ``metrics()``
 counts the restarts.
+
+Colocated (``rollout.weight_sync=tensor``: servers on the trainer's GPUs) the trainer
+brackets each training step: ``engine.before_train()`` makes every server free its weights,
+KV cache and CUDA graphs; the next ``engine.sync_weights(...)`` brings the weights' memory
+back, pushes the new weights into it, then brings back the KV cache and CUDA graphs, so the
+trainer's and the server's peaks never add up.
 """
 from __future__ import annotations
 
@@ -27,18 +33,18 @@ import time
 from typing import Callable, Optional, Sequence
 
 import requests
-import torch.distributed as dist
+import torch
 
 from srft_mcore.distributed import broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
 from srft_mcore.rollout.server import SGLangServer, cuda_available
-from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats,
+from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats, _world,
                                             export_stream, make_transport,
                                             source_info, sync_weights)
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
-"""What ``/release_memory_occupation`` frees on a GPU server."""
+"""What ``/release_memory_occupation`` frees on a GPU server (SGLang's memory-saver tags)."""
 
 
 class RolloutError(RuntimeError):
@@ -53,12 +59,6 @@ def resolve_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"rollout.weight_sync={mode!r}: expected auto or one of {MODES}")
     return mode
-
-
-def _world(group) -> tuple[int, int]:
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 class RolloutEngine:
@@ -80,11 +80,14 @@ class RolloutEngine:
         self.health_timeout_s = health_timeout_s
         self.client = SGLangClient([s.url for s in self.servers], max_concurrency=max_concurrency,
                                    request_timeout_s=request_timeout_s, retries=retries)
-        self.transport = make_transport(self.mode, self.work_dir, server_tp=server_tp)
+        self.transport = make_transport(self.mode, self.work_dir, server_tp=server_tp,
+                                        placement=self.urls)
         self.version: Optional[str] = None
         self.last_sync: Optional[SyncStats] = None
         self._tensors: Optional[Callable[[], NamedTensors]] = None
-        self._released: set = set()
+        self._released: dict[str, set] = {}  # url -> memory tags it has released
+        self._weights_dropped = False  # released weights come back empty: sync before use
+        self.memory_calls = 0  # release/resume requests rank 0 made (all servers together)
         self._sync_failed = False
         self._syncs = 0
 
@@ -97,7 +100,7 @@ class RolloutEngine:
         ``cfg.urls``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
         rank, _ = _world(group)
         if resolve_mode(cfg.weight_sync) == "tensor" and cuda_available():
-            # colocated: release_memory() needs SGLang's memory saver
+            # colocated: before_train() needs SGLang's memory saver
             server_args = [*server_args, "--enable-memory-saver"]
         servers: list[SGLangServer] = []
         error = None
@@ -124,6 +127,16 @@ class RolloutEngine:
     def rank(self) -> int:
         return _world(self.group)[0]
 
+    @property
+    def colocated(self) -> bool:
+        """The servers share the trainer's GPUs (the ``tensor`` mode)."""
+        return self.mode == "tensor"
+
+    @property
+    def released(self) -> dict[str, list[str]]:
+        """The memory tags each server has released (empty when all is resident)."""
+        return {u: sorted(t) for u, t in self._released.items() if t}
+
     def _source(self) -> SourceInfo:
         if self.layout is not None:
             return source_info(self.layout)
@@ -146,14 +159,17 @@ class RolloutEngine:
                      version: Optional[str] = None) -> SyncStats:
         """Like :meth:`sync_weights` for any stream of ``(hf_name, tensor)`` per rank."""
         version = version if version is not None else str(self._syncs + 1)
-        if self._released:
-            self._resume(["weights"])
         self._tensors = tensors
         self._restart_dead()
+        # after before_train(): the weights' memory first, so the update has somewhere to
+        # go, and the KV cache only once the buckets are freed (peak = weights + 1 bucket)
+        self._resume(["weights"])
         self._sync_failed = True  # until this sync succeeds, no rollout may use the servers
         stats = self._sync(self.urls, version)
         self._sync_failed = False
+        self._weights_dropped = False
         self.version = version
+        self._resume(MEMORY_TAGS)
         return stats
 
     def _restart_dead(self) -> None:
@@ -170,7 +186,13 @@ class RolloutEngine:
         status = broadcast_object(status, self.group)
         if status[0] == "error":
             raise RolloutError(status[1])
-        self.transport.failed(status[1])
+        self._restarted(status[1])
+
+    def _restarted(self, urls: Sequence[str]) -> None:
+        """A restarted server starts with nothing released and no weight-update state."""
+        for url in urls:
+            self._released.pop(url, None)
+        self.transport.failed(urls)
 
     def _sync(self, urls: Sequence[str], version: str) -> SyncStats:
         src = self._source()
@@ -189,8 +211,10 @@ class RolloutEngine:
         if self._sync_failed:
             raise RolloutError("the last weight sync failed, so the servers may hold partly "
                                "updated weights: call sync_weights again before generating")
-        if self._released:
-            self._resume(None)
+        if self._weights_dropped:
+            raise RolloutError("before_train() released the servers' weights: call "
+                               "sync_weights before generating")
+        self._resume(MEMORY_TAGS)
         rank = self.rank
         for attempt in range(self.max_recoveries + 1):
             status, out = ("ok", None), None
@@ -212,7 +236,7 @@ class RolloutEngine:
             if status[0] == "error":
                 raise RolloutError(status[1])
             restarted = status[1]
-            self.transport.failed(restarted)
+            self._restarted(restarted)
             if restarted and self._tensors is not None:
                 self._sync(restarted, self.version)
         raise RolloutError(f"generation still failing after {self.max_recoveries} recoveries")
@@ -248,33 +272,69 @@ class RolloutEngine:
         return restarted
 
     # ------------------------------------------------------------------ memory (colocated)
-    def release_memory(self) -> None:
-        """Colocated GPU: free SGLang's weights, KV cache and CUDA graphs for training.
+    def before_train(self) -> None:
+        """Collective; call before each training step. Colocated: every server frees its
+        weights, KV cache and CUDA graphs (SGLang's ``/release_memory_occupation``) so that
+        training has the GPUs' memory. :meth:`sync_weights` brings it all back (weights,
+        then the KV cache and CUDA graphs) and must come before the next :meth:`generate`.
+        A no-op for servers on their own GPUs and when already released.
 
-        The next :meth:`sync_weights` brings the weights back first (they are then
-        overwritten in place) and the next :meth:`generate` the rest. A no-op for CPU servers,
-        which free nothing (and refuse while not idle)."""
-        if all(s.device == "cpu" for s in self.servers) or self._released:
+        On CPU the servers free nothing, but the calls are made all the same."""
+        if not self.colocated:
             return
+        self._memory_op("/release_memory_occupation", self._todo(MEMORY_TAGS, released=False))
+        self._weights_dropped = True
+
+    def after_train(self) -> None:
+        """Collective: bring back whatever :meth:`before_train` released and
+        :meth:`sync_weights` has not (a no-op after a sync). The weights' contents are only
+        valid again after a sync."""
+        self._resume(MEMORY_TAGS)
+
+    def _todo(self, tags: Sequence[str], released: bool) -> dict[str, list[str]]:
+        """Per server, the ``tags`` that are (``released``) or are not released."""
+        out = {}
+        for url in self.urls:
+            have = self._released.get(url, set())
+            todo = [t for t in tags if (t in have) == released]
+            if todo:
+                out[url] = todo
+        return out
+
+    def _resume(self, tags: Sequence[str]) -> None:
+        todo = self._todo(tags, released=True)
+        if todo and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trainer's cached blocks are what the server maps
+        self._memory_op("/resume_memory_occupation", todo)
+
+    def _memory_op(self, path: str, todo: dict[str, list[str]]) -> None:
+        """Rank 0 posts ``path`` with each server's tags; every rank records the outcome."""
+        if not todo:
+            return
+        status = None
         if self.rank == 0:
-            for url in self.urls:
-                _control(url, "/release_memory_occupation", {})
-        self._released = set(MEMORY_TAGS)
-
-    def _resume(self, tags: Optional[Sequence[str]]) -> None:
-        todo = [t for t in (tags or MEMORY_TAGS) if t in self._released]
-        if todo and self.rank == 0:
-            for url in self.urls:
-                _control(url, "/resume_memory_occupation", {"tags": todo})
-        self._released = self._released - set(todo)
-
-    def resume_memory(self) -> None:
-        self._resume(None)
+            try:
+                for url, tags in todo.items():
+                    _control(url, path, {"tags": tags})
+                    self.memory_calls += 1
+            except Exception as e:  # noqa: BLE001 - every rank raises below
+                status = f"{type(e).__name__}: {e}"
+        status = broadcast_object(status, self.group)
+        if status is not None:
+            raise RolloutError(status)
+        for url, tags in todo.items():
+            have = self._released.setdefault(url, set())
+            if path == "/release_memory_occupation":
+                have.update(tags)
+            else:
+                have.difference_update(tags)
 
     # ------------------------------------------------------------------ metrics, shutdown
     def metrics(self) -> dict:
         out = {"rollout/server_restarts": sum(s.restarts for s in self.servers),
                "rollout/weight_syncs": self._syncs}
+        if self.colocated:
+            out["rollout/memory_requests"] = self.memory_calls
         if self.last_sync is not None:
             out.update({"rollout/sync_s": self.last_sync.seconds,
                         "rollout/sync_gb_per_s": self.last_sync.gb_per_s})
@@ -295,10 +355,17 @@ class RolloutEngine:
         self.shutdown()
 
 
-def _control(url: str, path: str, payload: dict) -> None:
-    r = requests.post(url + path, json=payload, timeout=120)
-    if r.status_code != 200:
-        raise RolloutError(f"{url}{path}: HTTP {r.status_code}: {r.text[:300]}")
+def _control(url: str, path: str, payload: dict, idle_wait_s: float = 10.0) -> None:
+    """POST a memory request. SGLang refuses a release until its scheduler has noticed that
+    the last batch is done (it asserts "only when server is idle"); that is retried."""
+    deadline = time.monotonic() + idle_wait_s
+    while True:
+        r = requests.post(url + path, json=payload, timeout=120)
+        if r.status_code == 200:
+            return
+        if "idle" not in r.text or time.monotonic() > deadline:
+            raise RolloutError(f"{url}{path}: HTTP {r.status_code}: {r.text[:300]}")
+        time.sleep(0.1)
 
 
 def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:
@@ -314,6 +381,16 @@ def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:
     return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[index * tp:(index + 1) * tp])}
 
 
+def colocated_gpu_args(cfg, index: int) -> list[str]:
+    """Colocated GPU servers side by side: server ``index`` starts at GPU ``index*tp``, the
+    GPUs of trainer ranks ``index*tp ..`` (what the tensor mode's handles assume); unless
+    SRFT_ROLLOUT_GPUS places the servers."""
+    if (resolve_mode(cfg.weight_sync) != "tensor" or not cuda_available()
+            or os.environ.get("SRFT_ROLLOUT_GPUS", "").strip()):
+        return []
+    return ["--base-gpu-id", str(index * cfg.server_tp)]
+
+
 def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = None,
                    server_args: Sequence[str] = ()) -> list[SGLangServer]:
     """Attach to ``cfg.urls`` or start ``cfg.num_servers`` servers (in parallel)."""
@@ -327,7 +404,8 @@ def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = Non
         raise ValueError("launching SGLang needs model_path (or set rollout.urls)")
     log_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
     os.makedirs(log_dir, exist_ok=True)
-    servers = [SGLangServer(model_path, tp=cfg.server_tp, extra_args=server_args,
+    servers = [SGLangServer(model_path, tp=cfg.server_tp,
+                            extra_args=[*server_args, *colocated_gpu_args(cfg, i)],
                             env=server_gpu_env(i, cfg.server_tp, cfg.num_servers),
                             log_path=os.path.join(log_dir, f"sglang-{i}.log"),
                             startup_timeout_s=cfg.startup_timeout_s)

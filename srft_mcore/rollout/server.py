@@ -20,12 +20,15 @@ unwinds to atexit). When launched from the main thread, the launcher also gets
 ``PR_SET_PDEATHSIG`` (SIGKILL) so it dies with a trainer that is killed; SGLang's own children follow it.
 
 Without CUDA the CPU recipe is used (``--device cpu`` with the torch-native backends, fp32,
-a small KV pool); with CUDA the GPU defaults plus ``--tp-size``.
+a small KV pool); with CUDA the GPU defaults plus ``--tp-size``. :func:`context_server_args`
+gives the flags (``--context-length``, RoPE / context overrides) that make a server take the
+run's prompt + response lengths with the same positions as the trainer's model.
 """
 from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +79,61 @@ def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
             raise ValueError(f"SGLang on CPU runs with tp=1, got tp={tp}")
         return list(CPU_ARGS) + common
     return ["--tp-size", str(tp), "--mem-fraction-static", "0.6"] + common
+
+
+SGLANG_CONTEXT_MARGIN = 2
+"""Tokens SGLang's scheduler keeps free below ``--context-length`` in every request."""
+
+
+def transformers_major() -> int:
+    """Major version of transformers here, which is also the server's: servers run under
+    this interpreter (``sys.executable -m sglang.launch_server``)."""
+    from importlib.metadata import version
+
+    return int(version("transformers").split(".")[0])
+
+
+def model_override_args(hf_config: dict, rope_theta: Optional[float] = None,
+                        max_position_embeddings: Optional[int] = None,
+                        hf_major: Optional[int] = None) -> dict:
+    """The ``--json-model-override-args`` dict that gives SGLang the trainer's RoPE base and
+    context length; empty when neither is overridden.
+
+    SGLang sets each key on the HF config it loaded. transformers 5 keeps the base in
+    ``rope_parameters`` (which SGLang reads first), 4.x at the top level; for 5.x the whole
+    ``rope_parameters`` dict is given, so a SGLang that replaces it and one that merges it
+    end with the same values."""
+    out: dict = {}
+    if rope_theta is not None:
+        out["rope_theta"] = float(rope_theta)
+        if (transformers_major() if hf_major is None else hf_major) >= 5:
+            params = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+            params.setdefault("rope_type", params.pop("type", "default"))
+            out["rope_parameters"] = {**params, "rope_theta": float(rope_theta)}
+    if max_position_embeddings is not None:
+        out["max_position_embeddings"] = int(max_position_embeddings)
+    return out
+
+
+def context_server_args(cfg, hf_config: dict, hf_major: Optional[int] = None) -> list[str]:
+    """Flags that make a server agree with the trainer on lengths and positions (``cfg``: the
+    run's Config): ``--context-length`` for data.max_prompt_len + data.max_response_len
+    (SGLang refuses longer requests), and model.rope_theta / model.max_position_embeddings
+    through ``--json-model-override-args`` (the trainer's GPTModel gets the same values,
+    models/builder.py:with_overrides). ``config.validate`` has checked that the lengths fit."""
+    from srft_mcore.models.builder import context_limit, with_overrides
+
+    m, d = cfg.model, cfg.data
+    # SGLang generates at most context_length - prompt - 2 tokens (its scheduler keeps a
+    # request below context_length - 1), and refuses a context_length above the model's
+    length = d.max_prompt_len + d.max_response_len + SGLANG_CONTEXT_MARGIN
+    limit = context_limit(with_overrides(hf_config, m))
+    args = ["--context-length", str(length if limit is None else min(length, limit))]
+    overrides = model_override_args(hf_config, m.rope_theta, m.max_position_embeddings,
+                                    hf_major)
+    if overrides:
+        args += ["--json-model-override-args", json.dumps(overrides, sort_keys=True)]
+    return args
 
 
 def _set_pdeathsig() -> None:

@@ -7,17 +7,20 @@ One protocol, three transports (``mode``):
   bucket is one flattened tensor broadcast into ``/update_weights_from_distributed``.
 * ``tensor`` (colocated): each bucket is handed over as a handle, not bytes, through
   ``/update_weights_from_tensor``: CUDA IPC on GPU, POSIX shared memory (torch's
-  ``file_system`` sharing strategy) on CPU.
+  ``file_system`` sharing strategy) on CPU. The request carries one handle per server TP
+  rank, each to a copy of the bucket on that rank's own GPU (see :class:`TensorTransport`).
 * ``disk`` (the fallback): each source writes its buckets as HF safetensors shards of one
   directory, then ``/update_weights_from_disk`` loads it.
 
 :func:`sync_weights` is collective over the trainer's ranks (every rank calls it):
 
 1. rank 0: on each server pause generation, flush the KV cache, ``/begin_weight_update``;
-2. every rank with ``dp_rank == 0`` iterates the bridge export of its PP stage (TP shards
-   are all-gathered), cut into buckets of ``bucket_bytes``; the stage's ``tp_rank == 0``
-   rank is the source and sends them; a source whose sending fails keeps iterating (its TP
-   peers are in the same all-gathers) and reports the error;
+2. the transport moves the buckets (:meth:`Transport.transfer`). ``distributed`` and
+   ``disk``: every rank with ``dp_rank == 0`` iterates the bridge export of its PP stage
+   (TP shards are all-gathered), cut into buckets of ``bucket_bytes``; the stage's
+   ``tp_rank == 0`` rank is the source and sends them; a source whose sending fails keeps
+   iterating (its TP peers are in the same all-gathers) and reports the error. ``tensor``:
+   every rank gets every bucket on its own device and rank 0 posts the handles;
 3. rank 0: ``/end_weight_update``, tag the weight version, flush, continue generation and
    read the version back from ``/model_info``.
 
@@ -72,16 +75,26 @@ class SourceInfo:
     rank: int
     pp_rank: int
     exports: bool
-    """This rank takes part in the export (dp_rank == 0): it iterates in its TP group."""
+    """This rank takes part in the export (dp_rank == 0): it iterates in its TP group. The
+    ``tensor`` transport has every rank export, so that each GPU holds its own copy."""
     sends: bool
     """This rank is its PP stage's source (dp_rank == 0 and tp_rank == 0)."""
     tp_group: Optional[object] = None
+    pp: int = 1
+    pp_group: Optional[object] = None
 
 
 def source_info(layout) -> SourceInfo:
     return SourceInfo(rank=layout.rank, pp_rank=layout.pp_rank, exports=layout.dp_rank == 0,
                       sends=layout.dp_rank == 0 and layout.tp_rank == 0,
-                      tp_group=layout.tp_group)
+                      tp_group=layout.tp_group, pp=layout.pp, pp_group=layout.pp_group)
+
+
+def _world(group=None) -> tuple[int, int]:
+    """(rank, size) in ``group``; (0, 1) without torch.distributed."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 # ---------------------------------------------------------------------- HTTP helpers
@@ -169,13 +182,34 @@ def _bucket_metadata(names, dtypes, shapes):
 
 # ---------------------------------------------------------------------- transports
 class Transport:
-    """How a source rank's buckets reach the servers. ``send`` runs on source ranks;
-    ``commit`` on rank 0 after every source has sent."""
+    """How the buckets reach the servers. :meth:`transfer` runs on every rank (step 2);
+    ``commit`` on rank 0 after every rank has transferred."""
 
     mode = ""
 
-    def prepare(self, urls: Sequence[str], src: SourceInfo, version: str) -> None:
-        pass
+    def prepare(self, urls: Sequence[str], src: SourceInfo, version: str, group=None) -> None:
+        """Per-rank set-up before the transfer; no collectives (a rank may skip it)."""
+
+    def transfer(self, urls: Sequence[str], src: SourceInfo, tensors: Callable[[], NamedTensors],
+                 bucket_bytes: int, version: str, group=None) -> tuple[int, int, Optional[str]]:
+        """Step 2 on this rank; returns (bytes sent, buckets sent, error or None).
+
+        Here: ranks with ``src.exports`` iterate their stage's buckets and the stage's source
+        (``src.sends``) sends each one with :meth:`send`."""
+        from srft_mcore.bridge import bucketize
+
+        sent = buckets = 0
+        error = None
+        if not src.exports:
+            return sent, buckets, error
+        for bucket in bucketize(tensors(), bucket_bytes):
+            buckets += int(src.sends)
+            if src.sends and error is None:
+                try:
+                    sent += self.send(urls, bucket, version)
+                except Exception as e:  # noqa: BLE001 - keep iterating: TP peers gather
+                    error = f"rank {src.rank} (pp stage {src.pp_rank}): send: {e}"
+        return sent, buckets, error
 
     def send(self, urls: Sequence[str], bucket, version: str) -> int:
         raise NotImplementedError
@@ -204,7 +238,7 @@ class DiskTransport(Transport):
     def version_dir(self, version: str) -> str:
         return os.path.join(self.root, f"weights-{version}")
 
-    def prepare(self, urls, src, version):
+    def prepare(self, urls, src, version, group=None):
         self._count = 0
         self._pp_rank = src.pp_rank
         os.makedirs(self.version_dir(version), exist_ok=True)
@@ -260,37 +294,193 @@ def _detach_shm_manager_from_stdio() -> None:
     _detach_shm_manager_from_stdio.done = True
 
 
+def colocated_plan(num_servers: int, server_tp: int, world_size: int,
+                   on_gpu: bool) -> list[list[int]]:
+    """For each server, the trainer rank whose copy of a bucket each of its TP ranks opens.
+
+    Colocated servers run on rank 0's node, server ``s`` on GPUs ``s*T .. s*T+T-1``
+    (``--base-gpu-id s*T``), where trainer ranks with the same numbers train: TP rank ``r``
+    of server ``s`` reads from trainer rank ``s*T + r``. Shared memory on CPU can be opened
+    by any process, so there the ranks simply wrap around the world."""
+    wanted = [[s * server_tp + r for r in range(server_tp)] for s in range(num_servers)]
+    if not on_gpu:
+        return [[g % world_size for g in ranks] for ranks in wanted]
+    if num_servers * server_tp > world_size:
+        raise WeightSyncError(
+            f"colocated tensor mode: {num_servers} servers x server_tp {server_tp} need "
+            f"{num_servers * server_tp} GPUs shared with trainer ranks, but the trainer has "
+            f"{world_size} ranks. Fix: fewer servers (or a smaller server_tp), or "
+            f"rollout.weight_sync=distributed for servers on their own GPUs")
+    return wanted
+
+
+def serialize_bucket(flat: torch.Tensor, metadata) -> str:
+    """One server TP rank's entry of ``serialized_named_tensors``: a handle to ``flat``
+    (CUDA IPC or shared memory; the bytes stay where they are) plus the tensor metadata.
+    The caller must keep ``flat`` alive until the server has copied it."""
+    from sglang.srt.utils import MultiprocessingSerializer
+
+    if flat.is_cuda:
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+        # handles name the GPU by UUID: the server's processes number their GPUs differently
+        monkey_patch_torch_reductions()
+    return MultiprocessingSerializer.serialize(
+        {"flattened_tensor": flat, "metadata": metadata}, output_str=True)
+
+
+def server_payloads(handles: Sequence[Optional[str]], plan: Sequence[Sequence[int]]
+                    ) -> list[list[str]]:
+    """``serialized_named_tensors`` of each server: entry ``r`` is the handle serialized by
+    the trainer rank that ``plan`` puts on the GPU of the server's TP rank ``r``.
+    ``handles[g]``: what rank ``g`` serialized (None if it holds no copy)."""
+    out = []
+    for s, ranks in enumerate(plan):
+        missing = [g for g in ranks if handles[g] is None]
+        if missing:
+            raise WeightSyncError(f"server {s}: trainer ranks {missing} sent no handle")
+        out.append([handles[g] for g in ranks])
+    return out
+
+
+def _gather_to_rank0(obj, group=None) -> list:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
+    dist.gather_object(obj, out, group=group, group_dst=0)
+    return out
+
+
+def _stage_leads(src: SourceInfo, group=None) -> list[int]:
+    """Rank (in ``group``) of one rank per PP stage: it announces the stage's buckets."""
+    stages = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stages, src.pp_rank, group=group)
+    return [stages.index(p) for p in range(src.pp)]
+
+
+def every_stage_bucket(src: SourceInfo, tensors: Callable[[], NamedTensors], bucket_bytes: int,
+                       group=None) -> Iterator[tuple[torch.Tensor, tuple]]:
+    """``(flat, (names, dtypes, shapes))`` of every PP stage's buckets on every rank, stage
+    by stage: a stage's ranks flatten their own (TP-gathered) buckets, the other stages
+    receive them by a broadcast over their PP group (on the PP group's device).
+
+    Collective over ``group``: every rank iterates to the end. ``tensors()`` is called on
+    every rank of the stage being sent."""
+    from srft_mcore.bridge import bucketize
+    from srft_mcore.distributed import broadcast_object, comm_device
+
+    leads = _stage_leads(src, group) if src.pp > 1 else None
+    for stage in range(src.pp):
+        local = bucketize(tensors(), bucket_bytes) if src.pp_rank == stage else iter(())
+        while True:
+            bucket = next(local, None)
+            flat, head = None, None
+            if bucket is not None:
+                flat, *head = flatten_bucket(bucket)
+                head = tuple(head)
+            del bucket  # the gathered tensors: only the flat copy is needed now
+            if src.pp > 1:
+                head = broadcast_object(head, group, group_src=leads[stage])
+                if head is not None:
+                    if flat is None:
+                        flat = torch.empty(_nbytes(head), dtype=torch.uint8,
+                                           device=comm_device(src.pp_group))
+                    dist.broadcast(flat, group=src.pp_group, group_src=stage)
+            if head is None:
+                break
+            yield flat, head
+            del flat  # drop this frame's reference before building the next bucket
+
+
+def _nbytes(head) -> int:
+    _, dtypes, shapes = head
+    return sum(int(torch.Size(s).numel()) * getattr(torch, d).itemsize
+               for d, s in zip(dtypes, shapes))
+
+
 class TensorTransport(Transport):
-    """Colocated servers: each bucket is one flattened tensor passed by handle."""
+    """Colocated servers: each bucket is passed by handle, one per server TP rank.
+
+    Every rank gets every bucket on its own device (:func:`every_stage_bucket`); the ranks
+    that :func:`colocated_plan` puts on a server's GPUs serialize a handle to *their* copy,
+    rank 0 gathers the handles and posts one ``/update_weights_from_tensor`` per server with
+    one entry per server TP rank (each TP rank opens only its own, so torch's CUDA IPC
+    reference counting holds). Every rank keeps its copy until rank 0 reports that all
+    servers have answered: torch then keeps the block out of the caching allocator until
+    the server has released it."""
 
     mode = "tensor"
 
-    def __init__(self, server_tp: int = 1):
+    def __init__(self, server_tp: int = 1, placement: Optional[Sequence[str]] = None):
         self.server_tp = server_tp
+        self.placement = list(placement) if placement else None
+        """Every server's URL in launch order (server ``i`` on GPUs ``i*T ..``); a sync
+        of some of them (a restarted one) must still find each on its own GPUs."""
+        self._plan: list[list[int]] = []
 
-    def prepare(self, urls, src, version):
-        if src.sends and not torch.cuda.is_available():
+    def plan(self, urls: Sequence[str], world: int, on_gpu: bool) -> list[list[int]]:
+        """:func:`colocated_plan` for the servers ``urls``, placed by :attr:`placement`."""
+        order = self.placement or list(urls)
+        full = colocated_plan(len(order), self.server_tp, world, on_gpu)
+        return [full[order.index(u)] for u in urls]
+
+    def prepare(self, urls, src, version, group=None):
+        rank, world = _world(group)
+        on_gpu = torch.cuda.is_available()
+        self._plan = self.plan(urls, world, on_gpu)
+        if not any(rank in ranks for ranks in self._plan):
+            return
+        if on_gpu:
+            local = int(os.environ.get("LOCAL_RANK", src.rank))
+            if local != src.rank:
+                raise WeightSyncError(
+                    f"colocated tensor mode: trainer rank {src.rank} shares a GPU with a "
+                    f"server, but it is not on rank 0's node (LOCAL_RANK={local}), where the "
+                    f"servers run. Fix: rollout.weight_sync=distributed")
+        else:
             # the default fd-passing strategy needs the receiver to share our authkey
             torch.multiprocessing.set_sharing_strategy("file_system")
             _detach_shm_manager_from_stdio()
 
-    def send(self, urls, bucket, version):
-        from sglang.srt.utils import MultiprocessingSerializer
+    def transfer(self, urls, src, tensors, bucket_bytes, version, group=None):
+        from srft_mcore.distributed import broadcast_object
 
-        flat, names, dtypes, shapes = flatten_bucket(bucket)
-        if flat.is_cuda:
-            from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+        rank, _ = _world(group)
+        holds = any(rank in ranks for ranks in self._plan)
+        sent = buckets = 0
+        error = None  # once set (on every rank alike), buckets are only iterated
+        for flat, head in every_stage_bucket(src, tensors, bucket_bytes, group):
+            if error is not None:
+                continue
+            handle, mine = None, None
+            if holds:
+                try:
+                    handle = serialize_bucket(flat, _bucket_metadata(*head))
+                except Exception as e:  # noqa: BLE001 - reported by rank 0
+                    mine = f"rank {rank}: serialize: {e}"
+            gathered = _gather_to_rank0((handle, mine), group)
+            status = None
+            if rank == 0:
+                status = next((err for _, err in gathered if err), None)
+                if status is None:
+                    try:
+                        self._post(urls, server_payloads([h for h, _ in gathered], self._plan))
+                        sent += flat.numel()
+                        buckets += 1
+                    except Exception as e:  # noqa: BLE001
+                        status = f"rank 0: update_weights_from_tensor: {e}"
+            # until here every rank holds its copy (and its handle): the servers have read it
+            error = broadcast_object(status, group)
+            del flat, handle, gathered
+        if holds and torch.cuda.is_available():
+            torch.cuda.ipc_collect()  # blocks the servers have released go back to the pool
+        return sent, buckets, error if rank == 0 else None
 
-            monkey_patch_torch_reductions()
-        payload = {"flattened_tensor": flat, "metadata": _bucket_metadata(names, dtypes, shapes)}
-        ser = MultiprocessingSerializer.serialize(payload, output_str=True)
-        for url in urls:
-            # one entry per server TP rank; each opens the same handle
+    def _post(self, urls, payloads) -> None:
+        for url, entries in zip(urls, payloads):
             _post(url, "/update_weights_from_tensor",
-                  {"serialized_named_tensors": [ser] * self.server_tp,
-                   "load_format": "flattened_bucket", "flush_cache": False})
-        del payload, flat  # the server has copied it by the time the POST returns
-        return sum(t.numel() * t.element_size() for _, t in bucket)
+                  {"serialized_named_tensors": entries, "load_format": "flattened_bucket",
+                   "flush_cache": False})
 
 
 class DistributedTransport(Transport):
@@ -308,7 +498,7 @@ class DistributedTransport(Transport):
         self._epoch = 0
         self._pp_rank = 0
 
-    def prepare(self, urls, src, version):
+    def prepare(self, urls, src, version, group=None):
         self._pp_rank = src.pp_rank
         if src.sends:
             for url in urls:
@@ -398,13 +588,14 @@ def _destroy(group) -> None:
 
 
 def make_transport(mode: str, work_dir: Optional[str] = None, server_tp: int = 1,
-                   master_address: str = "127.0.0.1") -> Transport:
+                   master_address: str = "127.0.0.1",
+                   placement: Optional[Sequence[str]] = None) -> Transport:
     if mode == "disk":
         if work_dir is None:
             raise ValueError("weight sync mode 'disk' needs a work_dir for the snapshots")
         return DiskTransport(os.path.join(work_dir, "weight_sync"))
     if mode == "tensor":
-        return TensorTransport(server_tp=server_tp)
+        return TensorTransport(server_tp=server_tp, placement=placement)
     if mode == "distributed":
         return DistributedTransport(master_address=master_address, server_tp=server_tp)
     raise ValueError(f"weight sync mode {mode!r} is not one of {MODES}")
@@ -433,11 +624,10 @@ def sync_weights(transport: Transport, urls: Sequence[str], src: SourceInfo, ver
                  group=None) -> SyncStats:
     """Push this step's weights to every server in ``urls`` (collective; see module doc).
 
-    ``tensors()`` returns this rank's stream of ``(hf_name, full_tensor)``; it is called only
-    on ranks with ``src.exports`` (e.g. ``lambda: export_stream(model, hf, src)``).
+    ``tensors()`` returns this rank's stream of ``(hf_name, full_tensor)`` (e.g. ``lambda:
+    export_stream(model, hf, src)``); it is called on ranks with ``src.exports``, and by the
+    ``tensor`` transport on every rank.
     """
-    from srft_mcore.bridge import bucketize
-
     t0 = time.perf_counter()
     urls = list(urls)
     error = None
@@ -449,7 +639,7 @@ def sync_weights(transport: Transport, urls: Sequence[str], src: SourceInfo, ver
             error = f"rank 0: begin: {e}"
     if not error:
         try:
-            transport.prepare(urls, src, version)
+            transport.prepare(urls, src, version, group=group)
         except Exception as e:  # noqa: BLE001
             error = f"rank {src.rank}: prepare {transport.mode}: {e}"
     errors, _ = _agree(error, group=group)
@@ -457,15 +647,7 @@ def sync_weights(transport: Transport, urls: Sequence[str], src: SourceInfo, ver
         return _fail(transport, urls, src, errors, group)
 
     t1 = time.perf_counter()
-    sent = buckets = 0
-    if src.exports:
-        for bucket in bucketize(tensors(), bucket_bytes):
-            buckets += int(src.sends)
-            if src.sends and error is None:
-                try:
-                    sent += transport.send(urls, bucket, version)
-                except Exception as e:  # noqa: BLE001 - keep iterating: TP peers gather
-                    error = f"rank {src.rank} (pp stage {src.pp_rank}): send: {e}"
+    sent, buckets, error = transport.transfer(urls, src, tensors, bucket_bytes, version, group)
     errors, counts = _agree(error, (sent, buckets), group=group)
     transfer_s = time.perf_counter() - t1
     if errors:
