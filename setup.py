@@ -26,6 +26,7 @@ setup(
             "srft-train=srft_mcore.trainer:main",
             "srft-plot=srft_mcore.plot:main",
             "srft-convert=tools.convert_ckpt.cli:main",
+            "srft-eval=srft_mcore.eval:main",
         ],
     },
 )

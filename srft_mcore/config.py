@@ -124,6 +124,9 @@ class RolloutConfig:
     """Seconds before a /generate request counts as hung."""
     max_concurrency: int = 64
     """Generate requests in flight per server."""
+    overlap: bool = False
+    """Generate step k+1's rollouts (with the weights before step k) while step k trains:
+    one step off-policy (logged as rollout/policy_lag_*; algorithm.tis_cap corrects it)."""
     seeded: bool = False
     """Reproducible rollouts: each sample drawn with its own seed (Gumbel-max on the server);
     a resumed run regenerates the same rollouts. No top_p; slower for large vocabularies."""
@@ -496,6 +499,10 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("train.mini_batches", cfg.train.mini_batches,
                    f"does not divide train.prompts_per_step ({cfg.train.prompts_per_step})",
                    "choose a divisor: each mini-batch holds whole prompt groups")
+    if cfg.rollout.overlap and cfg.rollout.weight_sync == "tensor":
+        raise _err("rollout.overlap", True, "colocated servers (weight_sync=tensor) release "
+                   "their GPU memory while the trainer runs, so they cannot generate then",
+                   "use dedicated rollout GPUs (weight_sync=distributed) or rollout.overlap=false")
     if cfg.rollout.temperature <= 0:
         raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
                    "use a positive temperature (the paper uses 1.0)")

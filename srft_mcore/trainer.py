@@ -56,6 +56,8 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.engine = None
+        self.pending = None  # rollout.overlap: the next step's batch, made during this step
+        self.ahead = None
 
     # ------------------------------------------------------------------ building
     def init_policy(self):
@@ -207,6 +209,7 @@ class Trainer:
         self.rollout_calls = state["rollout_calls"]
         self.skipped_total = state["skipped_total"]
         self.sampler.load_state_dict(state["sampler"])
+        self.pending = pending_from_json(state.get("pending"))
         self.scheduler.load_state_dict(state["scheduler"])
         log0(f"resumed from {path} at step {self.step}")
         self.resumed = True
@@ -221,27 +224,86 @@ class Trainer:
                                            layout=self.layout, hf_config=self.hf,
                                            work_dir=os.path.join(self.run_dir, "rollout"),
                                            group=self.layout.cpu_group)
-        if self.step > 0 or self.cfg.model.load_mcore:
-            # the servers start from the HF weights on disk: give them the policy's
+        if self.step > 0 or self.cfg.model.load_mcore or self.cfg.rollout.overlap:
+            # the servers start from the HF weights on disk: give them the policy's (and,
+            # overlapped, a version tag from the first sample on, for the lag metric)
             self.engine.sync_weights(self.model.module, version=str(self.step))
 
     # ------------------------------------------------------------------ one step
-    def rollout(self, examples):
-        """Rank 0 samples n continuations per prompt; everyone receives them."""
+    def _sampling(self):
+        """The next rollout call's sampling parameters (a fresh seed per call)."""
         from srft_mcore.rollout.client import SamplingParams
         from srft_mcore.rollout.seeded import mix_seed
 
         cfg = self.cfg
         seed = mix_seed(cfg.train.seed, self.rollout_calls) if cfg.rollout.seeded else None
-        sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.data.max_response_len,
-                                  stop_token_ids=[self.tokenizer.eos_token_id], seed=seed)
-        # seeded sampling decodes Gumbel-perturbed logits: their log-probs are not the policy's
-        groups = self.engine.generate([ex.prompt_ids for ex in examples],
-                                      n=cfg.rollout.n_samples, sampling=sampling,
-                                      return_logprob=not cfg.rollout.seeded)
         self.rollout_calls += 1
-        return groups
+        return SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              max_new_tokens=cfg.data.max_response_len,
+                              stop_token_ids=[self.tokenizer.eos_token_id], seed=seed)
+
+    def rollout(self, examples, sampling=None):
+        """Rank 0 samples n continuations per prompt (collective; others get None)."""
+        # seeded sampling decodes Gumbel-perturbed logits: their log-probs are not the policy's
+        return self.engine.generate([ex.prompt_ids for ex in examples],
+                                    n=self.cfg.rollout.n_samples,
+                                    sampling=sampling or self._sampling(),
+                                    return_logprob=not self.cfg.rollout.seeded)
+
+    def _batch_now(self):
+        """Draw the step's prompts, generate and score them now (every rank gets them)."""
+        indices = self.sampler.next_batch()
+        examples = self.dataset.batch(indices)
+        groups = self.rollout(examples)
+        rewards = self.score(examples, groups)
+        # the other ranks wait here, on the gloo group with the long timeout
+        groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
+        return indices, groups, rewards
+
+    # ------------------------------------------------------------------ overlapped rollout
+    def _start_ahead(self):
+        """rollout.overlap: draw the next step's prompts and generate them in a background
+        thread on rank 0 with the weights the servers hold now, while this step trains."""
+        import threading
+
+        indices = self.sampler.next_batch()
+        examples = self.dataset.batch(indices)
+        sampling = self._sampling()
+        box = {"indices": indices, "sampling": sampling}
+
+        def work():
+            try:
+                groups = self.engine.client.generate(
+                    [ex.prompt_ids for ex in examples], n=self.cfg.rollout.n_samples,
+                    sampling=sampling, return_logprob=not self.cfg.rollout.seeded)
+                self.engine._check_versions(groups)
+                box["groups"], box["rewards"] = groups, self.score(examples, groups)
+            except Exception as e:  # noqa: BLE001 - regenerated collectively in _finish_ahead
+                box["error"] = f"{type(e).__name__}: {e}"
+
+        if self.layout.rank == 0:
+            box["thread"] = threading.Thread(target=work, name="rollout-ahead", daemon=True)
+            box["thread"].start()
+        self.ahead = box
+
+    def _finish_ahead(self):
+        """Join the background generation (collective) before the weights change; if it
+        failed, generate the same prompts now with the same seed (the engine recovers dead
+        servers), so the batch is the one an uninterrupted run would have drawn."""
+        box, self.ahead = self.ahead, None
+        if self.layout.rank == 0:
+            box["thread"].join()
+        error = broadcast_object(box.get("error"), self.layout.cpu_group)
+        examples = self.dataset.batch(box["indices"])
+        if error is None:
+            groups, rewards = broadcast_object((box.get("groups"), box.get("rewards")),
+                                               self.layout.cpu_group)
+        else:
+            log0(f"background rollout failed ({error}); generating the batch again")
+            groups = self.rollout(examples, box["sampling"])
+            rewards = self.score(examples, groups)
+            groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
+        return box["indices"], groups, rewards
 
     def score(self, examples, groups):
         rewards = None
@@ -437,7 +499,8 @@ class Trainer:
 
     def save(self):
         state = {"rollout_calls": self.rollout_calls, "skipped_total": self.skipped_total,
-                 "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict()}
+                 "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "pending": pending_to_json(self.pending)}
         path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model.module, self.optimizer,
                                     state, keep=self.cfg.checkpoint.keep)
         log0(f"saved checkpoint {path}")
@@ -485,21 +548,29 @@ class Trainer:
         bar = ProgressBar(cfg.train.steps, initial=self.step,
                           enabled=self.layout.rank == 0 and cfg.logging.progress_bar)
         timer = Timer()
+        overlap = cfg.rollout.overlap
         while self.step < cfg.train.steps:
-            examples = self.dataset.batch(self.sampler.next_batch())
             with timer("rollout"):
-                groups = self.rollout(examples)
-            with timer("reward"):
-                rewards = self.score(examples, groups)
-                # the other ranks wait here, on the gloo group with the long timeout
-                groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
+                if overlap and self.pending is not None:  # made while the last step trained
+                    indices, groups, rewards = self.pending
+                    self.pending = None
+                else:
+                    indices, groups, rewards = self._batch_now()
+                if overlap and self.step + 1 < cfg.train.steps:
+                    self._start_ahead()
+            examples = self.dataset.batch(indices)
             seqs = build_sequences(examples, groups, rewards, cfg.algorithm)
+            lag = policy_lag(groups, trained_from=self.step)
             with timer("train"):
                 self.engine.before_train()  # colocated: SGLang frees its GPU memory
                 record = self.train_step(seqs)
             self.step += 1
+            if self.ahead is not None:
+                with timer("rollout_wait"):  # the next batch, before the servers' weights change
+                    self.pending = self._finish_ahead()
             with timer("sync"):
                 self.engine.sync_weights(self.model.module, version=str(self.step))
+            record.update(lag)
             record.update(rollout_metrics(groups, rewards, seqs))
             record.update(self.engine.metrics())
             times = timer.pop()
@@ -535,6 +606,37 @@ def combine_updates(updates: list) -> dict:
         else:
             out[key] = sum(vals) / len(vals) if vals else math.nan
     return out
+
+
+def policy_lag(groups, trained_from: int) -> dict:
+    """How many optimizer steps behind the trained weights (version ``trained_from``) the
+    samples' policy is, from the weight version SGLang tagged each sample with."""
+    lags = [trained_from - int(c.weight_version) for g in groups for c in g
+            if c.weight_version is not None and str(c.weight_version).isdigit()]
+    if not lags:
+        return {}
+    return {"rollout/policy_lag_mean": sum(lags) / len(lags),
+            "rollout/policy_lag_max": float(max(lags)),
+            "rollout/policy_lag_min": float(min(lags))}
+
+
+def pending_to_json(pending):
+    """The overlapped next batch as plain JSON (kept in the checkpoint for exact resume:
+    it was generated by weights the checkpoint no longer holds)."""
+    if pending is None:
+        return None
+    indices, groups, rewards = pending
+    return {"indices": list(indices), "rewards": rewards,
+            "groups": [[dataclasses.asdict(c) for c in g] for g in groups]}
+
+
+def pending_from_json(data):
+    from srft_mcore.rollout.client import Completion
+
+    if not data:
+        return None
+    return (data["indices"], [[Completion(**c) for c in g] for g in data["groups"]],
+            data["rewards"])
 
 
 def rollout_metrics(groups, rewards, seqs) -> dict:

@@ -268,3 +268,46 @@ def test_packed_equals_padded(world, tp, pp):
         diff = max((packed["grads"][k] - v).abs().max().item()
                    for k, v in padded["grads"].items())
         assert diff <= 1e-6 * scale, (tp, pp, diff, scale)
+
+
+# --------------------------------------------------------------------------- overlap
+@pytest.mark.slow
+def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import time
+
+    from test_trainer import final_weights, launch, metrics, run, stable
+
+    over = ("train.steps=4", "rollout.overlap=true")
+    ref = str(tmp_path / "uninterrupted")
+    run(ref, *over)
+    rows = metrics(ref)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # step 1 has no earlier weights; every later sample comes from the step before
+    assert rows[0]["rollout/policy_lag_max"] == 0
+    for r in rows[1:]:
+        assert r["rollout/policy_lag_min"] == r["rollout/policy_lag_max"] == 1, r["step"]
+
+    killed = str(tmp_path / "killed")
+    p = launch(killed, *over)
+    latest = os.path.join(killed, "checkpoints", "latest")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.isfile(latest) and open(latest).read().strip() == "step_000002":
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait(30)
+    run(killed, *over, "--resume")
+    got = metrics(killed)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, b in zip(rows, got):
+        a, b = stable(a), stable(b)
+        for k in a:
+            assert (a[k] is None) == (b[k] is None), (a["step"], k)
+            if a[k] is not None:
+                assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
+    wa, wb = final_weights(ref), final_weights(killed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
