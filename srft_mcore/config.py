@@ -244,6 +244,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0
+    """Score the held-out splits every K steps (and at the end) through the live rollout
+    servers; 0 = off."""
+    splits: Optional[dict] = None
+    """name -> eval file (srft-eval layouts); null with the embedded task = its shipped
+    in-distribution (id) and longer-chain out-of-distribution (ood) splits."""
+    n_samples: int = 1
+    """Samples per problem (avg@k)."""
+    temperature: float = 0.6
+    """Evaluation sampling temperature (the paper: 0.6)."""
+    max_new_tokens: Optional[int] = None
+    """Generation limit; null = data.max_response_len."""
+    limit: Optional[int] = None
+    """Score only the first N problems of each split (faster curves)."""
+
+
+@dataclass
 class LoggingConfig:
     run_dir: str = "runs/srft"
     """Where metrics, plots, checkpoints and exports go."""
@@ -266,6 +284,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
@@ -324,6 +343,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     elif typ is list or origin is list:
         if isinstance(value, (list, tuple)):
             return list(value)
+    elif typ is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
     else:
         return value
     name = getattr(typ, "__name__", str(typ))
@@ -461,7 +483,7 @@ def validate(cfg: Config, world_size: Optional[int] = None,
     cfg.algorithm = resolve(cfg.algorithm)
     for key in ("parallel.tp", "parallel.pp", "parallel.cp", "rollout.n_samples",
                 "train.steps", "train.prompts_per_step", "train.micro_batch_size",
-                "train.mini_batches",
+                "train.mini_batches", "eval.n_samples",
                 "checkpoint.every", "rollout.num_servers", "rollout.server_tp",
                 "rollout.bucket_mb", "model.make_vocab_size_divisible_by"):
         if flat[key] < 1:
@@ -499,6 +521,11 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("train.mini_batches", cfg.train.mini_batches,
                    f"does not divide train.prompts_per_step ({cfg.train.prompts_per_step})",
                    "choose a divisor: each mini-batch holds whole prompt groups")
+    if cfg.eval.every < 0:
+        raise _err("eval.every", cfg.eval.every, "must be >= 0", "use 0 (off) or a step count")
+    if cfg.eval.every and cfg.eval.splits is None and cfg.data.path is not None:
+        raise _err("eval.splits", None, "eval.every is set but no held-out files are given",
+                   "add eval.splits: {name: FILE.jsonl, ...} (srft-eval layouts)")
     if cfg.rollout.overlap and cfg.rollout.weight_sync == "tensor":
         raise _err("rollout.overlap", True, "colocated servers (weight_sync=tensor) release "
                    "their GPU memory while the trainer runs, so they cannot generate then",

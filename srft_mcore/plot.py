@@ -13,8 +13,10 @@ from typing import Optional
 
 from srft_mcore.metrics import METRICS_FILE, read_metrics
 
-GROUPS = ("reward", "entropy", "weights", "loss", "length", "time", "optim")
-TITLES = {"reward": "reward / accuracy", "entropy": "policy entropy",
+GROUPS = ("reward", "eval", "entropy", "weights", "loss", "off_policy", "length", "time",
+          "optim")
+TITLES = {"reward": "reward / accuracy", "eval": "held-out accuracy", "entropy": "policy entropy",
+          "off_policy": "ratio, clipping, mismatch, lag",
           "weights": "w_SFT / w_RL", "loss": "loss terms", "length": "response length (tokens)",
           "time": "time split (s per step)", "optim": "optimizer"}
 SKIP = {"step", "wall_time"}
@@ -25,6 +27,10 @@ def group_of(key: str) -> Optional[str]:
     k = key.lower()
     if k.startswith("time/"):
         return "time"
+    if k.startswith("eval/"):
+        return "eval"
+    if k.startswith(("ppo/", "mismatch/", "tis/", "kl/", "rollout/policy_lag")):
+        return "off_policy"
     if k.startswith("loss"):
         return "loss"
     if k.startswith("weight/") or "w_sft" in k or "w_rl" in k:

@@ -57,6 +57,7 @@ class Trainer:
         self.skipped_total = 0
         self.engine = None
         self.pending = None  # rollout.overlap: the next step's batch, made during this step
+        self.eval_splits = {}
         self.ahead = None
 
     # ------------------------------------------------------------------ building
@@ -176,6 +177,7 @@ class Trainer:
         self.sampler = PromptSampler(len(self.dataset), cfg.train.prompts_per_step,
                                      seed=cfg.data.shuffle_seed)
         self.reward_fn = get_reward_fn(cfg.reward.fn)
+        self.eval_splits = self._load_eval_splits()
         if self.layout.rank == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self._init_model()
@@ -186,6 +188,49 @@ class Trainer:
             self.resume()
         self.start_rollout()
         return self
+
+    def _load_eval_splits(self) -> dict:
+        """The held-out splits of ``eval``, checked now (bad files fail before training).
+        The embedded task ships two: ``id`` (its own distribution, another seed) and ``ood``
+        (three-step chains instead of two)."""
+        from srft_mcore.data import EMBEDDED_TASK, write_embedded_dataset
+        from srft_mcore.eval import load_eval_set
+
+        ev = self.cfg.eval
+        if not ev.every:
+            return {}
+        splits = dict(ev.splits or {})
+        if not splits:  # the embedded task (validate() asked for files otherwise)
+            ood = dict(EMBEDDED_TASK, min_steps=EMBEDDED_TASK["max_steps"] + 1,
+                       max_steps=EMBEDDED_TASK["max_steps"] + 1)
+            for name, task, seed in (("id", EMBEDDED_TASK, 1), ("ood", ood, 2)):
+                path = os.path.join(self.run_dir, f"eval_{name}.jsonl")
+                if self.layout.rank == 0 and not os.path.isfile(path):
+                    write_embedded_dataset(path, n=200, seed=self.cfg.train.seed + 1000 * seed,
+                                           **task)
+                splits[name] = path
+            dist.barrier(group=self.layout.cpu_group)
+        return {name: load_eval_set(path, name=name, limit=ev.limit)
+                for name, path in splits.items()}
+
+    def evaluate(self) -> dict:
+        """Score the held-out splits through the live rollout servers (rank 0; every rank
+        gets the result), ``eval/<split>/acc``."""
+        from srft_mcore.eval import evaluate_splits, paper_sampling
+        from srft_mcore.rollout.seeded import mix_seed
+
+        cfg, out = self.cfg, None
+        if self.layout.rank == 0:
+            seed = mix_seed(cfg.train.seed, 0xE7A1, self.step) if cfg.rollout.seeded else None
+            sampling = paper_sampling(
+                seed=seed, temperature=cfg.eval.temperature,
+                max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_len)
+            out = evaluate_splits(self.engine.client, self.tokenizer, self.eval_splits,
+                                  template=cfg.data.template, sampling=sampling,
+                                  n_samples=cfg.eval.n_samples,
+                                  out_dir=os.path.join(self.run_dir, "eval",
+                                                       f"step_{self.step:06d}"))
+        return broadcast_object(out, self.layout.cpu_group)
 
     def _refuse_to_overwrite(self):
         """A fresh run never replaces an earlier run's metrics or checkpoints."""
@@ -571,6 +616,10 @@ class Trainer:
             with timer("sync"):
                 self.engine.sync_weights(self.model.module, version=str(self.step))
             record.update(lag)
+            if self.eval_splits and (self.step % cfg.eval.every == 0
+                                     or self.step == cfg.train.steps):
+                with timer("eval"):
+                    record.update(self.evaluate())
             record.update(rollout_metrics(groups, rewards, seqs))
             record.update(self.engine.metrics())
             times = timer.pop()

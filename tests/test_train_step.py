@@ -311,3 +311,28 @@ def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path):
                 assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
     wa, wb = final_weights(ref), final_weights(killed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# --------------------------------------------------------------------------- eval
+@pytest.mark.slow
+def test_eval_during_training_logs_and_plots_held_out_accuracy(tmp_path):
+    import json
+    import os
+
+    from srft_mcore.plot import plot_run
+    from test_trainer import metrics, run
+
+    run_dir = str(tmp_path / "eval")
+    run(run_dir, "train.steps=2", "eval.every=1", "eval.limit=6", "checkpoint.export_hf=false")
+    rows = metrics(run_dir)
+    for r in rows:
+        for split in ("id", "ood"):
+            acc = r[f"eval/{split}/acc"]
+            assert 0.0 <= acc <= 1.0
+            # the logged accuracy is the fraction of correct generations written for it
+            with open(os.path.join(run_dir, "eval", f"step_{r['step']:06d}",
+                                   f"{split}.jsonl")) as f:
+                gens = [json.loads(line) for line in f]
+            assert len(gens) == 6
+            assert acc == pytest.approx(sum(g["correct"] for g in gens) / len(gens))
+    assert any(p.endswith("eval.png") for p in plot_run(run_dir))
