@@ -273,11 +273,7 @@ def test_packed_equals_padded(world, tp, pp):
 # --------------------------------------------------------------------------- overlap
 @pytest.mark.slow
 def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path):
-    import os
-    import signal
-    import time
-
-    from test_trainer import final_weights, launch, metrics, run, stable
+    from test_trainer import final_weights, kill_after_checkpoint, metrics, run, stable
 
     over = ("train.steps=4", "rollout.overlap=true")
     ref = str(tmp_path / "uninterrupted")
@@ -290,16 +286,7 @@ def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path):
         assert r["rollout/policy_lag_min"] == r["rollout/policy_lag_max"] == 1, r["step"]
 
     killed = str(tmp_path / "killed")
-    p = launch(killed, *over)
-    latest = os.path.join(killed, "checkpoints", "latest")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and p.poll() is None:
-        if os.path.isfile(latest) and open(latest).read().strip() == "step_000002":
-            break
-        time.sleep(0.2)
-    assert p.poll() is None, "the run ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait(30)
+    kill_after_checkpoint(killed, 2, *over)
     run(killed, *over, "--resume")
     got = metrics(killed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]

@@ -37,6 +37,20 @@ def run(run_dir, *overrides, timeout=900):
     return out
 
 
+def kill_after_checkpoint(run_dir, step, *overrides):
+    """Start a run, SIGKILL its launcher's process group once checkpoint ``step`` exists."""
+    p = launch(run_dir, *overrides)
+    latest = os.path.join(run_dir, "checkpoints", "latest")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and p.poll() is None:
+        if os.path.isfile(latest) and open(latest).read().strip() == f"step_{step:06d}":
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher, both ranks and the SGLang server
+    p.wait(30)
+
+
 def metrics(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -96,16 +110,7 @@ def test_tp2_run_with_sglang_trains_and_exports(reference_run):
 @pytest.mark.slow
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference_run, tmp_path):
     run_dir = str(tmp_path / "killed")
-    p = launch(run_dir, "train.steps=4")
-    latest = os.path.join(run_dir, "checkpoints", "latest")
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and p.poll() is None:
-        if os.path.isfile(latest) and open(latest).read().strip() == "step_000002":
-            break
-        time.sleep(0.2)
-    assert p.poll() is None, "the run ended before it could be killed"
-    os.killpg(p.pid, signal.SIGKILL)  # the launcher, both ranks and the SGLang server
-    p.wait(30)
+    kill_after_checkpoint(run_dir, 2, "train.steps=4")
     assert len(metrics(run_dir)) >= 2
     run(run_dir, "train.steps=4", "--resume")
     want, got = metrics(reference_run), metrics(run_dir)
