@@ -593,6 +593,8 @@ class Trainer:
         bar = ProgressBar(cfg.train.steps, initial=self.step,
                           enabled=self.layout.rank == 0 and cfg.logging.progress_bar)
         timer = Timer()
+        if self.eval_splits and self.step == 0:  # the start policy's held-out accuracy
+            metrics.log(0, self.evaluate())
         overlap = cfg.rollout.overlap
         while self.step < cfg.train.steps:
             with timer("rollout"):

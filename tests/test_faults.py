@@ -153,7 +153,7 @@ def test_nonfinite_gradients_skip_the_step_and_stop_after_k_in_a_row(tmp_path):
     # steps 2-3 NaN, 4 trains (the count in a row resets), 5-7 NaN: the 3rd in a row stops
     out = subprocess.run(
         [sys.executable, str(driver), "2,3,5,6,7", "--config", CONFIG, "parallel.tp=1",
-         f"logging.run_dir={run_dir}", "train.steps=10", "train.prompts_per_step=4",
+         f"logging.run_dir={run_dir}", "train.steps=10", "train.prompts_per_step=4", "eval.every=0",
          "rollout.n_samples=2", "train.micro_batch_size=4", "data.max_response_len=32",
          "optimizer.max_consecutive_skips=3", "checkpoint.every=1", "checkpoint.keep=20",
          "checkpoint.export_hf=false", "logging.tensorboard=false",

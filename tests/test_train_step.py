@@ -312,6 +312,7 @@ def test_eval_during_training_logs_and_plots_held_out_accuracy(tmp_path):
     run_dir = str(tmp_path / "eval")
     run(run_dir, "train.steps=2", "eval.every=1", "eval.limit=6", "checkpoint.export_hf=false")
     rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the start policy
     for r in rows:
         for split in ("id", "ood"):
             acc = r[f"eval/{split}/acc"]

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "examples", "configs", "srft_tiny_cpu.yaml")
 SMALL = ["train.prompts_per_step=8", "rollout.n_samples=2", "train.micro_batch_size=8",
          "data.max_response_len=32", "logging.tensorboard=false", "logging.progress_bar=false",
-         "checkpoint.every=1", "checkpoint.keep=10"]
+         "checkpoint.every=1", "checkpoint.keep=10", "eval.every=0"]
 # wall-clock and throughput figures differ between runs; everything else must not
 VOLATILE = ("time/", "perf/", "wall_time", "rollout/sync_s", "rollout/sync_gb_per_s",
             "rollout/weight_syncs")  # counts the syncs of this process (restarts on resume)
