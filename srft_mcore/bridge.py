@@ -145,8 +145,8 @@ def expected_hf_shapes(hf: dict) -> dict:
         bias = name.endswith(".bias")
         if tm.layout == "vocab":
             shapes = [(d.vocab, d.hidden)]
-        elif tm.layout == "replicated":
-            shapes = [(d.hidden,)]
+        elif tm.layout == "replicated":  # norms: hidden wide, or head_dim (q/k norms)
+            shapes = [(getattr(d, tm.size),)]
         elif tm.layout == "qkv":
             shapes = [(q,), (kv,), (kv,)] if bias else [(q, d.hidden), (kv, d.hidden), (kv, d.hidden)]
         elif tm.layout == "gate_up":

@@ -1,7 +1,8 @@
 """Architecture registry: HF ``model_type`` -> how to build the Megatron model.
 
-Each supported family (``qwen2.py``, ``llama.py``) registers one :class:`Architecture`,
-chosen by the exact ``model_type`` of the HF ``config.json`` (never by substring). The HF
+Each supported family (``qwen2.py``, ``qwen3.py``, ``llama.py``) registers one
+:class:`Architecture`, chosen by the exact ``model_type`` of the HF ``config.json`` (never by
+substring). The HF
 <-> Megatron tensor-name table of a family lives beside it and is used by the bridge
 (conversion, start-up loading and weight sync alike).
 """
@@ -20,7 +21,8 @@ class UnsupportedArchitecture(ValueError):
 LAYOUTS = ("replicated", "vocab", "row", "qkv", "gate_up")
 """How a Megatron tensor is made from its HF tensor(s) and split over TP ranks:
 
-* ``replicated``: same tensor, every rank holds all of it (norms).
+* ``replicated``: same tensor, every rank holds all of it (norms; their length is the
+  :class:`TensorMap` ``size``: the hidden size, or the head dim for per-head q/k norms).
 * ``vocab``: rows are vocabulary entries; padded to Megatron's padded vocab (zero rows,
   trimmed on export) and split on dim 0.
 * ``row``: split on the input dim 1 (``o_proj``, ``down_proj``).
@@ -44,10 +46,15 @@ class TensorMap:
     """Megatron name under the Transformer Engine spec, where it differs."""
     when: Optional[str] = None
     """Present only if this HF-config condition holds: ``qkv_bias`` | ``untied``."""
+    size: str = "hidden"
+    """``replicated`` tensors: the ``bridge.Dims`` field giving their length (``hidden`` |
+    ``head_dim``)."""
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
             raise ValueError(f"{self.mcore}: layout {self.layout!r} not in {LAYOUTS}")
+        if self.size not in ("hidden", "head_dim"):
+            raise ValueError(f"{self.mcore}: size {self.size!r} not in ('hidden', 'head_dim')")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,9 @@ class Architecture:
     """Whether q/k/v projections carry a bias, from the HF config."""
     tensors: tuple = ()
     """The HF <-> Megatron name map: :class:`TensorMap` entries (embedding, layer, final)."""
+    qk_norm: bool = False
+    """RMSNorm over each query and key head (head_dim wide) before RoPE: Megatron's
+    ``qk_layernorm`` (``self_attention.q_layernorm`` / ``k_layernorm``)."""
     extra: dict = field(default_factory=dict)
 
     def condition(self, name: Optional[str], hf_config: dict) -> bool:
@@ -78,12 +88,12 @@ def register(arch: Architecture) -> Architecture:
 
 
 def get_architecture(hf_config: dict) -> Architecture:
-    from srft_mcore.models import llama, qwen2  # noqa: F401  (registers the families)
+    from srft_mcore.models import llama, qwen2, qwen3  # noqa: F401  (registers the families)
 
     model_type = hf_config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise UnsupportedArchitecture(
             f"model_type {model_type!r} (architectures={hf_config.get('architectures')}) is not "
             f"supported. Supported model types: {', '.join(sorted(ARCHITECTURES))} "
-            f"(Qwen2/Qwen2.5 and Llama families)")
+            f"(Qwen2/Qwen2.5, Qwen3 dense and Llama families)")
     return ARCHITECTURES[model_type]

@@ -244,6 +244,7 @@ def make_transformer_config(hf: dict, model_cfg: ModelConfig, par: ParallelConfi
         layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
         add_bias_linear=bool(hf.get("mlp_bias", False)),
         add_qkv_bias=arch.qkv_bias(hf),
+        qk_layernorm=arch.qk_norm,
         gated_linear_unit=True,
         activation_func=F.silu,
         rotary_interleaved=False,
@@ -271,14 +272,17 @@ def make_transformer_config(hf: dict, model_cfg: ModelConfig, par: ParallelConfi
 def layer_spec(choice: BuildChoice, tconfig):
     """The decoder spec: TE's layer spec, or the local layer spec wrapped in a block spec
     whose final norm is the layers' own torch RMSNorm (Megatron's default final norm is
-    apex's FusedLayerNorm when apex imports, which refuses RMSNorm)."""
+    apex's FusedLayerNorm when apex imports, which refuses RMSNorm). Both specs build the
+    per-head q/k norms only when asked (``qk_layernorm``), whatever the config says."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
     if choice.spec == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            qk_layernorm=tconfig.qk_layernorm)
+    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm",
+                                           qk_layernorm=tconfig.qk_layernorm)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(tconfig),
                                       layer_norm=layer.submodules.input_layernorm)
 

@@ -2,7 +2,7 @@
 
 The tokenizer is a byte-level BPE trained offline on the embedded arithmetic task's
 alphabet and words, shipped in ``srft_mcore/assets/tokenizer``. :func:`make_tiny_hf_model`
-writes a random-weight Qwen2 or Llama checkpoint (config, safetensors, tokenizer) that
+writes a random-weight Qwen2, Qwen3 or Llama checkpoint (config, safetensors, tokenizer) that
 transformers, SGLang and the bridge all load.
 """
 from __future__ import annotations
@@ -120,9 +120,12 @@ def load_tokenizer(path: Optional[str] = None):
 def tiny_hf_config(arch: str = "qwen2", vocab_size: Optional[int] = None, hidden_size: int = 64,
                    num_layers: int = 4, num_heads: int = 4, num_kv_heads: int = 2,
                    intermediate_size: int = 128, tied: bool = False,
-                   rope_theta: float = 10000.0, max_position_embeddings: int = 1024):
-    """A transformers config object for a tiny Qwen2 (qkv bias, GQA) or Llama model."""
-    from transformers import LlamaConfig, Qwen2Config
+                   rope_theta: float = 10000.0, max_position_embeddings: int = 1024,
+                   head_dim: Optional[int] = None):
+    """A transformers config object for a tiny Qwen2 (qkv bias, GQA), Qwen3 (q/k norms, no
+    qkv bias, GQA) or Llama model. ``head_dim`` (default ``hidden_size // num_heads``) may
+    differ from that quotient."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     tok = load_tokenizer()
     common = dict(vocab_size=vocab_size or len(tok), hidden_size=hidden_size,
@@ -132,11 +135,17 @@ def tiny_hf_config(arch: str = "qwen2", vocab_size: Optional[int] = None, hidden
                   rms_norm_eps=1e-6, rope_theta=rope_theta,
                   eos_token_id=tok.eos_token_id, bos_token_id=tok.pad_token_id,
                   pad_token_id=tok.pad_token_id)
+    if head_dim is not None:
+        common["head_dim"] = head_dim
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "qwen3":  # Qwen3Config's default head_dim is 128, whatever the hidden size
+        return Qwen3Config(**{"head_dim": hidden_size // num_heads, **common},
+                           attention_bias=False, use_sliding_window=False)
     if arch == "llama":
         return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
-    raise ValueError(f"tiny models exist for qwen2 and llama, not {arch!r}")
+    raise ValueError(f"tiny models exist for qwen2, qwen3 and llama, not {arch!r}. "
+                     f"Fix: pass arch='qwen2', 'qwen3' or 'llama'")
 
 
 def make_tiny_hf_model(out_dir: str, arch: str = "qwen2", seed: int = 0, dtype: str = "float32",
