@@ -265,7 +265,8 @@ class Trainer:
         from srft_mcore.rollout.server import context_server_args
 
         self.engine = RolloutEngine.launch(self.cfg.rollout, model_path=self.model_dir,
-                                           server_args=context_server_args(self.cfg, self.hf),
+                                           server_args=[*context_server_args(self.cfg, self.hf),
+                                                        "--dtype", self.cfg.model.dtype],
                                            layout=self.layout, hf_config=self.hf,
                                            work_dir=os.path.join(self.run_dir, "rollout"),
                                            group=self.layout.cpu_group)
