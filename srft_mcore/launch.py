@@ -22,7 +22,7 @@ class RankFailed(RuntimeError):
     pass
 
 
-def _rank_main(fn, args, rank, world_size, port, results, env):
+def _rank_main(fn, args, rank, world_size, port, results, env, kwargs=None):
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
@@ -30,7 +30,7 @@ def _rank_main(fn, args, rank, world_size, port, results, env):
     try:
         # plain pickle: torch's queue reductions would share tensors through this process's
         # file descriptors, which are gone once it exits before the parent reads them
-        out = pickle.dumps(fn(*args))
+        out = pickle.dumps(fn(*args, **(kwargs or {})))
         results.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - the traceback goes to the parent
         results.put((rank, False, traceback.format_exc()))
@@ -44,13 +44,15 @@ def _rank_main(fn, args, rank, world_size, port, results, env):
 
 
 def spawn_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: float = 600.0,
-                env: dict | None = None) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` spawned ranks; return the results by rank."""
+                env: dict | None = None, kwargs: dict | None = None) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the results by
+    rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
-    procs = [ctx.Process(target=_rank_main, args=(fn, args, r, world_size, port, results, env),
+    procs = [ctx.Process(target=_rank_main,
+                         args=(fn, args, r, world_size, port, results, env, kwargs),
                          daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
