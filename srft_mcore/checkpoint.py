@@ -131,28 +131,58 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
 
 def load_checkpoint(path: str, model, optimizer, load_optimizer: bool = True,
                     load_rng: bool = True) -> dict:
-    """Collective: restore model (+ optimizer, RNG) from ``path``; returns the trainer state."""
+    """Collective: restore model (+ optimizer, RNG) from ``path``; returns the trainer state.
+
+    A missing, truncated or corrupt file raises :class:`CheckpointError` naming it and the
+    other checkpoints to resume from; nothing is written.
+    """
     from megatron.core import dist_checkpointing
 
     state_path = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state_path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-    with open(state_path) as f:
-        trainer_state = json.load(f)
+    with _readable(path, "trainer_state.json"):
+        with open(state_path) as f:
+            trainer_state = json.load(f)
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if load_optimizer:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                             metadata=OPTIMIZER_SHARDING)
-    loaded = dist_checkpointing.load(request, os.path.join(path, "mcore"))
+    with _readable(path, "mcore/ (model and optimizer tensors)"):
+        loaded = dist_checkpointing.load(request, os.path.join(path, "mcore"))
     model.load_state_dict(loaded["model"])
     if load_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
     rng_file = os.path.join(path, "rng", f"rank_{_rank():05d}.pt")
     if load_rng and os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        with _readable(path, os.path.relpath(rng_file, path)):
+            set_rng_state(torch.load(rng_file, weights_only=False))
     return trainer_state
+
+
+class _readable:
+    """Turn a failed read of a checkpoint file into one CheckpointError with the fix."""
+
+    def __init__(self, path: str, what: str):
+        self.path, self.what = path, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, CheckpointError):
+            return False
+        root = os.path.dirname(os.path.abspath(self.path))
+        others = [c for c in list_checkpoints(root) if c != os.path.basename(self.path)]
+        fix = (f"resume from an earlier checkpoint by writing its name ({', '.join(others)}) "
+               f"into {os.path.join(root, 'latest')}" if others else
+               "start a new run (a new logging.run_dir) or restore the files")
+        raise CheckpointError(
+            f"checkpoint {self.path} is damaged: reading {self.what} failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}). "
+            f"Fix: {fix}; nothing was changed") from exc
 
 
 def load_model_weights(path: str, model) -> str:

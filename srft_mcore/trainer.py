@@ -178,14 +178,14 @@ class Trainer:
                                      seed=cfg.data.shuffle_seed)
         self.reward_fn = get_reward_fn(cfg.reward.fn)
         self.eval_splits = self._load_eval_splits()
-        if self.layout.rank == 0:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         self._init_model()
 
         ckpt.clean_stale(self.ckpt_dir)
         self.resumed = False
         if cfg.checkpoint.resume:
             self.resume()
+        if self.layout.rank == 0:  # after a resume has read its checkpoint: a failed one
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))  # changes nothing
         self.start_rollout()
         return self
 
@@ -755,9 +755,15 @@ def main(argv=None) -> int:
         trainer.setup()
         trainer.train()
     except _input_errors() as e:
+        from srft_mcore.checkpoint import CheckpointError
+
         rank = os.environ.get("RANK", "0")
+        # every rank meets a config error alike; a damaged file or a stop may hit one rank
+        # first, and torchrun ends the others before they print
         if rank == "0":
             print(f"srft-train: {e}", file=sys.stderr, flush=True)
+        elif isinstance(e, (CheckpointError, TrainingStopped)):
+            print(f"srft-train (rank {rank}): {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if trainer is not None:

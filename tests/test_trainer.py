@@ -304,3 +304,40 @@ def test_bf16_run_checkpoints_exports_and_resumes_exactly(tmp_path):
                 assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), (a["step"], k)
     got = final_weights(killed)
     assert all(torch.equal(weights[k], got[k]) for k in weights)
+
+
+@pytest.mark.slow
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path):
+    run_dir = str(tmp_path / "damaged")
+    run(run_dir, "train.steps=2", "checkpoint.export_hf=false")
+    ckpts = os.path.join(run_dir, "checkpoints")
+    step2 = os.path.join(ckpts, "step_000002")
+
+    def snapshot():
+        out = {}
+        for root, _, files in os.walk(run_dir):
+            for name in files:
+                p = os.path.join(root, name)
+                if "rollout" not in p and "tensorboard" not in p and not name.endswith(".lock"):
+                    out[p] = open(p, "rb").read()
+        return out
+
+    tensor_files = [os.path.join(step2, "mcore", n) for n in os.listdir(os.path.join(step2,
+                                                                                     "mcore"))
+                    if n.endswith(".distcp")]
+    state_file = os.path.join(step2, "trainer_state.json")
+    state = open(state_file).read()
+    damages = [("trainer_state.json", lambda: open(state_file, "w").write("{not json")),
+               ("mcore/", lambda: [os.truncate(f, os.path.getsize(f) // 2)
+                                   for f in tensor_files])]
+    for what, damage in damages:
+        with open(state_file, "w") as f:  # one damage at a time
+            f.write(state)
+        damage()
+        before = snapshot()
+        p = launch(run_dir, "train.steps=3", "checkpoint.export_hf=false", "--resume")
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode != 0
+        assert f"checkpoint {step2} is damaged: reading {what}" in out, out[-3000:]
+        assert "step_000001" in out and "Traceback" not in out.split("is damaged")[0][-200:]
+        assert snapshot() == before  # metrics, other checkpoints, latest: untouched
