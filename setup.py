@@ -27,6 +27,7 @@ setup(
             "srft-plot=srft_mcore.plot:main",
             "srft-convert=tools.convert_ckpt.cli:main",
             "srft-eval=srft_mcore.eval:main",
+            "srft-plan=srft_mcore.planner:main",
         ],
     },
 )
