@@ -239,6 +239,8 @@ class RunShape:
     mini_batches: int = 2
     with_demos: bool = True
     """Each prompt's demonstration trains with its rollouts (SRFT, LUFFY, SFT)."""
+    overlap: bool = False
+    """rollout.overlap: dedicated servers generate the next step while this one trains."""
 
     @property
     def seq_len(self) -> int:
@@ -289,7 +291,8 @@ class Assumptions:
     weights + KV cache take at most this fraction of the GPU, counting memory that other
     processes (a colocated trainer) already hold."""
     sglang_residual_gib: float = 1.0
-    """A colocated SGLang server's memory while released for training (CUDA context)."""
+    """An SGLang server's CUDA context: it comes out of its KV pool, and a colocated server
+    still holds it while released for training."""
     max_requests_per_server: int = 64
     """rollout.max_concurrency: requests (one per prompt, n samples each) in flight."""
     mfu: float = 0.35
@@ -310,7 +313,8 @@ class Assumptions:
     reward_s_per_sample: float = 0.003
     """math-verify per rollout on rank 0's CPU (measured 2-4 ms)."""
     lp_chunk_bytes: int = 128 * 2**20
-    """The fused log-prob/entropy kernel's fp32 chunk of logits (ops/logprob_entropy.py)."""
+    """The fused log-prob/entropy kernel's fp32 chunk of logits (DEFAULT_CHUNK_BYTES of
+    ops/logprob_entropy.py; not imported, so the planner runs without torch)."""
 
 
 @dataclass(frozen=True)
@@ -398,7 +402,7 @@ def layer_activation_bytes(m: ModelShape, tp: int, sp: bool, seq_len: int,
 
         2 * norm + attention + mlp        (see the three functions)
 
-    local spec, fp32:  4 * [2*3h + (4a*d [GQA] + a*s + 4d*t + 5f)/t]
+    local spec, fp32:  4 * [2*3h + (4a*d [GQA] + a*s + 5f)/t + 4d]
     te spec, bf16:     2 * [2*2h/(t if SP) + (3a*d + 3g*d + 3f)/t]
     The same derivation as Korthikanti et al. 2022 (Megatron's 34 + 5as/h per token for
     GPT-3), for SwiGLU, GQA, RMSNorm and no dropout."""
@@ -434,7 +438,7 @@ def final_norm_and_loss_bytes(m: ModelShape, tp: int, sp: bool, a: Assumptions) 
     """Per token on the last stage: the final norm (as :func:`norm_bytes`; the fused
     kernel keeps its output as input) + the kernel's fp32 statistics and outputs
     (max, log-sum-exp, entropy, log-prob, 2 outputs: 24 bytes) + the loss's per-token fp32
-    terms (~16 tensors: 64 bytes)."""
+    values (~16 tensors: 64 bytes, an upper bound)."""
     return norm_bytes(m, tp, sp, a) + 24 + 64
 
 
@@ -702,6 +706,15 @@ def sync_seconds(m: ModelShape, a: Assumptions) -> float:
     return 2 * hf_param_count(m) / (a.sync_gbps * GB)
 
 
+def step_seconds(times: dict, overlapped: bool) -> float:
+    """One step: rollout + reward + train + sync in sequence; with rollout.overlap
+    (dedicated servers only) the next step's rollout and reward run while this one trains,
+    max(rollout + reward, train) + sync."""
+    if overlapped:
+        return max(times["rollout_s"] + times["reward_s"], times["train_s"]) + times["sync_s"]
+    return times["rollout_s"] + times["reward_s"] + times["train_s"] + times["sync_s"]
+
+
 # --------------------------------------------------------------------------- search
 @dataclass
 class Plan:
@@ -781,6 +794,20 @@ def memory_options(m: ModelShape, run: RunShape, lay: Layout, a: Assumptions,
     return out
 
 
+def best_rollout(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, gpus: int,
+                 trainer_resident: int, colocated: bool) -> RolloutPlan:
+    """The fastest server TP that fits; when none does, the one with the most KV room."""
+    options = [rollout_plan(m, run, hw, a, gpus, stp, trainer_resident, colocated)
+               for stp in server_tp_candidates(m, gpus, hw)]
+    fitting = [o for o in options if o.fits]
+    if fitting:
+        return min(fitting, key=lambda o: (o.seconds, o.server_tp))
+    if options:
+        return max(options, key=lambda o: (o.kv_gb_per_gpu, o.server_tp))
+    return RolloutPlan("colocated" if colocated else "dedicated", gpus, 0, 0, False, 0.0, 0,
+                       math.inf, f"sglang: no server TP divides {gpus} GPUs and {m.heads} heads")
+
+
 def evaluate(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, tp: int, pp: int,
              dp: int, rollout_gpus: int, colocated: bool) -> Plan:
     """One layout + rollout split: memory (no recompute if it fits, else full recompute),
@@ -795,25 +822,15 @@ def evaluate(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, tp: int
     mini = run.prompts_per_step // run.mini_batches
     if mini % dp:
         why.append(f"config: {mini} prompts per mini-batch are not divisible by DP {dp}")
-    r_gpus = hw.gpus if colocated else rollout_gpus
     resident = mem.resident - mem.terms.get("sglang_released", 0) if colocated else 0
-    options = [rollout_plan(m, run, hw, a, r_gpus, stp, resident, colocated)
-               for stp in server_tp_candidates(m, r_gpus, hw)]
-    fitting = [o for o in options if o.fits]
-    if fitting:
-        rollout = min(fitting, key=lambda o: (o.seconds, o.server_tp))
-    elif options:  # none fits: report the one with the most KV room
-        rollout = max(options, key=lambda o: (o.kv_gb_per_gpu, o.server_tp))
-    else:
-        rollout = \
-        RolloutPlan("colocated" if colocated else "dedicated", r_gpus, 0, 0, False, 0.0, 0,
-                    math.inf, f"sglang: no server TP divides {r_gpus} GPUs and {m.heads} heads")
+    rollout = best_rollout(m, run, hw, a, hw.gpus if colocated else rollout_gpus, resident,
+                           colocated)
     if not rollout.fits:
         why.append(rollout.why)
     times = {"rollout_s": rollout.seconds,
              "reward_s": run.prompts_per_step * run.n_samples * a.reward_s_per_sample,
              "train_s": trainer_seconds(m, run, lay, hw, a), "sync_s": sync_seconds(m, a)}
-    total = sum(times.values())
+    total = step_seconds(times, overlapped=run.overlap and not colocated)
     times["step_s"] = total
     return Plan(layout=lay, rollout=rollout, trainer_gpus=lay.gpus, memory=mem,
                 fits=not why, why=why, times=times, pp_split=pp_layer_split(m, pp),
@@ -988,6 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--rollout-gpus", type=int, help="dedicated SGLang GPUs (fixed)")
     where.add_argument("--colocated", action="store_true",
                        help="SGLang shares the trainer's GPUs (released during training)")
+    ap.add_argument("--overlap", action="store_true",
+                    help="rollout.overlap: dedicated rollouts of the next step run during "
+                    "training (colocated plans stay sequential)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--spec", default="te", choices=("te", "local"))
     ap.add_argument("--sglang-mem-fraction", type=float, default=0.6)
@@ -1031,7 +1051,7 @@ def main(argv=None) -> int:
     run = RunShape(prompts_per_step=args.prompts_per_step, n_samples=args.n_samples,
                    prompt_len=args.prompt_len, response_len=args.response_len,
                    micro_batch=args.micro_batch, mini_batches=args.mini_batches,
-                   with_demos=not args.no_demos)
+                   with_demos=not args.no_demos, overlap=args.overlap)
     hw = Hardware(gpus=args.gpus, gpu_mem_gb=args.gpu_mem, gpus_per_node=args.gpus_per_node,
                   peak_tflops=args.peak_tflops, hbm_gbps=args.hbm_gbps)
     a = Assumptions(dtype=args.dtype, spec=args.spec, overhead_gib=args.overhead_gib,

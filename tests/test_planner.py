@@ -170,6 +170,20 @@ def test_fixed_rollout_split_and_colocated_only():
     assert {p["rollout"]["mode"] for p in colocated["layouts"]} == {"colocated"}
 
 
+def test_overlapped_rollouts_hide_behind_training():
+    m, hw, a = pl.load_model("qwen2.5-7b"), pl.Hardware(gpus=8, gpu_mem_gb=80), pl.Assumptions()
+    plain = pl.evaluate(m, pl.RunShape(), hw, a, 2, 1, 2, 4, colocated=False)
+    over = pl.evaluate(m, pl.RunShape(overlap=True), hw, a, 2, 1, 2, 4, colocated=False)
+    t = plain.times
+    assert over.times["step_s"] == pytest.approx(
+        max(t["rollout_s"] + t["reward_s"], t["train_s"]) + t["sync_s"])
+    assert over.tokens_per_s > plain.tokens_per_s
+    colocated = pl.evaluate(m, pl.RunShape(overlap=True), hw, a, 2, 1, 4, 0, colocated=True)
+    c = colocated.times  # the trainer refuses overlap with colocated servers: sequential
+    assert c["step_s"] == pytest.approx(c["rollout_s"] + c["reward_s"] + c["train_s"]
+                                        + c["sync_s"])
+
+
 def test_cli_json_for_qwen72b_on_64_gpus(capsys):
     assert pl.main(["--model", "qwen2.5-72b", "--gpus", "64", "--gpu-mem", "80", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
