@@ -148,7 +148,7 @@ class Trainer:
 
     def setup(self):
         from srft_mcore.data import (EMBEDDED_TASK, PromptSampler, build_dataset,
-                                     write_embedded_dataset)
+                                     held_out_prompts, write_embedded_dataset)
         from srft_mcore.reward import get_reward_fn
 
         cfg = self.cfg
@@ -170,7 +170,7 @@ class Trainer:
                                                                        "embedded_task.jsonl"))
             if self.layout.rank == 0 and not os.path.isfile(data_cfg.path):
                 write_embedded_dataset(data_cfg.path, n=2000, seed=cfg.train.seed,
-                                       **EMBEDDED_TASK)
+                                       exclude=held_out_prompts(), **EMBEDDED_TASK)
             dist.barrier(group=self.layout.cpu_group)
         self.dataset = build_dataset(data_cfg, self.tokenizer, run_dir=self.run_dir,
                                      require_demo=cfg.algorithm.name != "grpo", report=log0)
@@ -191,26 +191,16 @@ class Trainer:
 
     def _load_eval_splits(self) -> dict:
         """The held-out splits of ``eval``, checked now (bad files fail before training).
-        The embedded task ships two: ``id`` (its own distribution, another seed) and ``ood``
-        (three-step chains instead of two)."""
-        from srft_mcore.data import EMBEDDED_TASK, write_embedded_dataset
+        The embedded task ships two (``id``: two-step problems its training data never
+        contains; ``ood``: three-step chains), see :func:`srft_mcore.data.embedded_eval_splits`."""
+        from srft_mcore.data import embedded_eval_splits
         from srft_mcore.eval import load_eval_set
 
         ev = self.cfg.eval
         if not ev.every:
             return {}
-        splits = dict(ev.splits or {})
-        if not splits:  # the embedded task (validate() asked for files otherwise)
-            ood = dict(EMBEDDED_TASK, min_steps=EMBEDDED_TASK["max_steps"] + 1,
-                       max_steps=EMBEDDED_TASK["max_steps"] + 1)
-            for name, task, seed in (("id", EMBEDDED_TASK, 1), ("ood", ood, 2)):
-                path = os.path.join(self.run_dir, f"eval_{name}.jsonl")
-                if self.layout.rank == 0 and not os.path.isfile(path):
-                    write_embedded_dataset(path, n=200, seed=self.cfg.train.seed + 1000 * seed,
-                                           **task)
-                splits[name] = path
-            dist.barrier(group=self.layout.cpu_group)
-        return {name: load_eval_set(path, name=name, limit=ev.limit)
+        splits = dict(ev.splits or {}) or embedded_eval_splits()  # validate() asked for
+        return {name: load_eval_set(path, name=name, limit=ev.limit)  # files otherwise
                 for name, path in splits.items()}
 
     def evaluate(self) -> dict:

@@ -1,13 +1,21 @@
-"""Build the embedded default policy: a tiny Qwen2 briefly pre-trained on the embedded task.
+"""Build the embedded default policy: a tiny Qwen2 pre-trained like a base model.
 
-SRFT starts from a model that already speaks the task's format now and then (the paper
-starts from Qwen2.5-Math-7B). This script plays the part of that pre-training for the
-embedded CPU demo: it trains the tiny random Qwen2 with plain next-token SFT on
-demonstrations from a seed disjoint from the training data, and stops as soon as the
-sampled accuracy (temperature 1) reaches ``--target-acc``, so that the demo starts from a
-weak but non-zero policy. The result ships in ``srft_mcore/assets/embedded_model``.
+SRFT starts from a base model that knows the facts of its domain but not yet the longer
+reasoning the fine-tuning teaches (the paper starts from Qwen2.5-Math-7B). This script plays
+that pre-training for the embedded CPU demo: a random 4-layer Qwen2 learns by next-token
+prediction from
+- "fact sheets", plain text listing the task's one-step facts in random order ("3 + 4 = 7.
+  9 - 5 = 4. ..."), so a fact is known wherever it appears, not only at the start of an
+  answer (pre-trained on one-step problems alone, the model later memorised whole two-step
+  problems instead of computing their second step, and held-out accuracy barely moved);
+- one-step problems in the chat format ("Start with 4, add 3." -> "<think> 4 + 3 = 7.
+  </think> \\boxed{7}"), and a small share of two- and three-step chains.
+The result is weak but not hopeless on the demo's two-step problems (about one in ten right
+at temperature 0.6): chaining the steps is what SRFT then has to teach. None of the problems
+it sees is in the shipped held-out splits, which this script also (re)writes. The result ships in ``srft_mcore/assets/embedded_model``
+with ``pretraining.json`` (its settings and accuracies).
 
-    python tools/make_embedded_model.py [--out DIR] [--target-acc 0.1]
+    python tools/make_embedded_model.py [--out DIR] [--steps 800]
 """
 from __future__ import annotations
 
@@ -18,15 +26,17 @@ import random
 
 import torch
 
-from srft_mcore.data import EMBEDDED_TASK, generate_embedded
-from srft_mcore.models.tiny import load_tokenizer, make_tiny_hf_model
+from srft_mcore.data.embedded import (EMBEDDED_TASK, fact_sheet, generate_embedded,
+                                      held_out_prompts, make_eval_splits)
+from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR, load_tokenizer, make_tiny_hf_model
 from srft_mcore.reward import math_reward
 
-ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "srft_mcore",
-                     "assets", "embedded_model")
-SHAPE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+SHAPE = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
              max_position_embeddings=512)
-PRETRAIN_SEED = 987_654  # the training data uses other seeds
+PRETRAIN_SEED = 987_654  # the demo's training data uses other seeds
+FACT_SHEETS = 6000
+MIX = {1: 3000, 2: 300, 3: 300}
+"""Pre-training problems per chain length: the format, and a glimpse of longer chains."""
 
 
 def encode(tok, rec):
@@ -38,40 +48,57 @@ def encode(tok, rec):
 
 
 @torch.no_grad()
-def sampled_accuracy(model, tok, records, seed=0):
+def sampled_accuracy(model, tok, records, temperature=0.6, seed=0, chunk=50):
+    """Accuracy of one sample per problem (temperature 0 = greedy), batched, left-padded."""
+    model.eval()
     torch.manual_seed(seed)
     hits = 0
-    for rec in records:
-        p, _ = encode(tok, rec)
-        out = model.generate(torch.tensor([p]), do_sample=True, temperature=1.0, top_k=0,
-                             max_new_tokens=48, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
-        hits += math_reward(tok.decode(out[0, len(p):], skip_special_tokens=True),
-                            rec["answer"]) > 0
+    for i in range(0, len(records), chunk):
+        recs = records[i:i + chunk]
+        prompts = [encode(tok, r)[0] for r in recs]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), tok.pad_token_id)
+        att = torch.zeros_like(ids)
+        for j, p in enumerate(prompts):
+            ids[j, width - len(p):] = torch.tensor(p)
+            att[j, width - len(p):] = 1
+        sample = (dict(do_sample=True, temperature=temperature, top_k=0) if temperature > 0
+                  else dict(do_sample=False))
+        out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=64,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             **sample)
+        hits += sum(math_reward(tok.decode(out[j, width:], skip_special_tokens=True),
+                                r["answer"]) > 0 for j, r in enumerate(recs))
+    model.train()
     return hits / len(records)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=ASSET)
-    ap.add_argument("--target-acc", type=float, default=0.1)
-    ap.add_argument("--max-steps", type=int, default=2000)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--out", default=EMBEDDED_MODEL_DIR)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     random.seed(0)
+    splits = make_eval_splits()
+    exclude = held_out_prompts()
     make_tiny_hf_model(args.out, arch="qwen2", seed=0, **SHAPE)
     tok = load_tokenizer(args.out)
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
-    records = generate_embedded(4000, seed=PRETRAIN_SEED, **EMBEDDED_TASK)
-    held_out = generate_embedded(64, seed=PRETRAIN_SEED + 1, **EMBEDDED_TASK)
-    data = [encode(tok, r) for r in records]
+    rng = random.Random(PRETRAIN_SEED)
+    sheets = [tok(fact_sheet(rng, EMBEDDED_TASK["max_value"]), add_special_tokens=False)
+              ["input_ids"] for _ in range(FACT_SHEETS)]
+    data = [(ids[:1], ids[1:]) for ids in sheets]  # (context, trained tokens) like a problem
+    for n_steps, count in MIX.items():
+        task = dict(EMBEDDED_TASK, min_steps=n_steps, max_steps=n_steps)
+        data += [encode(tok, r) for r in generate_embedded(count, seed=PRETRAIN_SEED + n_steps,
+                                                           exclude=exclude, **task)]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    acc, step = 0.0, 0
-    for step in range(1, args.max_steps + 1):
+    for step in range(1, args.steps + 1):
         batch = random.sample(data, args.batch)
         width = max(len(p) + len(d) for p, d in batch)
         ids = torch.full((len(batch), width), tok.pad_token_id)
@@ -84,18 +111,19 @@ def main(argv=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 25 == 0:
-            model.eval()
-            acc = sampled_accuracy(model, tok, held_out)
-            model.train()
-            print(f"step {step}: loss {loss.item():.3f}, sampled accuracy {acc:.3f}", flush=True)
-            if acc >= args.target_acc:
-                break
+        if step % 100 == 0:
+            print(f"step {step}: loss {loss.item():.3f}", flush=True)
+    held_out = {name: [json.loads(line) for line in open(path)] for name, path in splits.items()}
+    acc = {f"{name}/t0.6": sampled_accuracy(model, tok, recs) for name, recs in held_out.items()}
+    acc.update({f"{name}/greedy": sampled_accuracy(model, tok, recs, temperature=0.0)
+                for name, recs in held_out.items()})
     model.save_pretrained(args.out, safe_serialization=True)
     with open(os.path.join(args.out, "pretraining.json"), "w") as f:
-        json.dump({"steps": step, "sampled_accuracy": acc, "lr": args.lr, "batch": args.batch,
-                   "data_seed": PRETRAIN_SEED, "records": len(records)}, f, indent=1)
-    print(f"saved {args.out} after {step} steps (sampled accuracy {acc:.3f})")
+        json.dump({"steps": args.steps, "lr": args.lr, "batch": args.batch, "shape": SHAPE,
+                   "fact_sheets": FACT_SHEETS, "problems_per_chain_length": MIX,
+                   "data_seed": PRETRAIN_SEED,
+                   "held_out_accuracy": acc}, f, indent=1)
+    print(f"saved {args.out} after {args.steps} steps; held-out accuracy {acc}")
 
 
 if __name__ == "__main__":

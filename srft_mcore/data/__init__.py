@@ -1,11 +1,13 @@
 """Prompt data: loading, templates, tokenisation, resumable sampling, the embedded task."""
 from .dataset import Example, FilterStats, PromptDataset, build_dataset, tokenize_records
-from .embedded import EMBEDDED_TASK, generate_embedded, write_embedded_dataset
+from .embedded import (EMBEDDED_TASK, embedded_eval_splits, generate_embedded, held_out_prompts,
+                       write_embedded_dataset)
 from .loading import ACCEPTED, DataError, load_records
 from .sampler import PromptSampler
 from .templates import THINK_SYSTEM_PROMPT, TemplateError, render_prompt
 
 __all__ = ["ACCEPTED", "EMBEDDED_TASK", "DataError", "Example", "FilterStats", "PromptDataset",
            "PromptSampler",
-           "THINK_SYSTEM_PROMPT", "TemplateError", "build_dataset", "generate_embedded",
+           "THINK_SYSTEM_PROMPT", "TemplateError", "build_dataset", "embedded_eval_splits",
+           "generate_embedded", "held_out_prompts",
            "load_records", "render_prompt", "tokenize_records", "write_embedded_dataset"]

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from .embedded import write_embedded_dataset
+from .embedded import held_out_prompts, write_embedded_dataset
 from .loading import DataError, load_records
 from .templates import render_prompt
 
@@ -135,7 +135,8 @@ def build_dataset(data_cfg, tokenizer, run_dir: Optional[str] = None, require_de
             raise DataError("data.path is unset (embedded task) and no run_dir was given to "
                             "write it to")
         path = os.path.join(run_dir, EMBEDDED_FILE)
-        write_embedded_dataset(path, **{"n": 2000, "seed": 0, **(embedded or {})})
+        write_embedded_dataset(path, **{"n": 2000, "seed": 0, "exclude": held_out_prompts(),
+                                        **(embedded or {})})
     records = load_records(path, data_cfg.prompt_key,
                            data_cfg.demo_key if require_demo else None, data_cfg.answer_key)
     ds = tokenize_records(records, tokenizer, data_cfg.template, data_cfg.max_prompt_len,

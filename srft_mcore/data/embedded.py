@@ -6,20 +6,30 @@ A record looks like::
     demonstration: "<think> 5 + 3 = 8. 8 * 2 = 16. </think> \\boxed{16}"
     answer:        "16"
 
-It is small enough that a 2-4 layer model trained for a few minutes on CPU learns the format
-from the demonstrations and then gets some answers right, so the rollout reward moves within
-tens of SRFT steps. :func:`write_embedded_dataset` writes it as jsonl with the standard field
-names, so it goes through the same loading code as user data.
+The embedded demo trains on two-step chains with values 1..10 (:data:`EMBEDDED_TASK`, 870
+distinct problems). Two held-out splits ship with the package (:func:`embedded_eval_splits`):
+``id``, 200 two-step problems that the training data never contains (the training set is
+drawn with them excluded, so ``eval/id/acc`` measures generalisation to new combinations of
+known facts, not recall), and ``ood``, 200 three-step chains (longer than anything trained
+on). :func:`write_embedded_dataset` writes records as jsonl with the standard field names,
+so they go through the same loading code as user data.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+from typing import Iterable
 
 OPS = ("add", "subtract", "multiply")
 EMBEDDED_TASK = dict(min_steps=2, max_steps=2, max_value=10)
 """The task of the embedded demo: two steps, values 1..10 (learnable by the tiny policy)."""
+EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                        "embedded_eval")
+EVAL_SPLITS = {"id": (dict(EMBEDDED_TASK), 101),
+               "ood": (dict(EMBEDDED_TASK, min_steps=3, max_steps=3), 102)}
+"""The shipped held-out splits: name -> (task, seed); 200 distinct problems each."""
+EVAL_SIZE = 200
 _VERB = {"add": "add {d}", "subtract": "subtract {d}", "multiply": "multiply by {d}"}
 _SYMBOL = {"add": "+", "subtract": "-", "multiply": "*"}
 
@@ -67,26 +77,79 @@ def make_problem(rng: random.Random, min_steps: int = 2, max_steps: int = 3,
     return {"prompt": prompt, "demonstration": demo, "answer": str(value)}
 
 
+def fact_sheet(rng: random.Random, max_value: int = 10, n_min: int = 4, n_max: int = 8) -> str:
+    """Plain text of ``n_min..n_max`` random one-step facts of the task ("3 + 4 = 7. 9 - 5 =
+    4. ..."): the arithmetic a base model has read somewhere, in no particular context."""
+    facts = []
+    for _ in range(rng.randint(n_min, n_max)):
+        x = rng.randint(1, 9)
+        op, d = _choose_step(rng, x, max_value)
+        facts.append(f"{x} {_SYMBOL[op]} {d} = {_apply(op, x, d)}.")
+    return " ".join(facts)
+
+
 def generate_embedded(n: int, seed: int = 0, min_steps: int = 2, max_steps: int = 3,
-                      max_value: int = 20) -> list:
+                      max_value: int = 20, exclude: Iterable[str] = (),
+                      distinct: bool = False) -> list:
     """``n`` records, a pure function of the arguments. ``max_value`` bounds every
     intermediate value (start values are 1..9), which sets how many arithmetic facts the
-    model has to learn."""
+    model has to learn. Prompts in ``exclude`` are never produced (held-out problems);
+    ``distinct=True`` produces each prompt at most once."""
     if n < 1 or not 1 <= min_steps <= max_steps or max_value < 10:
         raise ValueError(f"generate_embedded: need n >= 1, 1 <= min_steps <= max_steps and "
                          f"max_value >= 10, got n={n}, min_steps={min_steps}, "
                          f"max_steps={max_steps}, max_value={max_value}")
     rng = random.Random(seed)
-    return [make_problem(rng, min_steps, max_steps, max_value) for _ in range(n)]
+    skip, out = set(exclude), []
+    for _ in range(200 * n):  # bounded: a task with too few problems is an error, not a hang
+        rec = make_problem(rng, min_steps, max_steps, max_value)
+        if rec["prompt"] in skip:
+            continue
+        out.append(rec)
+        if distinct:
+            skip.add(rec["prompt"])
+        if len(out) == n:
+            return out
+    raise ValueError(f"generate_embedded: the task (steps {min_steps}..{max_steps}, values up "
+                     f"to {max_value}) has fewer than {n} problems outside the {len(skip)} "
+                     f"excluded ones; ask for fewer records or a larger max_value")
 
 
-def write_embedded_dataset(path: str, n: int = 2000, seed: int = 0, min_steps: int = 2,
-                           max_steps: int = 3, max_value: int = 20) -> str:
-    """Write ``n`` records as jsonl (fields prompt / demonstration / answer); returns path."""
+def write_records(path: str, records: list) -> str:
+    """Write records as jsonl, atomically (a reader never sees half a file); returns path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        for rec in generate_embedded(n, seed, min_steps, max_steps, max_value):
+        for rec in records:
             f.write(json.dumps(rec) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_embedded_dataset(path: str, n: int = 2000, seed: int = 0, min_steps: int = 2,
+                           max_steps: int = 3, max_value: int = 20,
+                           exclude: Iterable[str] = ()) -> str:
+    """Write ``n`` records as jsonl (fields prompt / demonstration / answer); returns path."""
+    return write_records(path, generate_embedded(n, seed, min_steps, max_steps, max_value,
+                                                 exclude=exclude))
+
+
+def embedded_eval_splits() -> dict:
+    """The shipped held-out splits of the embedded task: ``{"id": path, "ood": path}``."""
+    return {name: os.path.join(EVAL_DIR, f"{name}.jsonl") for name in EVAL_SPLITS}
+
+
+def held_out_prompts() -> set:
+    """Prompts of the shipped held-out splits: training data of the embedded task skips them."""
+    prompts = set()
+    for path in embedded_eval_splits().values():
+        with open(path) as f:
+            prompts.update(json.loads(line)["prompt"] for line in f if line.strip())
+    return prompts
+
+
+def make_eval_splits(out_dir: str = EVAL_DIR) -> dict:
+    """(Re)generate the shipped held-out splits (tools/make_embedded_model.py calls this)."""
+    return {name: write_records(os.path.join(out_dir, f"{name}.jsonl"),
+                                generate_embedded(EVAL_SIZE, seed, distinct=True, **task))
+            for name, (task, seed) in EVAL_SPLITS.items()}
