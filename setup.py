@@ -28,6 +28,7 @@ setup(
             "srft-convert=tools.convert_ckpt.cli:main",
             "srft-eval=srft_mcore.eval:main",
             "srft-plan=srft_mcore.planner:main",
+            "srft-compare=srft_mcore.compare:main",
         ],
     },
 )

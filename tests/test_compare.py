@@ -1,0 +1,340 @@
+"""srft-compare: plan, bookkeeping (skip / resume / restart / failure), aggregation, outputs.
+
+The launches are replaced by a stand-in that writes what the trainer and srft-eval write
+(metrics.jsonl, checkpoints, hf_final, results.json), so the driver's logic runs for real in
+well under a second per invocation; ``examples/compare_tiny_cpu.sh`` runs the real launches.
+"""
+import json
+import math
+import os
+import shlex
+
+import pytest
+
+from srft_mcore import compare
+from srft_mcore.data.embedded import embedded_eval_splits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "examples", "configs", "srft_tiny_cpu.yaml")
+# final accuracies the stand-in srft-eval reports, per (method, seed)
+ACC = {("srft", 1): (0.5, 0.1), ("srft", 2): (0.6, 0.2), ("srft", 3): (0.7, 0.6),
+       ("grpo", 1): (0.4, 0.0), ("grpo", 2): (0.2, 0.1), ("grpo", 3): (0.3, 0.2)}
+
+
+class FakeLauncher:
+    """Stands in for :func:`compare.launch`: records each job and writes the files of a
+    finished trainer run / srft-eval pass. ``fail``: {(run key, part): exit status};
+    ``interrupt``: {(run key, part): "checkpoint" | "no-checkpoint"}: write a partial run
+    (with or without a checkpoint) and raise KeyboardInterrupt, as a Ctrl-C would."""
+
+    def __init__(self, fail=None, interrupt=None):
+        self.jobs = []
+        self.fail = fail or {}
+        self.interrupt = interrupt or {}
+
+    def __call__(self, job):
+        part = job.phase.name if job.kind == "train" else "eval"
+        self.jobs.append(job)
+        os.makedirs(os.path.dirname(job.log), exist_ok=True)
+        with open(job.log, "a") as f:
+            f.write(shlex.join(job.cmd) + "\n")
+        key = (job.run.key, part)
+        if job.kind == "eval":
+            return self._eval(job, key)
+        ph = job.phase
+        metrics = os.path.join(ph.run_dir, "metrics.jsonl")
+        if job.resume:  # the trainer resumes from the latest checkpoint
+            assert os.path.isfile(os.path.join(ph.run_dir, "checkpoints", "latest"))
+        else:  # the trainer refuses a directory that holds a run
+            assert not os.path.exists(metrics)
+        if key in self.interrupt:
+            self._write_run(ph, job.run, steps=1, checkpoint=self.interrupt[key] == "checkpoint")
+            raise KeyboardInterrupt
+        if key in self.fail:
+            self._write_run(ph, job.run, steps=1, checkpoint=False)
+            with open(job.log, "a") as f:
+                f.write("srft-train: something went wrong\n")
+            return self.fail[key]
+        self._write_run(ph, job.run, steps=ph.steps, checkpoint=True)
+        return 0
+
+    def _write_run(self, ph, run, steps, checkpoint):
+        os.makedirs(ph.run_dir, exist_ok=True)
+        acc = ACC.get((run.method, run.seed), (0.25, 0.05))
+        rows = [{"step": 0, "wall_time": 0.0, "eval/id/acc": 0.1, "eval/ood/acc": 0.0}]
+        for s in range(1, steps + 1):
+            row = {"step": s, "wall_time": float(s), "entropy/step": 1.0 / s + run.seed,
+                   "reward/mean": 0.1 * s, "acc/mean": 0.1 * s}
+            if s == ph.steps:  # the trainer's evaluation at the last step
+                row.update({"eval/id/acc": acc[0] - 0.05, "eval/ood/acc": acc[1]})
+            rows.append(row)
+        with open(os.path.join(ph.run_dir, "metrics.jsonl"), "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        if checkpoint:
+            name = f"step_{steps:06d}"
+            os.makedirs(os.path.join(ph.run_dir, "checkpoints", name), exist_ok=True)
+            with open(os.path.join(ph.run_dir, "checkpoints", name, "trainer_state.json"),
+                      "w") as f:
+                json.dump({"step": steps}, f)
+            with open(os.path.join(ph.run_dir, "checkpoints", "latest"), "w") as f:
+                f.write(name)
+        if steps == ph.steps:
+            os.makedirs(os.path.join(ph.run_dir, "hf_final"), exist_ok=True)
+
+    def _eval(self, job, key):
+        if key in self.fail:
+            return self.fail[key]
+        out = job.cmd[job.cmd.index("--out") + 1]
+        names = [a.split("=", 1)[0] for a in job.cmd[1:] if a.startswith(("id=", "ood="))]
+        acc = dict(zip(("id", "ood"), ACC.get((job.run.method, job.run.seed), (0.25, 0.05))))
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump({"results": {n: {"acc": acc[n], "n": 200, "metric": "pass@1"}
+                                   for n in names}}, f)
+        return 0
+
+    def launched(self, kind="train"):
+        return [(j.run.key, j.phase.name if j.phase else "eval", j.resume) for j in self.jobs
+                if j.kind == kind]
+
+
+def _main(tmp_path, capsys, *argv, fake=None, steps="4"):
+    fake = fake if fake is not None else FakeLauncher()
+    rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", steps,
+                       *argv], job_fn=fake)
+    out = capsys.readouterr().out
+    return rc, out, json.loads(out.strip().splitlines()[-1]), fake
+
+
+def test_dry_run_commands(tmp_path, capsys):
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "sft_rl", "grpo",
+                                   "--seeds", "1", "2", "optimizer.lr=1e-3", "--dry-run",
+                                   steps="5")
+    assert rc == 0 and not fake.jobs and summary["dry_run"] is True
+    assert not (tmp_path / "cmp").exists()  # nothing written
+    cmds = [shlex.split(line) for line in out.splitlines()
+            if line and not line.startswith(("#", "{"))]
+    train = [c for c in cmds if "srft_mcore.trainer" in c]
+    evals = [c for c in cmds if "srft_mcore.eval" in c]
+    assert len(train) == 2 * (1 + 2 + 1) and len(evals) == 2 * 3
+    assert summary["commands"] == len(cmds)
+
+    def opt(cmd, key):
+        vals = [a.split("=", 1)[1] for a in cmd if a.startswith(key + "=")]
+        assert len(vals) <= 1, (key, cmd)
+        return vals[0] if vals else None
+
+    for c in train:  # same base config and launcher for every run
+        assert c[c.index("--config") + 1] == CONFIG and "--nproc_per_node=2" in c
+        assert "--resume" not in c and opt(c, "optimizer.lr") == "1e-3"
+        assert opt(c, "model.hf_path") is None and opt(c, "data.path") is None
+    by_run = {}
+    for c in train:
+        by_run.setdefault(opt(c, "logging.run_dir").split("/runs/", 1)[1], c)
+    assert sorted(by_run) == sorted(f"{m}/seed{s}{p}" for s in (1, 2) for m, p in
+                                    (("srft", ""), ("grpo", ""), ("sft_rl", "/sft"),
+                                     ("sft_rl", "/rl")))
+    for run, c in by_run.items():
+        method, seed = run.split("/")[0], int(run.split("/")[1][4:5])
+        algo = {"sft_rl": "sft" if run.endswith("/sft") else "grpo"}.get(method, method)
+        assert opt(c, "algorithm.name") == algo and opt(c, "train.seed") == str(seed)
+        # SFT->RL: 2 SFT steps, then 3 GRPO steps from the SFT run's final checkpoint
+        assert opt(c, "train.steps") == {"sft": "2", "grpo": "3"}.get(algo, "5") \
+            if method == "sft_rl" else opt(c, "train.steps") == "5"
+        if run.endswith("/rl"):
+            assert opt(c, "model.load_mcore") == str(
+                tmp_path / "cmp" / "runs" / "sft_rl" / f"seed{seed}" / "sft" / "checkpoints"
+                / "step_000002")
+        else:
+            assert opt(c, "model.load_mcore") is None
+    # a seed changes the prompt order, the same for every method's first run
+    shuffle = {run: opt(c, "data.shuffle_seed") for run, c in by_run.items()}
+    assert shuffle["srft/seed1"] == shuffle["grpo/seed1"] == shuffle["sft_rl/seed1/sft"]
+    assert len({shuffle["srft/seed1"], shuffle["srft/seed2"], shuffle["sft_rl/seed1/rl"]}) == 3
+    for c in evals:  # one decoding for all: temperature, samples, tokens, seed = the run's
+        run = c[c.index("--model") + 1].split("/runs/", 1)[1]
+        assert c[c.index("--seed") + 1] == run.split("/")[1][4:5]
+        assert c[c.index("--temperature") + 1] == "0.6"
+        assert c[c.index("--max-new-tokens") + 1] == "48"
+        # the embedded task's shipped held-out splits, which the trainer evaluates too
+        assert [a for a in c if a.startswith(("id=", "ood="))] == [
+            f"{name}={path}" for name, path in embedded_eval_splits().items()]
+        assert run.endswith("/rl") == run.startswith("sft_rl")
+
+
+def test_runs_report_and_rerun_skips(tmp_path, capsys):
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "grpo")
+    assert rc == 0 and summary["ok"] and summary["finished"] == 6 and not summary["failed"]
+    assert len(fake.launched("train")) == 6 and len(fake.launched("eval")) == 6
+    assert "[compare] 1/6 srft seed 1: start" in out and "[compare] 6/6 grpo seed 3: done" in out
+    cmp = tmp_path / "cmp"
+    for name in ("state.json", "table.md", "results.json", "logs/srft_seed1_train.log",
+                 "logs/grpo_seed3_eval.log"):
+        assert (cmp / name).is_file(), name
+    assert sorted(os.path.basename(p) for p in summary["plots"]) == [
+        "entropy.png", "eval_id_acc.png", "eval_ood_acc.png"]
+    assert all(os.path.getsize(p) > 1000 for p in summary["plots"])
+    state = json.loads((cmp / "state.json").read_text())
+    assert state["runs"]["srft/seed2"]["status"] == "done"
+    assert state["runs"]["srft/seed2"]["phases"]["train"]["attempts"] == 1
+    # the same command again: nothing is launched, the same results come out
+    rc2, out2, summary2, fake2 = _main(tmp_path, capsys, "--methods", "srft", "grpo")
+    assert rc2 == 0 and not fake2.jobs and summary2["acc"] == summary["acc"]
+    assert out2.count("finished earlier") == 6
+    # a dry run over the finished comparison has nothing to do
+    rc3, out3, summary3, _ = _main(tmp_path, capsys, "--methods", "srft", "grpo", "--dry-run")
+    assert rc3 == 0 and summary3["commands"] == 0 and out3.count("skipped") == 6
+
+
+def test_aggregation_mean_std_by_hand(tmp_path, capsys):
+    assert compare.mean_std([]) == {"n": 0, "mean": None, "std": None}
+    assert compare.mean_std([0.25]) == {"n": 1, "mean": 0.25, "std": None}
+    s = compare.mean_std([0.1, 0.2, 0.6])
+    assert s["mean"] == pytest.approx(0.3) and s["std"] == pytest.approx(math.sqrt(0.07))
+    assert compare.pct(s) == "30.0 ± 26.5" and compare.pct(compare.mean_std([0.25])) == "25.0"
+    rc, out, summary, _ = _main(tmp_path, capsys, "--methods", "srft", "grpo")
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    srft, grpo = results["methods"]["srft"]["splits"], results["methods"]["grpo"]["splits"]
+    assert srft["id"]["mean"] == pytest.approx(0.6) and srft["id"]["std"] == pytest.approx(0.1)
+    assert srft["id"]["values"] == {"1": 0.5, "2": 0.6, "3": 0.7}
+    assert srft["ood"]["mean"] == pytest.approx(0.3)
+    assert srft["ood"]["std"] == pytest.approx(0.264575, abs=1e-6)
+    assert grpo["id"]["mean"] == pytest.approx(0.3) and grpo["id"]["std"] == pytest.approx(0.1)
+    assert grpo["ood"]["std"] == pytest.approx(0.1) and grpo["ood"]["n"] == 3
+    assert summary["acc"]["srft"]["id"] == pytest.approx(0.6)
+
+
+def test_table_and_json_format(tmp_path, capsys):
+    rc, out, summary, _ = _main(tmp_path, capsys, "--methods", "srft", "grpo")
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert table in out  # the same table on stdout
+    lines = table.splitlines()
+    assert lines[0].startswith("Final held-out accuracy (%), mean ± sample std over seeds; "
+                               "srft-eval on the final policy (temperature 0.6")
+    assert "4 steps x 32 prompts x 4 rollouts (SFT->RL: 2 SFT + 2 GRPO steps)" in lines[0]
+    assert lines[2:] == ["| method | id | ood | seeds |", "|---|---|---|---|",
+                         "| SRFT | 60.0 ± 10.0 | 30.0 ± 26.5 | 3/3 |",
+                         "| GRPO | 30.0 ± 10.0 | 10.0 ± 10.0 | 3/3 |"]
+    assert set(summary) == {"ok", "out", "runs", "finished", "failed", "table", "results",
+                            "plots", "acc"}
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert set(results) == {"settings", "methods", "failed", "runs"}
+    assert results["settings"]["budget"]["rollouts_per_run"] == 4 * 32 * 4
+    assert results["settings"]["seeds"] == [1, 2, 3]
+    assert results["methods"]["grpo"]["label"] == "GRPO"
+    assert results["runs"]["grpo/seed1"]["acc"] == {"id": 0.4, "ood": 0.0}
+
+
+def test_resume_interrupted_run_with_checkpoint(tmp_path, capsys):
+    fake = FakeLauncher(interrupt={("grpo/seed1", "train"): "checkpoint"})
+    rc, out, summary, _ = _main(tmp_path, capsys, "--methods", "srft", "grpo", "--seeds", "1",
+                                fake=fake)
+    assert rc == 130 and summary == {"ok": False, "interrupted": True,
+                                     "out": str(tmp_path / "cmp")}
+    assert fake.launched() == [("srft/seed1", "train", False), ("grpo/seed1", "train", False)]
+    state = json.loads((tmp_path / "cmp" / "state.json").read_text())
+    assert state["runs"]["grpo/seed1"]["status"] == "interrupted"
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "grpo", "--seeds", "1")
+    assert rc == 0 and summary["ok"]
+    assert fake.launched() == [("grpo/seed1", "train", True)]  # srft/seed1 was finished
+    assert fake.jobs[0].cmd[-1] == "--resume"
+    assert "grpo seed 1: train (grpo, 4 steps): resume from step_000001" in out
+    state = json.loads((tmp_path / "cmp" / "state.json").read_text())
+    assert state["runs"]["grpo/seed1"]["phases"]["train"]["attempts"] == 2
+
+
+def test_restart_interrupted_run_without_checkpoint(tmp_path, capsys):
+    fake = FakeLauncher(interrupt={("sft_rl/seed1", "rl"): "no-checkpoint"})
+    rc, *_ = _main(tmp_path, capsys, "--methods", "sft_rl", "--seeds", "1", fake=fake)
+    assert rc == 130
+    rl_dir = tmp_path / "cmp" / "runs" / "sft_rl" / "seed1" / "rl"
+    assert (rl_dir / "metrics.jsonl").is_file() and not (rl_dir / "checkpoints").exists()
+    # the stand-in asserts that the trainer meets a cleared directory (no metrics.jsonl)
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "sft_rl", "--seeds", "1")
+    assert rc == 0 and summary["ok"]
+    assert fake.launched() == [("sft_rl/seed1", "rl", False)]  # the SFT run was finished
+    assert "--resume" not in fake.jobs[0].cmd and "rl (grpo, 2 steps, from " in out
+    assert ": restart" in out
+    rows = [json.loads(line) for line in (rl_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # only the new attempt's
+
+
+def test_failure_reported_others_continue(tmp_path, capsys):
+    fake = FakeLauncher(fail={("grpo/seed1", "train"): 1, ("sft_rl/seed2", "sft"): 3,
+                              ("srft/seed2", "eval"): 2})
+    rc, out, summary, _ = _main(tmp_path, capsys, "--methods", "srft", "grpo", "sft_rl",
+                                "--seeds", "1", "2", fake=fake)
+    assert rc == 1 and not summary["ok"] and summary["finished"] == 3
+    failed = {f["run"]: f for f in summary["failed"]}
+    assert sorted(failed) == ["grpo/seed1", "sft_rl/seed2", "srft/seed2"]
+    logs = tmp_path / "cmp" / "logs"
+    assert failed["grpo/seed1"]["log"] == str(logs / "grpo_seed1_train.log")
+    assert "something went wrong" in (logs / "grpo_seed1_train.log").read_text()
+    assert failed["grpo/seed1"]["error"] == "train: trainer exit status 1"
+    assert failed["sft_rl/seed2"]["log"] == str(logs / "sft_rl_seed2_sft.log")
+    assert failed["srft/seed2"]["log"] == str(logs / "srft_seed2_eval.log")
+    # every other run went on; a failed SFT run is not followed by its RL run
+    launched = fake.launched()
+    assert ("grpo/seed2", "train", False) in launched and ("sft_rl/seed1", "rl", False) in launched
+    assert ("sft_rl/seed2", "rl", False) not in launched
+    assert "[compare] 2/6 grpo seed 1: FAILED" in out and str(logs / "grpo_seed1_train.log") in out
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| GRPO | 20.0 | 10.0 | 1/2 |" in table
+    assert f"- grpo/seed1: train: trainer exit status 1 (log: {logs}/grpo_seed1_train.log)" \
+        in table
+    # a re-run retries only the failed ones: the failed eval alone, the failed trainings fresh
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "grpo", "sft_rl",
+                                   "--seeds", "1", "2")
+    assert rc == 0 and summary["finished"] == 6
+    assert sorted(fake.launched()) == [("grpo/seed1", "train", False),
+                                       ("sft_rl/seed2", "rl", False),
+                                       ("sft_rl/seed2", "sft", False)]
+    assert fake.launched("eval") == [("grpo/seed1", "eval", False), ("srft/seed2", "eval", False),
+                                     ("sft_rl/seed2", "eval", False)]
+
+
+def test_trainer_final_eval_and_sft_rl_curves(tmp_path, capsys):
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "sft_rl", "--seeds",
+                                   "1", "--final-eval", "trainer")
+    assert rc == 0 and not fake.launched("eval")
+    assert summary["acc"]["srft"] == {"id": pytest.approx(0.45), "ood": pytest.approx(0.1)}
+    assert "the trainer's evaluation at the final step" in out
+    # SFT->RL's curve: the RL run continues the SFT run's steps, its step-0 eval dropped
+    plan = compare.build_plan(compare.parse_args(["--config", CONFIG, "--out",
+                                                  str(tmp_path / "cmp"), "--steps", "4",
+                                                  "--methods", "sft_rl", "--seeds", "1"]))
+    rows = compare.run_curves(plan.runs[0])
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    steps, mean, std = compare.mean_curve([rows, rows], "eval/id/acc")
+    assert steps == [0, 2, 4] and std == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train.seed=5"], "srft-compare sets train.seed"),
+    (["--methods", "srft", "ppo"], "--methods: unknown ['ppo']"),
+    (["--steps", "1", "--methods", "sft_rl"], "--steps 1: need at least 2"),
+    (["--final-eval", "trainer", "eval.every=0"], "needs the trainer's evaluation"),
+    (["data.path=x.jsonl"], "no held-out splits"),
+])
+def test_bad_input(tmp_path, capsys, argv, message):
+    rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), *argv],
+                      job_fn=FakeLauncher())
+    captured = capsys.readouterr()
+    assert rc == 2 and message in captured.err
+    assert json.loads(captured.out.splitlines()[-1])["ok"] is False
+
+
+def test_other_settings_refused(tmp_path, capsys):
+    assert _main(tmp_path, capsys, "--methods", "grpo", "--seeds", "1", "optimizer.lr=1e-3",
+                 "eval.limit=8")[0] == 0
+    for argv in (["--steps", "6", "optimizer.lr=1e-3", "eval.limit=8"],
+                 ["--steps", "4", "optimizer.lr=2e-3", "eval.limit=8"]):
+        rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--methods",
+                           "grpo", "--seeds", "1", *argv], job_fn=FakeLauncher())
+        err = capsys.readouterr().err
+        assert rc == 2 and "holds a comparison made with other settings" in err
+    # the same values (overrides in another order), more seeds: the comparison is extended
+    rc, out, summary, fake = _main(tmp_path, capsys, "eval.limit=8", "--methods", "grpo",
+                                   "optimizer.lr=0.001", "--seeds", "1", "2")
+    assert rc == 0 and fake.launched() == [("grpo/seed2", "train", False)]
