@@ -109,7 +109,22 @@ class RolloutConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     urls: Optional[list] = None
-    """Attach to running SGLang servers instead of launching them."""
+    """Attach to running SGLang servers instead of launching them (e.g. servers on other
+    nodes: ["http://node3:30000", ...]); the weight sync reaches each of them."""
+    router: bool = False
+    """Start an sglang-router on rank 0 (127.0.0.1) in front of the servers: /generate goes
+    through it instead of the client-side balancing; the weight sync still goes to every
+    server directly. Not with seeded rollouts (the router drops their per-request seeds)."""
+    router_url: Optional[str] = None
+    """Send /generate to this running sglang-router instead of launching one; rollout.urls
+    must list the servers behind it (each gets the weight sync)."""
+    router_policy: str = "cache_aware"
+    """Routing policy of a launched router: cache_aware | round_robin | random | power_of_two."""
+    sync_address: Optional[str] = None
+    """Address of this trainer node that the servers dial for weight_sync=distributed: null =
+    127.0.0.1 when every server URL is on loopback, else auto; auto = the address of the
+    interface that reaches the servers (else the host name's); the environment variable
+    SRFT_SYNC_ADDR, when set, wins (one value per node)."""
     num_servers: int = 1
     """SGLang servers to launch when urls is None."""
     server_tp: int = 1
@@ -298,6 +313,7 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "data.template": ("tokenizer", "think", "plain"),
     "rollout.weight_sync": ("auto", "distributed", "tensor", "disk"),
+    "rollout.router_policy": ("cache_aware", "round_robin", "random", "power_of_two"),
     "algorithm.name": ("sft", "grpo", "luffy", "srft", "srft_no_wsft", "srft_no_wrl"),
     "algorithm.offpolicy_shaping": (None, "none", "luffy"),
     "algorithm.onpolicy_form": (None, "sign", "ppo"),
@@ -463,6 +479,52 @@ def check_context_length(cfg: Config, hf_config: Optional[dict]) -> None:
         f"data.max_response_len")
 
 
+def _is_http_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://")) and \
+        len(value.split("://", 1)[1].strip("/")) > 0
+
+
+def _check_rollout_endpoints(r: RolloutConfig) -> None:
+    """Servers by URL, the router and the weight-sync address: the combinations that work."""
+    if r.urls is not None:
+        if not r.urls:
+            raise _err("rollout.urls", r.urls, "is an empty list",
+                       "list the running servers (e.g. [\"http://node3:30000\"]), or null to "
+                       "launch rollout.num_servers servers here")
+        bad = [u for u in r.urls if not _is_http_url(u)]
+        if bad:
+            raise _err("rollout.urls", r.urls, f"{bad[0]!r} is not an http(s) URL",
+                       "give each server as http://HOST:PORT")
+        if len(set(u.rstrip("/") for u in r.urls)) != len(r.urls):
+            raise _err("rollout.urls", r.urls, "lists a server twice",
+                       "give each server once (it would get every weight update twice)")
+    if r.router and r.router_url is not None:
+        raise _err("rollout.router_url", r.router_url, "rollout.router=true launches a router "
+                   "and rollout.router_url attaches to a running one",
+                   "set only one of them (router_url=null, or router=false)")
+    if r.router_url is not None:
+        if not _is_http_url(r.router_url):
+            raise _err("rollout.router_url", r.router_url, "is not an http(s) URL",
+                       "give the router as http://HOST:PORT")
+        if not r.urls:
+            raise _err("rollout.router_url", r.router_url, "needs rollout.urls: the weight sync "
+                       "goes to every server directly, not through the router",
+                       "list the servers behind the router in rollout.urls")
+        if r.router_url.rstrip("/") in [u.rstrip("/") for u in r.urls]:
+            raise _err("rollout.router_url", r.router_url, "is also listed in rollout.urls",
+                       "rollout.urls lists the SGLang servers behind the router, not the router")
+    if (r.router or r.router_url is not None) and r.seeded:
+        key, value = ("rollout.router", True) if r.router else ("rollout.router_url",
+                                                                 r.router_url)
+        raise _err(key, value, "the router drops sampling_params.custom_params, which carry "
+                   "the per-sample seeds of rollout.seeded=true (a server then fails on them)",
+                   "set rollout.seeded=false, or send /generate to the servers directly "
+                   "(rollout.router=false, rollout.router_url=null)")
+    if r.sync_address is not None and not r.sync_address.strip():
+        raise _err("rollout.sync_address", r.sync_address, "is empty",
+                   "give this node's address as the servers reach it, auto, or null")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None,
              hf_config: Optional[dict] = None) -> Config:
     """Check value ranges and combinations; fill ``parallel.dp`` from the world size.
@@ -530,6 +592,7 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("rollout.overlap", True, "colocated servers (weight_sync=tensor) release "
                    "their GPU memory while the trainer runs, so they cannot generate then",
                    "use dedicated rollout GPUs (weight_sync=distributed) or rollout.overlap=false")
+    _check_rollout_endpoints(cfg.rollout)
     if cfg.rollout.temperature <= 0:
         raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
                    "use a positive temperature (the paper uses 1.0)")

@@ -19,6 +19,15 @@ own layers) and in the recovery protocol of :meth:`generate`: when a server dies
 re-syncs the current weights into it, and the request batch is retried. ``metrics()``
 counts the restarts.
 
+With a router (``rollout.router``: an sglang-router launched on rank 0 in front of the
+servers; ``rollout.router_url``: one running elsewhere, the servers behind it listed in
+``rollout.urls``) /generate goes through the router, while the weight sync and the memory
+requests go to every server directly. A request that fails through the router does not name
+a server, so recovery then checks all of them (and restarts a launched router that exited).
+
+Servers on other nodes dial the trainer for the distributed weight sync: at the address
+:func:`resolve_sync_address` gives (``rollout.sync_address`` / ``SRFT_SYNC_ADDR``).
+
 Colocated (``rollout.weight_sync=tensor``: servers on the trainer's GPUs) the trainer
 brackets each training step: ``engine.before_train()`` makes every server free its weights,
 KV cache and CUDA graphs; the next ``engine.sync_weights(...)`` brings the weights' memory
@@ -27,16 +36,20 @@ trainer's and the server's peaks never add up.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import tempfile
 import time
 from typing import Callable, Optional, Sequence
+from urllib.parse import urlparse
 
 import requests
 import torch
 
 from srft_mcore.distributed import broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
+from srft_mcore.rollout.router import SGLangRouter, router_for
 from srft_mcore.rollout.server import SGLangServer, cuda_available
 from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats, _world,
                                             export_stream, make_transport,
@@ -68,8 +81,11 @@ class RolloutEngine:
                  layout=None, hf_config: Optional[dict] = None, bucket_mb: float = 256,
                  work_dir: Optional[str] = None, request_timeout_s: float = 600.0,
                  max_concurrency: int = 64, retries: int = 2, max_recoveries: int = 2,
-                 health_timeout_s: float = 60.0, server_tp: int = 1, group=None):
+                 health_timeout_s: float = 60.0, server_tp: int = 1, group=None,
+                 router: Optional[SGLangRouter] = None, sync_address: Optional[str] = None):
         self.servers = list(servers)
+        self.router = router
+        """Where /generate goes instead of the servers (rank 0's object owns a launched one)."""
         self.mode = resolve_mode(mode)
         self.layout = layout
         self.hf_config = hf_config
@@ -78,9 +94,17 @@ class RolloutEngine:
         self.group = group
         self.max_recoveries = max_recoveries
         self.health_timeout_s = health_timeout_s
-        self.client = SGLangClient([s.url for s in self.servers], max_concurrency=max_concurrency,
-                                   request_timeout_s=request_timeout_s, retries=retries)
+        if router is not None:  # one URL: the router balances, up to the same total in flight
+            self.client = SGLangClient([router.url], max_concurrency=max_concurrency * max(
+                1, len(self.servers)), request_timeout_s=request_timeout_s, retries=retries)
+        else:
+            self.client = SGLangClient(self.urls, max_concurrency=max_concurrency,
+                                       request_timeout_s=request_timeout_s, retries=retries)
+        self.sync_address = (resolve_sync_address(sync_address, self.urls)
+                             if self.mode == "distributed" else None)
+        """The address the servers dial for this rank's weight-update groups."""
         self.transport = make_transport(self.mode, self.work_dir, server_tp=server_tp,
+                                        master_address=self.sync_address or "127.0.0.1",
                                         placement=self.urls)
         self.version: Optional[str] = None
         self.last_sync: Optional[SyncStats] = None
@@ -97,27 +121,37 @@ class RolloutEngine:
                hf_config: Optional[dict] = None, work_dir: Optional[str] = None,
                server_args: Sequence[str] = (), group=None, **kwargs) -> "RolloutEngine":
         """Launch ``cfg.num_servers`` servers for ``model_path`` on rank 0 (or attach to
-        ``cfg.urls``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
+        ``cfg.urls``), and the router ``cfg`` asks for (launched on rank 0, or attached to
+        ``cfg.router_url``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
         rank, _ = _world(group)
         if resolve_mode(cfg.weight_sync) == "tensor" and cuda_available():
             # colocated: before_train() needs SGLang's memory saver
             server_args = [*server_args, "--enable-memory-saver"]
         servers: list[SGLangServer] = []
+        router = None
         error = None
         if rank == 0:
             try:
                 servers = launch_servers(cfg, model_path, work_dir, server_args)
+                router = router_for(cfg, [s.url for s in servers], work_dir)
             except Exception as e:  # noqa: BLE001 - every rank raises below
                 error = e
-        urls = broadcast_object(None if error else [s.url for s in servers], group)
-        if urls is None:
+                for s in servers:
+                    if s.owned:
+                        s.stop()
+        info = broadcast_object(None if error else ([s.url for s in servers],
+                                                    router.url if router else None), group)
+        if info is None:
             raise error if error is not None else RolloutError("rank 0 failed to start SGLang")
+        urls, router_url = info
         if rank != 0:
             servers = [SGLangServer.attach(u) for u in urls]
+            router = SGLangRouter.attach(router_url) if router_url else None
         return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
                    bucket_mb=cfg.bucket_mb, work_dir=work_dir,
                    request_timeout_s=cfg.request_timeout_s, max_concurrency=cfg.max_concurrency,
-                   server_tp=cfg.server_tp, group=group, **kwargs)
+                   server_tp=cfg.server_tp, group=group, router=router,
+                   sync_address=cfg.sync_address, **kwargs)
 
     @property
     def urls(self) -> list[str]:
@@ -180,6 +214,7 @@ class RolloutEngine:
                 # process liveness only: an HTTP health probe costs ~1 s per step on CPU, and
                 # a hung server is caught by the request timeouts of generate and sync
                 dead = [s.url for s in self.servers if s.owned and not s.is_alive()]
+                self._restart_router_if_dead(probe_attached=False)
                 status = ("ok", self._recover(dead) if dead else [])
             except Exception as e:  # noqa: BLE001 - every rank raises below
                 status = ("error", f"{type(e).__name__}: {e}")
@@ -256,8 +291,32 @@ class RolloutEngine:
         except requests.RequestException:
             return False
 
+    def _restart_router_if_dead(self, probe_attached: bool = True) -> bool:
+        """Rank 0: restart a launched router whose process has exited; an attached one that
+        does not answer /health (probed only with ``probe_attached``) is an error: it is not
+        ours to restart."""
+        router = self.router
+        if router is None:
+            return False
+        if router.owned:
+            if router.proc is not None and router.is_alive():
+                return False
+            router.restart()
+            return True
+        if probe_attached and not router.healthy(timeout_s=self.health_timeout_s):
+            raise RolloutError(f"the router {router.url} does not answer /health and was "
+                               f"attached (rollout.router_url), not launched here: restart it "
+                               f"yourself")
+        return False
+
     def _recover(self, failed_urls: Sequence[str]) -> list[str]:
-        """Rank 0: restart the failed servers that are dead or hung; return their URLs."""
+        """Rank 0: restart the failed servers that are dead or hung; return their URLs.
+        A failure through the router does not say which server failed: the router is
+        checked (restarted if it was launched here and has exited), then every server."""
+        via_router = self.router is not None and self.router.url in failed_urls
+        if via_router:
+            self._restart_router_if_dead()
+            failed_urls = self.urls
         restarted = []
         for server in self.servers:
             if server.url not in failed_urls:
@@ -333,6 +392,8 @@ class RolloutEngine:
     def metrics(self) -> dict:
         out = {"rollout/server_restarts": sum(s.restarts for s in self.servers),
                "rollout/weight_syncs": self._syncs}
+        if self.router is not None and self.router.owned:
+            out["rollout/router_restarts"] = self.router.restarts
         if self.colocated:
             out["rollout/memory_requests"] = self.memory_calls
         if self.last_sync is not None:
@@ -344,6 +405,8 @@ class RolloutEngine:
         try:
             self.transport.close()
         finally:
+            if self.router is not None and self.router.owned:
+                self.router.stop()
             for s in self.servers:
                 if s.owned:
                     s.stop()
@@ -353,6 +416,43 @@ class RolloutEngine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _is_loopback(host: Optional[str]) -> bool:
+    """``host`` names this machine's loopback interface (a literal address or localhost)."""
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_sync_address(value: Optional[str], urls: Sequence[str]) -> str:
+    """The address of this node that the servers ``urls`` dial for the distributed weight
+    sync (``rollout.sync_address``; see :mod:`srft_mcore.config`). The environment variable
+    SRFT_SYNC_ADDR wins (one value per node); null means 127.0.0.1 when every server is on
+    loopback, else ``auto``; ``auto`` is the address of the interface this node reaches the
+    first remote server through (no packet is sent), else its host name's address."""
+    env = os.environ.get("SRFT_SYNC_ADDR", "").strip()
+    if env:
+        return env
+    hosts = [(urlparse(u).hostname, urlparse(u).port or 80) for u in urls]
+    remote = [(h, p) for h, p in hosts if not _is_loopback(h)]
+    if value is None:
+        if not remote:
+            return "127.0.0.1"
+        value = "auto"
+    if value != "auto":
+        return value
+    if not remote:
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(remote[0])  # UDP: picks the route, sends nothing
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
 
 
 def _control(url: str, path: str, payload: dict, idle_wait_s: float = 10.0) -> None:

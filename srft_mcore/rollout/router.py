@@ -1,0 +1,239 @@
+"""sglang-router in front of several SGLang servers: one URL for /generate.
+
+Usage::
+
+    from srft_mcore.rollout.router import SGLangRouter
+
+    router = SGLangRouter.launch(["http://10.0.0.5:30000", "http://10.0.0.6:30000"])
+    print(router.url)            # http://127.0.0.1:<port>: POST /generate here
+    ...
+    router.stop()
+
+    remote = SGLangRouter.attach("http://10.0.0.4:30100")   # a router someone else runs
+
+The router (the ``sglang-router`` package, a Rust binary behind a Python launcher) spreads
+/generate requests over its workers by ``policy`` and retries a failed request on another
+worker. It does not forward weight updates to every worker, so the rollout engine keeps the
+list of server URLs for the weight sync and memory requests and sends only /generate through
+the router.
+
+The router forwards the sampling fields the trainer and the evaluation use (temperature,
+top_p, max_new_tokens, n, stop, stop_token_ids, ignore_eos, log-probs, input_ids) but drops
+``sampling_params.custom_params``, which seeded rollouts (``rollout.seeded``) need, so
+``config.validate`` refuses the two together.
+
+Like :class:`~srft_mcore.rollout.server.SGLangServer`, a launched router binds to
+127.0.0.1 unless ``host`` says otherwise (its Prometheus endpoint too, on a port of its own),
+runs in its own process group, dies with the process that launched it and is stopped at
+interpreter exit.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence
+
+import requests
+
+from srft_mcore.distributed import free_port
+from srft_mcore.rollout.server import (ServerStartError, _kill_group, _register,
+                                       _set_pdeathsig, _tail, _unregister)
+
+POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
+
+
+class RouterError(ServerStartError):
+    """The router is not installed, exited, or did not become healthy in time."""
+
+
+def router_available() -> bool:
+    try:
+        import sglang_router  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SGLangRouter:
+    """One sglang-router process we own, or the URL of one we attach to."""
+
+    def __init__(self, worker_urls: Sequence[str] = (), port: Optional[int] = None,
+                 host: str = "127.0.0.1", policy: str = "cache_aware",
+                 log_path: Optional[str] = None, startup_timeout_s: float = 300.0,
+                 request_timeout_s: float = 600.0, extra_args: Sequence[str] = (),
+                 url: Optional[str] = None):
+        if policy not in POLICIES:
+            raise ValueError(f"router policy {policy!r}: expected one of {POLICIES}")
+        self.worker_urls = [u.rstrip("/") for u in worker_urls]
+        self.host = host
+        self.port = port
+        self.metrics_port: Optional[int] = None
+        self.policy = policy
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.extra_args = list(extra_args)
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self._url = url.rstrip("/") if url else None
+        self._log_file = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def launch(cls, worker_urls: Sequence[str], **kwargs) -> "SGLangRouter":
+        """Start a router for ``worker_urls`` and wait until it answers /health."""
+        router = cls(worker_urls, **kwargs)
+        router.start()
+        router.wait_healthy()
+        return router
+
+    @classmethod
+    def attach(cls, url: str) -> "SGLangRouter":
+        """Wrap a router started elsewhere; ``stop``/``restart`` do not touch it."""
+        return cls(url=url)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def owned(self) -> bool:
+        return self._url is None or self.proc is not None
+
+    @property
+    def url(self) -> str:
+        if self._url is not None and self.proc is None:
+            return self._url
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else None
+
+    def is_alive(self) -> bool:
+        """Own process still running (an attached router: /health answers)."""
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.healthy(timeout_s=5.0)
+
+    def healthy(self, timeout_s: float = 5.0) -> bool:
+        try:
+            return requests.get(self.url + "/health", timeout=timeout_s).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def log_tail(self, n_lines: int = 40) -> str:
+        return _tail(self.log_path, n_lines)
+
+    # ------------------------------------------------------------------ lifecycle
+    def command(self) -> list[str]:
+        if not self.worker_urls:
+            raise ValueError("a router needs at least one worker URL")
+        # the Prometheus endpoint would otherwise take 0.0.0.0:29000 (one router per machine)
+        return [sys.executable, "-m", "sglang_router.launch_router",
+                "--host", self.host, "--port", str(self.port),
+                "--worker-urls", *self.worker_urls, "--policy", self.policy,
+                "--prometheus-host", self.host, "--prometheus-port", str(self.metrics_port),
+                "--request-timeout-secs", str(max(1, int(self.request_timeout_s))),
+                "--worker-startup-timeout-secs", str(max(1, int(self.startup_timeout_s))),
+                "--shutdown-grace-period-secs", "5", "--log-level", "warn", *self.extra_args]
+
+    def start(self) -> "SGLangRouter":
+        """Spawn the router (returns at once; see :meth:`wait_healthy`)."""
+        if not router_available():
+            raise RouterError("rollout.router needs the sglang-router package "
+                              "(pip install sglang-router; requirements/constraints.txt pins it)")
+        if self._url is not None and self.proc is None:
+            raise RuntimeError(f"{self._url} was attached, not launched here")
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"router already running (pid {self.proc.pid})")
+        if self.port is None:
+            self.port = free_port()
+        if self.metrics_port is None:
+            self.metrics_port = free_port()
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix=f"sglang_router_{self.port}_",
+                                                 suffix=".log")
+            os.close(fd)
+        cmd = self.command()
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        self._log_file.write(f"$ {' '.join(cmd)}\n".encode())
+        self._log_file.flush()
+        in_main = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+            preexec_fn=_set_pdeathsig if in_main else None)
+        _register(self)
+        return self
+
+    def wait_healthy(self, timeout_s: Optional[float] = None) -> "SGLangRouter":
+        """Poll /health until 200; raise :class:`RouterError` with the log tail otherwise."""
+        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise RouterError(f"sglang-router exited with code {code} during start-up. "
+                                  f"Log {self.log_path} (tail):\n{self.log_tail()}")
+            if self.healthy(timeout_s=2.0):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RouterError(f"sglang-router at {self.url} was not healthy within "
+                                  f"{timeout_s:.0f}s. Log {self.log_path} (tail):\n"
+                                  f"{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _kill_group(proc, timeout_s)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        _unregister(self)
+
+    def restart(self, timeout_s: Optional[float] = None) -> "SGLangRouter":
+        """Stop (if needed) and start again on the same port; counts in ``restarts``."""
+        if not self.owned:
+            raise RuntimeError(f"cannot restart {self.url}: it was attached, not launched here")
+        self.stop()
+        self.restarts += 1
+        self.start()
+        return self.wait_healthy(timeout_s)
+
+    def __enter__(self) -> "SGLangRouter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"SGLangRouter(url={self.url!r}, pid={self.pid}, workers={self.worker_urls})"
+
+
+def router_for(cfg, server_urls: Sequence[str], work_dir: Optional[str] = None
+               ) -> Optional[SGLangRouter]:
+    """The router the rollout config asks for (``cfg``: a ``RolloutConfig``): attached to
+    ``cfg.router_url``, launched in front of ``server_urls`` when ``cfg.router``, else None."""
+    if cfg.router_url:
+        if cfg.router:
+            raise ValueError("rollout.router=true launches a router and rollout.router_url "
+                             "attaches to one: set only one of them")
+        if not cfg.urls:
+            raise ValueError(f"rollout.router_url={cfg.router_url!r} needs rollout.urls: the "
+                             f"servers behind the router, which the weight sync must reach")
+        router = SGLangRouter.attach(cfg.router_url)
+        if not router.healthy(timeout_s=10.0):
+            raise RouterError(f"rollout.router_url={cfg.router_url!r} does not answer /health")
+        return router
+    if not cfg.router:
+        return None
+    log_path = os.path.join(work_dir, "sglang-router.log") if work_dir else None
+    return SGLangRouter.launch(server_urls, policy=cfg.router_policy, log_path=log_path,
+                               startup_timeout_s=cfg.startup_timeout_s,
+                               request_timeout_s=cfg.request_timeout_s)
