@@ -30,18 +30,11 @@ interpreter exit.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from typing import Optional, Sequence
 
-import requests
-
 from srft_mcore.distributed import free_port
-from srft_mcore.rollout.server import (ServerStartError, _kill_group, _register,
-                                       _set_pdeathsig, _tail, _unregister)
+from srft_mcore.rollout.server import ManagedProcess, ServerStartError
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")
 
@@ -58,8 +51,12 @@ def router_available() -> bool:
     return True
 
 
-class SGLangRouter:
+class SGLangRouter(ManagedProcess):
     """One sglang-router process we own, or the URL of one we attach to."""
+
+    kind = "router"
+    log_prefix = "sglang_router"
+    start_error = RouterError
 
     def __init__(self, worker_urls: Sequence[str] = (), port: Optional[int] = None,
                  host: str = "127.0.0.1", policy: str = "cache_aware",
@@ -68,21 +65,14 @@ class SGLangRouter:
                  url: Optional[str] = None):
         if policy not in POLICIES:
             raise ValueError(f"router policy {policy!r}: expected one of {POLICIES}")
+        super().__init__(port=port, host=host, log_path=log_path,
+                         startup_timeout_s=startup_timeout_s, url=url)
         self.worker_urls = [u.rstrip("/") for u in worker_urls]
-        self.host = host
-        self.port = port
         self.metrics_port: Optional[int] = None
         self.policy = policy
-        self.log_path = log_path
-        self.startup_timeout_s = startup_timeout_s
         self.request_timeout_s = request_timeout_s
         self.extra_args = list(extra_args)
-        self.proc: Optional[subprocess.Popen] = None
-        self.restarts = 0
-        self._url = url.rstrip("/") if url else None
-        self._log_file = None
 
-    # ------------------------------------------------------------------ constructors
     @classmethod
     def launch(cls, worker_urls: Sequence[str], **kwargs) -> "SGLangRouter":
         """Start a router for ``worker_urls`` and wait until it answers /health."""
@@ -91,42 +81,6 @@ class SGLangRouter:
         router.wait_healthy()
         return router
 
-    @classmethod
-    def attach(cls, url: str) -> "SGLangRouter":
-        """Wrap a router started elsewhere; ``stop``/``restart`` do not touch it."""
-        return cls(url=url)
-
-    # ------------------------------------------------------------------ properties
-    @property
-    def owned(self) -> bool:
-        return self._url is None or self.proc is not None
-
-    @property
-    def url(self) -> str:
-        if self._url is not None and self.proc is None:
-            return self._url
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> Optional[int]:
-        return self.proc.pid if self.proc is not None else None
-
-    def is_alive(self) -> bool:
-        """Own process still running (an attached router: /health answers)."""
-        if self.proc is not None:
-            return self.proc.poll() is None
-        return self.healthy(timeout_s=5.0)
-
-    def healthy(self, timeout_s: float = 5.0) -> bool:
-        try:
-            return requests.get(self.url + "/health", timeout=timeout_s).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def log_tail(self, n_lines: int = 40) -> str:
-        return _tail(self.log_path, n_lines)
-
-    # ------------------------------------------------------------------ lifecycle
     def command(self) -> list[str]:
         if not self.worker_urls:
             raise ValueError("a router needs at least one worker URL")
@@ -146,71 +100,19 @@ class SGLangRouter:
                               "(pip install sglang-router; requirements/constraints.txt pins it)")
         if self._url is not None and self.proc is None:
             raise RuntimeError(f"{self._url} was attached, not launched here")
-        if self.proc is not None and self.proc.poll() is None:
-            raise RuntimeError(f"router already running (pid {self.proc.pid})")
+        # both ports from this module's free_port (tests/test_router.py replaces it)
         if self.port is None:
             self.port = free_port()
         if self.metrics_port is None:
             self.metrics_port = free_port()
-        if self.log_path is None:
-            fd, self.log_path = tempfile.mkstemp(prefix=f"sglang_router_{self.port}_",
-                                                 suffix=".log")
-            os.close(fd)
-        cmd = self.command()
-        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
-        self._log_file = open(self.log_path, "ab")
-        self._log_file.write(f"$ {' '.join(cmd)}\n".encode())
-        self._log_file.flush()
-        in_main = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
-            start_new_session=True, close_fds=True,
-            preexec_fn=_set_pdeathsig if in_main else None)
-        _register(self)
-        return self
+        return self._spawn()
 
-    def wait_healthy(self, timeout_s: Optional[float] = None) -> "SGLangRouter":
-        """Poll /health until 200; raise :class:`RouterError` with the log tail otherwise."""
-        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise RouterError(f"sglang-router exited with code {code} during start-up. "
-                                  f"Log {self.log_path} (tail):\n{self.log_tail()}")
-            if self.healthy(timeout_s=2.0):
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RouterError(f"sglang-router at {self.url} was not healthy within "
-                                  f"{timeout_s:.0f}s. Log {self.log_path} (tail):\n"
-                                  f"{self.log_tail()}")
-            time.sleep(0.5)
+    def _name(self, with_url: bool) -> str:
+        return f"sglang-router at {self.url}" if with_url else "sglang-router"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            _kill_group(proc, timeout_s)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        _unregister(self)
-
-    def restart(self, timeout_s: Optional[float] = None) -> "SGLangRouter":
-        """Stop (if needed) and start again on the same port; counts in ``restarts``."""
-        if not self.owned:
-            raise RuntimeError(f"cannot restart {self.url}: it was attached, not launched here")
-        self.stop()
-        self.restarts += 1
-        self.start()
-        return self.wait_healthy(timeout_s)
-
-    def __enter__(self) -> "SGLangRouter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        """As for a server, with a shorter grace period before SIGKILL."""
+        super().stop(timeout_s)
 
     def __repr__(self) -> str:
         return f"SGLangRouter(url={self.url!r}, pid={self.pid}, workers={self.worker_urls})"

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 import requests
 
@@ -157,40 +157,35 @@ def _tail(path: Optional[str], n_lines: int = 40) -> str:
     return "\n".join(lines[-n_lines:])
 
 
-class SGLangServer:
-    """One SGLang HTTP server: a child process we own, or a URL we attach to."""
+_P = TypeVar("_P", bound="ManagedProcess")
 
-    def __init__(self, model_path: Optional[str] = None, port: Optional[int] = None,
-                 host: str = "127.0.0.1", tp: int = 1, extra_args: Sequence[str] = (),
-                 env: Optional[dict] = None, log_path: Optional[str] = None,
-                 startup_timeout_s: float = 300.0, device: Optional[str] = None,
+
+class ManagedProcess:
+    """A child HTTP process we own, or a URL we attach to.
+
+    Holds what :class:`SGLangServer` and the router share: the spawn (own process group,
+    output to ``log_path``, death signal, stopped at exit), /health polling, stop and restart.
+    Subclasses give :meth:`command`, :meth:`start` and the names in their messages."""
+
+    kind = "process"           # "<kind> already running"
+    log_prefix = "process"     # temporary log file: <log_prefix>_<port>_*.log
+    start_error = ServerStartError
+
+    def __init__(self, port: Optional[int] = None, host: str = "127.0.0.1",
+                 log_path: Optional[str] = None, startup_timeout_s: float = 300.0,
                  url: Optional[str] = None):
-        self.model_path = model_path
         self.host = host
         self.port = port
-        self.tp = tp
-        self.extra_args = list(extra_args)
-        self.env = dict(env or {})
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
-        self.device = device or ("cuda" if cuda_available() else "cpu")
         self.proc: Optional[subprocess.Popen] = None
         self.restarts = 0
         self._url = url.rstrip("/") if url else None
         self._log_file = None
 
-    # ------------------------------------------------------------------ constructors
     @classmethod
-    def launch(cls, model_path: str, port: Optional[int] = None, **kwargs) -> "SGLangServer":
-        """Start a server for ``model_path`` and wait until it is healthy."""
-        server = cls(model_path, port=port, **kwargs)
-        server.start()
-        server.wait_healthy()
-        return server
-
-    @classmethod
-    def attach(cls, url: str) -> "SGLangServer":
-        """Wrap a server started elsewhere; ``stop``/``restart`` do not touch it."""
+    def attach(cls: "type[_P]", url: str) -> _P:
+        """Wrap a process started elsewhere; ``stop``/``restart`` do not touch it."""
         return cls(url=url)
 
     # ------------------------------------------------------------------ properties
@@ -209,7 +204,7 @@ class SGLangServer:
         return self.proc.pid if self.proc is not None else None
 
     def is_alive(self) -> bool:
-        """Own process still running (an attached server: /health answers)."""
+        """Own process still running (an attached one: /health answers)."""
         if self.proc is not None:
             return self.proc.poll() is None
         if self._url is not None:
@@ -225,7 +220,120 @@ class SGLangServer:
     def log_tail(self, n_lines: int = 40) -> str:
         return _tail(self.log_path, n_lines)
 
+    # ------------------------------------------------------------------ subclass hooks
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self: _P) -> _P:
+        """Spawn the process (returns at once; see :meth:`wait_healthy`): the subclass's
+        checks, then :meth:`_spawn`."""
+        raise NotImplementedError
+
+    def _launchable(self) -> bool:
+        """Whether ``restart`` may start this object again (beyond being ``owned``)."""
+        return True
+
+    def _name(self, with_url: bool) -> str:
+        """How the error messages name the process."""
+        return f"{self.kind} at {self.url}" if with_url else self.kind
+
     # ------------------------------------------------------------------ lifecycle
+    def _spawn(self: _P, env: Optional[dict] = None) -> _P:
+        """Start :meth:`command` with output to the log, in its own process group."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"{self.kind} already running (pid {self.proc.pid})")
+        if self.port is None:
+            self.port = free_port()
+        if self.log_path is None:
+            fd, self.log_path = tempfile.mkstemp(prefix=f"{self.log_prefix}_{self.port}_",
+                                                 suffix=".log")
+            os.close(fd)
+        cmd = self.command()
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        self._log_file = open(self.log_path, "ab")
+        self._log_file.write(f"$ {' '.join(cmd)}\n".encode())
+        self._log_file.flush()
+        in_main = threading.current_thread() is threading.main_thread()
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT,
+            env=env, start_new_session=True, close_fds=True,
+            preexec_fn=_set_pdeathsig if in_main else None)
+        _register(self)
+        return self
+
+    def wait_healthy(self: _P, timeout_s: Optional[float] = None) -> _P:
+        """Poll /health until 200; raise ``start_error`` with the log tail otherwise."""
+        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.stop()
+                raise self.start_error(
+                    f"{self._name(with_url=False)} exited with code {code} during start-up. "
+                    f"Log {self.log_path} (tail):\n{self.log_tail()}")
+            if self.healthy(timeout_s=2.0):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise self.start_error(
+                    f"{self._name(with_url=True)} was not healthy within {timeout_s:.0f}s. "
+                    f"Log {self.log_path} (tail):\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after ``timeout_s``."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            _kill_group(proc, timeout_s)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        _unregister(self)
+
+    def restart(self: _P, timeout_s: Optional[float] = None) -> _P:
+        """Stop (if needed) and start again on the same port; counts in ``restarts``."""
+        if not self.owned or not self._launchable():
+            raise RuntimeError(f"cannot restart {self.url}: it was attached, not launched here")
+        self.stop()
+        self.restarts += 1
+        self.start()
+        return self.wait_healthy(timeout_s)
+
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SGLangServer(ManagedProcess):
+    """One SGLang HTTP server: a child process we own, or a URL we attach to."""
+
+    kind = "server"
+    log_prefix = "sglang"
+
+    def __init__(self, model_path: Optional[str] = None, port: Optional[int] = None,
+                 host: str = "127.0.0.1", tp: int = 1, extra_args: Sequence[str] = (),
+                 env: Optional[dict] = None, log_path: Optional[str] = None,
+                 startup_timeout_s: float = 300.0, device: Optional[str] = None,
+                 url: Optional[str] = None):
+        super().__init__(port=port, host=host, log_path=log_path,
+                         startup_timeout_s=startup_timeout_s, url=url)
+        self.model_path = model_path
+        self.tp = tp
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.device = device or ("cuda" if cuda_available() else "cpu")
+
+    @classmethod
+    def launch(cls, model_path: str, port: Optional[int] = None, **kwargs) -> "SGLangServer":
+        """Start a server for ``model_path`` and wait until it is healthy."""
+        server = cls(model_path, port=port, **kwargs)
+        server.start()
+        server.wait_healthy()
+        return server
+
     def command(self) -> list[str]:
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
                 "--host", self.host, "--port", str(self.port),
@@ -235,73 +343,20 @@ class SGLangServer:
         """Spawn the server process (returns at once; see :meth:`wait_healthy`)."""
         if self.model_path is None:
             raise ValueError("an attached server cannot be started; launch one with a model_path")
-        if self.proc is not None and self.proc.poll() is None:
-            raise RuntimeError(f"server already running (pid {self.proc.pid})")
-        if self.port is None:
-            self.port = free_port()
-        if self.log_path is None:
-            fd, self.log_path = tempfile.mkstemp(prefix=f"sglang_{self.port}_", suffix=".log")
-            os.close(fd)
         # a trainer launched by torchrun must not hand its rendezvous variables to SGLang,
         # whose own process group would otherwise wait for the trainer's world size
         env = {k: v for k, v in os.environ.items()
                if k not in TORCHRUN_ENV and not k.startswith("TORCHELASTIC_")}
         env.update({**(CPU_ENV if self.device == "cpu" else {}), **self.env})
-        self._log_file = open(self.log_path, "ab")
-        self._log_file.write(f"$ {' '.join(self.command())}\n".encode())
-        self._log_file.flush()
-        in_main = threading.current_thread() is threading.main_thread()
-        self.proc = subprocess.Popen(
-            self.command(), stdin=subprocess.DEVNULL, stdout=self._log_file,
-            stderr=subprocess.STDOUT, env=env, start_new_session=True, close_fds=True,
-            preexec_fn=_set_pdeathsig if in_main else None)
-        _register(self)
-        return self
+        return self._spawn(env)
 
-    def wait_healthy(self, timeout_s: Optional[float] = None) -> "SGLangServer":
-        """Poll /health until 200; raise :class:`ServerStartError` with the log tail otherwise."""
-        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc is not None and self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise ServerStartError(
-                    f"SGLang server for {self.model_path!r} exited with code {code} during "
-                    f"start-up. Log {self.log_path} (tail):\n{self.log_tail()}")
-            if self.healthy(timeout_s=2.0):
-                return self
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ServerStartError(
-                    f"SGLang server at {self.url} ({self.model_path!r}) was not healthy within "
-                    f"{timeout_s:.0f}s. Log {self.log_path} (tail):\n{self.log_tail()}")
-            time.sleep(0.5)
+    def _launchable(self) -> bool:
+        return self.model_path is not None
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``timeout_s``."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            _kill_group(proc, timeout_s)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        _unregister(self)
-
-    def restart(self, timeout_s: Optional[float] = None) -> "SGLangServer":
-        """Stop (if needed) and start again on the same port; counts in ``restarts``."""
-        if not self.owned or self.model_path is None:
-            raise RuntimeError(f"cannot restart {self.url}: it was attached, not launched here")
-        self.stop()
-        self.restarts += 1
-        self.start()
-        return self.wait_healthy(timeout_s)
-
-    def __enter__(self) -> "SGLangServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def _name(self, with_url: bool) -> str:
+        if with_url:
+            return f"SGLang server at {self.url} ({self.model_path!r})"
+        return f"SGLang server for {self.model_path!r}"
 
     def __repr__(self) -> str:
         return f"SGLangServer(url={self.url!r}, pid={self.pid}, model={self.model_path!r})"
@@ -342,13 +397,13 @@ def _group_alive(pgid: int) -> bool:
 
 
 # ---------------------------------------------------------------------- cleanup registry
-_LIVE: "set[SGLangServer]" = set()
+_LIVE: "set[ManagedProcess]" = set()
 _LOCK = threading.Lock()
 _HOOKS_INSTALLED = False
 
 
 def stop_all() -> None:
-    """Stop every server launched by this process (atexit and signal handlers call it)."""
+    """Stop every server and router launched here (atexit and signal handlers call it)."""
     with _LOCK:
         servers = list(_LIVE)
     for s in servers:
@@ -363,7 +418,7 @@ def _on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _register(server: SGLangServer) -> None:
+def _register(server: ManagedProcess) -> None:
     global _HOOKS_INSTALLED
     with _LOCK:
         _LIVE.add(server)
@@ -377,6 +432,6 @@ def _register(server: SGLangServer) -> None:
                 signal.signal(sig, _on_signal)
 
 
-def _unregister(server: SGLangServer) -> None:
+def _unregister(server: ManagedProcess) -> None:
     with _LOCK:
         _LIVE.discard(server)
