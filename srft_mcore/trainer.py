@@ -620,6 +620,7 @@ class Trainer:
             record["perf/train_tokens_per_s"] = sum(len(s.tokens) for s in seqs) / max(
                 times["time/train"], 1e-9)
             record["train/skipped_total"] = self.skipped_total
+            record["perf/peak_mem_gb"] = peak_memory_gb(self.layout.cpu_group)
             metrics.log(self.step, record)
             bar.update(record)
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
@@ -648,6 +649,22 @@ def combine_updates(updates: list) -> dict:
         else:
             out[key] = sum(vals) / len(vals) if vals else math.nan
     return out
+
+
+def peak_memory_gb(group=None) -> float:
+    """The trainer's peak memory so far, the largest over the ranks of ``group``: CUDA's peak
+    allocation on GPU; on CPU the process's peak resident set (Python and libraries
+    included, so an upper bound of what the model needs)."""
+    if torch.cuda.is_available():
+        value = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        import resource
+
+        value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # kB on Linux
+    peak = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    return float(peak.item())
 
 
 def policy_lag(groups, trained_from: int) -> dict:

@@ -76,6 +76,40 @@ def test_write_embedded_roundtrip(tmp_path):
     assert [r["index"] for r in recs] == list(range(20))
 
 
+def test_shipped_held_out_splits_are_never_trained_on(tmp_path):
+    from srft_mcore.data import EMBEDDED_TASK, embedded_eval_splits, held_out_prompts
+    from srft_mcore.data.embedded import make_eval_splits
+
+    splits = {name: load_records(path) for name, path in embedded_eval_splits().items()}
+    assert sorted(splits) == ["id", "ood"]
+    for name, recs in splits.items():
+        assert len(recs) == len({r["prompt"] for r in recs}) == 200  # distinct problems
+        for rec in recs:
+            values = _solve(rec["prompt"])
+            assert int(rec["answer"]) == values[-1] and max(values) <= 10
+            assert rec["demonstration"].count("=") == (2 if name == "id" else 3)
+    # the files are what the generator writes (tools/make_embedded_model.py regenerates them)
+    again = make_eval_splits(str(tmp_path))
+    for name, path in again.items():
+        assert open(path).read() == open(embedded_eval_splits()[name]).read()
+    held_out = held_out_prompts()
+    assert len(held_out) == 400
+    # the demo's training data (any seed) skips them, and still covers most other problems
+    for seed in (0, 1, 1234):
+        train = generate_embedded(2000, seed=seed, exclude=held_out, **EMBEDDED_TASK)
+        prompts = {r["prompt"] for r in train}
+        assert not prompts & held_out and len(prompts) > 500
+    # without the exclusion the same draw would contain most of the id split
+    plain = {r["prompt"] for r in generate_embedded(2000, seed=0, **EMBEDDED_TASK)}
+    assert len(plain & {r["prompt"] for r in splits["id"]}) > 100
+    # and the embedded dataset the trainer reads goes through the same exclusion
+    ds_path = str(tmp_path / "embedded_task.jsonl")
+    write_embedded_dataset(ds_path, n=2000, seed=0, exclude=held_out, **EMBEDDED_TASK)
+    assert not {r["prompt"] for r in load_records(ds_path)} & held_out
+    with pytest.raises(ValueError, match="fewer than 900 problems"):
+        generate_embedded(900, seed=0, distinct=True, **EMBEDDED_TASK)
+
+
 # ----------------------------------------------------------------------------- loading
 def test_load_formats_and_field_names(tmp_path):
     import datasets

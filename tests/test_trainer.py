@@ -91,6 +91,9 @@ def test_tp2_run_with_sglang_trains_and_exports(reference_run):
         assert r["w_rl"] is None or r["w_rl"] >= 0.1
         assert r["rollout/weight_syncs"] >= r["step"]
         assert r["train/skipped"] == 0
+        assert 0.1 < r["perf/peak_mem_gb"] < 24  # the ranks' peak RSS on CPU
+    peaks = [r["perf/peak_mem_gb"] for r in rows]
+    assert peaks == sorted(peaks)  # a running maximum
     assert any(r["w_rl"] is not None for r in rows)
     assert rows[0]["optim/grad_norm"] > 0
     ckpts = os.path.join(reference_run, "checkpoints")
