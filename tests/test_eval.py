@@ -386,7 +386,8 @@ def test_cli_on_a_math500_style_file(hf_dir_run):
     assert (result["n"], result["metric"], result["samples"]) == (N_PROBLEMS, "pass@1", 1)
     rows = read_jsonl(out / "generations" / "embedded.jsonl")
     assert len(rows) == N_PROBLEMS
-    assert result["acc"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    # the JSON holds the accuracy to 6 decimals
+    assert result["acc"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows), abs=5e-7)
     assert 0 < result["acc"] < 1  # the embedded model solves some problems greedily
     assert [r["id"] for r in rows] == [f"embedded/{i}" for i in range(N_PROBLEMS)]
     for r in rows:
