@@ -8,11 +8,12 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 
+from fake_http import JsonHandler
 from srft_mcore.distributed import free_port
 from srft_mcore.rollout.client import GenerateError, SamplingParams, SGLangClient, parse_completion
 from srft_mcore.rollout import weight_sync as ws
@@ -20,11 +21,8 @@ from srft_mcore.rollout.weight_sync import flatten_bucket, _bucket_metadata
 
 
 # --------------------------------------------------------------------------- fake server
-class _Fake(BaseHTTPRequestHandler):
+class _Fake(JsonHandler):
     calls: list = []
-
-    def log_message(self, *args):
-        pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -35,12 +33,7 @@ class _Fake(BaseHTTPRequestHandler):
                 "meta_info": {"output_token_logprobs": [[-0.5, ids[0], None], [-1.0, 7, None]],
                               "finish_reason": {"type": "length", "length": 2},
                               "prompt_tokens": len(ids), "weight_version": "v3"}}
-        data = json.dumps([item] * n if n > 1 else item).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self._reply(200, [item] * n if n > 1 else item)
 
 
 @pytest.fixture
@@ -112,23 +105,12 @@ def test_flattened_bucket_round_trips_through_sglang_reader():
 ALL_TAGS = ["kv_cache", "weights", "cuda_graph"]
 
 
-class _FakeSGLang(BaseHTTPRequestHandler):
+class _FakeSGLang(JsonHandler):
     """The endpoints the engine uses, with SGLang's rules that matter here: a memory tag is
     resumed only after it was released, the first ``busy`` releases find the server not yet
     idle, weights are only written inside a weight-update session and while their memory is
     resident. Each ``/update_weights_from_tensor`` entry is opened as its TP rank would
     open it and summarised per tensor (device and mean). State: ``self.server.state``."""
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, code: int, body) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         st = self.server.state

@@ -10,11 +10,12 @@ import random
 import signal
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
 import torch
 
+from fake_http import JsonHandler
 from srft_mcore.config import ConfigError, load_config, validate
 from srft_mcore.rollout.engine import RolloutEngine, RolloutError, resolve_sync_address
 from srft_mcore.rollout.router import SGLangRouter
@@ -79,19 +80,8 @@ def test_launched_router_listens_on_loopback_only():
 
 
 # --------------------------------------------------------------------------- fakes
-class _Recorder(BaseHTTPRequestHandler):
+class _Recorder(JsonHandler):
     """A fake SGLang server (or router): records each request; ``fail_generate`` 503s."""
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, code: int, body) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def do_GET(self):
         st = self.server.state
