@@ -619,13 +619,9 @@ def _row(item: EvalItem, task: _Task, completion, reward_fn) -> dict:
 
 
 def write_generations(path: str, result: EvalResult) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for row in result.rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    from srft_mcore.data.loading import write_jsonl
+
+    return write_jsonl(path, result.rows)
 
 
 def evaluate_splits(client_or_urls, tokenizer, splits: dict, template: str = DEFAULT_TEMPLATE,

@@ -21,6 +21,8 @@ import os
 import random
 from typing import Iterable
 
+from .loading import write_jsonl
+
 OPS = ("add", "subtract", "multiply")
 EMBEDDED_TASK = dict(min_steps=2, max_steps=2, max_value=10)
 """The task of the embedded demo: two steps, values 1..10 (learnable by the tiny policy)."""
@@ -115,22 +117,11 @@ def generate_embedded(n: int, seed: int = 0, min_steps: int = 2, max_steps: int 
                      f"excluded ones; ask for fewer records or a larger max_value")
 
 
-def write_records(path: str, records: list) -> str:
-    """Write records as jsonl, atomically (a reader never sees half a file); returns path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_embedded_dataset(path: str, n: int = 2000, seed: int = 0, min_steps: int = 2,
                            max_steps: int = 3, max_value: int = 20,
                            exclude: Iterable[str] = ()) -> str:
     """Write ``n`` records as jsonl (fields prompt / demonstration / answer); returns path."""
-    return write_records(path, generate_embedded(n, seed, min_steps, max_steps, max_value,
+    return write_jsonl(path, generate_embedded(n, seed, min_steps, max_steps, max_value,
                                                  exclude=exclude))
 
 
@@ -150,6 +141,6 @@ def held_out_prompts() -> set:
 
 def make_eval_splits(out_dir: str = EVAL_DIR) -> dict:
     """(Re)generate the shipped held-out splits (tools/make_embedded_model.py calls this)."""
-    return {name: write_records(os.path.join(out_dir, f"{name}.jsonl"),
+    return {name: write_jsonl(os.path.join(out_dir, f"{name}.jsonl"),
                                 generate_embedded(EVAL_SIZE, seed, distinct=True, **task))
             for name, (task, seed) in EVAL_SPLITS.items()}

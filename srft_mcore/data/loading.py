@@ -7,11 +7,23 @@ any templating or tokenisation.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 ACCEPTED = ".jsonl, .json, .parquet, .arrow files or a datasets save_to_disk directory"
+
+
+def write_jsonl(path: str, records) -> str:
+    """Write records as jsonl, atomically (a reader never sees half a file); returns path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 class DataError(ValueError):
