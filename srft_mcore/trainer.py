@@ -199,8 +199,9 @@ class Trainer:
         ev = self.cfg.eval
         if not ev.every:
             return {}
-        splits = dict(ev.splits or {}) or embedded_eval_splits()  # validate() asked for
-        return {name: load_eval_set(path, name=name, limit=ev.limit)  # files otherwise
+        # no eval.splits: the embedded task's (validate() requires them for user data)
+        splits = dict(ev.splits or {}) or embedded_eval_splits()
+        return {name: load_eval_set(path, name=name, limit=ev.limit)
                 for name, path in splits.items()}
 
     def evaluate(self) -> dict:
