@@ -127,20 +127,40 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def matmul_tflops(device: torch.device, n: int, iters: int = 10) -> dict:
-    """Measured bf16 dense matmul throughput (mean of ``iters`` after 3 warm-ups)."""
+SPEC_BF16_DENSE_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0,
+                          "H100 PCIe": 756.0, "A100": 312.0, "H20": 148.0, "B200": 2250.0}
+"""Vendor datasheet bf16 dense (no sparsity) TFLOP/s, matched as a substring of the device
+name (SXM figures for H100/H200)."""
+
+
+def spec_peak(name: str) -> dict | None:
+    for key, tflops in SPEC_BF16_DENSE_TFLOPS.items():
+        if key.lower() in name.lower():
+            return {"name": f"{key} datasheet bf16 dense", "tflops": tflops}
+    return None
+
+
+def matmul_tflops(device: torch.device, n: int, settle_s: float = 1.0,
+                  min_iters: int = 50) -> dict:
+    """Measured bf16 dense matmul throughput: products run for ``settle_s`` seconds first
+    (clocks ramp up from idle), then the mean of at least ``min_iters`` timed products."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    sync(device)
+    t_end = time.perf_counter() + settle_s
+    while time.perf_counter() < t_end:
+        for _ in range(5):
+            a @ b
+        sync(device)
+    iters = min_iters
     t0 = time.perf_counter()
     for _ in range(iters):
         a @ b
     sync(device)
     dt = time.perf_counter() - t0
-    return {"shape": [n, n, n], "dtype": "bfloat16", "iters": iters,
-            "tflops": round(2 * n**3 * iters / dt / 1e12, 2)}
+    return {"shape": [n, n, n], "dtype": "bfloat16", "iters": iters, "settle_s": settle_s,
+            "tflops": round(2 * n**3 * iters / dt / 1e12, 2),
+            "spec": spec_peak(torch.cuda.get_device_name(device))
+            if device.type == "cuda" else None}
 
 
 # --------------------------------------------------------------------------- model arithmetic
@@ -246,7 +266,9 @@ def split_at_optimizer_step(trainer, probe: MemoryProbe, peaks: dict):
 
 
 # --------------------------------------------------------------------------- sections
-def bench_train_step(device: torch.device, work: str, spec: dict, peak_tflops: float) -> dict:
+def bench_train_step(device: torch.device, work: str, spec: dict, peak_tflops: float,
+                     spec_tflops: dict | None = None) -> dict:
+    """``mfu`` against the measured matmul peak, ``mfu_vs_spec`` against the datasheet."""
     shape = spec["shape"]
     trainer = make_trainer(make_model_dir(work, shape), os.path.join(work, "run_1b"),
                            prompts=spec["prompts"], n_samples=spec["n_samples"],
@@ -273,6 +295,8 @@ def bench_train_step(device: torch.device, work: str, spec: dict, peak_tflops: f
            "model_tflops_per_step": round(flops / 1e12, 2),
            "achieved_tflops": round(achieved, 2),
            "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
+           "mfu_vs_spec": round(achieved / spec_tflops["tflops"], 4) if spec_tflops else None,
+           "spec_peak": spec_tflops,
            "loss": metrics.get("loss"), "grad_norm": metrics.get("optim/grad_norm"),
            "flops_counted": "4 forwards per sequence (old-policy pass, training forward, "
                             "backward = 2): dense matmuls, causal attention, logits; not the "
@@ -414,8 +438,19 @@ def bench_memory(device: torch.device, work: str, spec: dict) -> dict:
             "method": EXTRAPOLATION_METHOD}
 
 
-def run_section(out: dict, name: str, fn) -> None:
-    """Run one section into ``out[name]``; an error is recorded there, not raised."""
+def write_json(out: dict, path: str | None) -> None:
+    """Write ``out`` to ``path`` atomically (after every section: a later section that runs
+    past its time limit loses none of the earlier figures)."""
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(out, indent=1) + "\n")
+        os.replace(tmp, path)
+
+
+def run_section(out: dict, name: str, fn, path: str | None = None) -> None:
+    """Run one section into ``out[name]``; an error is recorded there, not raised. The JSON
+    so far is written to ``path`` afterwards."""
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON
@@ -426,6 +461,7 @@ def run_section(out: dict, name: str, fn) -> None:
         out["failed"].append(name)
     free_memory()
     out[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out, path)
 
 
 def device_name(device: torch.device) -> str:
@@ -455,21 +491,22 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="gpu_bench_")
     try:
         if "matmul_peak" in args.sections:
-            run_section(out, "matmul_peak", lambda: matmul_tflops(device, spec["matmul_n"]))
+            run_section(out, "matmul_peak", lambda: matmul_tflops(device, spec["matmul_n"]),
+                        args.out)
         peak = out.get("matmul_peak", {}).get("tflops")
+        datasheet = out.get("matmul_peak", {}).get("spec")
         if "train_step" in args.sections:
             run_section(out, "train_step",
-                        lambda: bench_train_step(device, work, spec["train"], peak))
+                        lambda: bench_train_step(device, work, spec["train"], peak, datasheet),
+                        args.out)
         if "memory_7b" in args.sections:
-            run_section(out, "memory_7b", lambda: bench_memory(device, work, spec["memory"]))
+            run_section(out, "memory_7b", lambda: bench_memory(device, work, spec["memory"]),
+                        args.out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(out, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text, flush=True)
+    write_json(out, args.out)
+    print(json.dumps(out, indent=1), flush=True)
     return 1 if out["failed"] else 0
 
 

@@ -55,6 +55,7 @@ fi
 say "pytest ${SELECT[*]} (limit ${PYTEST_TIMEOUT}s)"
 SRFT_GPU_FIGURES=$WORK/figures.jsonl timeout --kill-after=10 "$PYTEST_TIMEOUT" \
   "$PY" -m pytest "${SELECT[@]}" -q -rfE -p no:cacheprovider --basetemp="$WORK/pytest" \
+  --continue-on-collection-errors \
   --junitxml="$WORK/junit.xml" >"$WORK/pytest.log" 2>&1
 PYTEST_RC=$?
 
