@@ -31,6 +31,8 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
+from srft_mcore.config import sglang_mem_fraction
+
 GB = 1e9
 GIB = 2**30
 
@@ -286,10 +288,10 @@ class Assumptions:
     overhead_gib: float = 4.0
     """Per GPU: CUDA context ~0.6 GiB, NCCL communicators and buffers ~1.5 GiB, allocator
     fragmentation ~2 GiB."""
-    sglang_mem_fraction: float = 0.6
-    """SGLang --mem-fraction-static (what rollout/server.py launches GPU servers with): its
-    weights + KV cache take at most this fraction of the GPU, counting memory that other
-    processes (a colocated trainer) already hold."""
+    sglang_mem_fraction: Optional[float] = None
+    """SGLang --mem-fraction-static: its weights + KV cache take at most this fraction of the
+    GPU, counting memory that other processes (a colocated trainer) already hold. null = the
+    trainer's default by placement (rollout.mem_fraction: 0.85 dedicated, 0.6 colocated)."""
     sglang_residual_gib: float = 1.0
     """An SGLang server's CUDA context: it comes out of its KV pool, and a colocated server
     still holds it while released for training."""
@@ -591,11 +593,12 @@ class RolloutPlan:
 
 
 def kv_budget_bytes(m: ModelShape, server_tp: int, hw: Hardware, a: Assumptions,
-                    trainer_resident: int = 0) -> int:
+                    trainer_resident: int = 0, colocated: bool = False) -> int:
     """KV cache room on a server GPU, as SGLang sizes its pool from the free memory:
     fraction * GPU memory - weights / TP - its own CUDA context (sglang_residual_gib) -
     what a colocated trainer keeps resident."""
-    return int(a.sglang_mem_fraction * hw.gpu_mem_gb * GB - sglang_weight_bytes(m, server_tp)
+    fraction = sglang_mem_fraction(a.sglang_mem_fraction, colocated)
+    return int(fraction * hw.gpu_mem_gb * GB - sglang_weight_bytes(m, server_tp)
                - a.sglang_residual_gib * GIB - trainer_resident)
 
 
@@ -624,7 +627,7 @@ def rollout_plan(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, gpu
     assumed to run to the limit), after a prefill of 2 * params * prompt tokens."""
     mode = "colocated" if colocated else "dedicated"
     servers = gpus // server_tp
-    budget = kv_budget_bytes(m, server_tp, hw, a, trainer_resident)
+    budget = kv_budget_bytes(m, server_tp, hw, a, trainer_resident, colocated)
     seq_kv = run.seq_len * kv_bytes_per_token(m, server_tp)
     room = max(0, budget) // seq_kv
     share = math.ceil(run.prompts_per_step * run.n_samples / servers)
@@ -638,7 +641,8 @@ def rollout_plan(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, gpu
                 f"context {context / GB:.1f} GB"
                 + (f" + trainer-resident {trainer_resident / GB:.1f} GB" if colocated else ""))
         why = (f"sglang: {what} = {used / GB:.1f} GB leave room for "
-               f"{max(0, budget) / GB:.1f} GB of KV in SGLang's {a.sglang_mem_fraction:g} x "
+               f"{max(0, budget) / GB:.1f} GB of KV in SGLang's "
+               f"{sglang_mem_fraction(a.sglang_mem_fraction, colocated):g} x "
                f"{hw.gpu_mem_gb:g} GB pool; one {run.seq_len}-token sequence needs "
                f"{seq_kv / GB:.2f} GB")
         return RolloutPlan(fits=False, seconds=math.inf, why=why, **base)
@@ -1010,7 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "training (colocated plans stay sequential)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--spec", default="te", choices=("te", "local"))
-    ap.add_argument("--sglang-mem-fraction", type=float, default=0.6)
+    ap.add_argument("--sglang-mem-fraction", type=float, default=None,
+                    help="SGLang --mem-fraction-static (default: the trainer's by placement, "
+                         "0.85 dedicated, 0.6 colocated)")
     ap.add_argument("--overhead-gib", type=float, default=4.0)
     ap.add_argument("--peak-tflops", type=float, default=790.0)
     ap.add_argument("--hbm-gbps", type=float, default=3000.0)
@@ -1035,7 +1041,7 @@ def check_args(args) -> None:
     if args.rollout_gpus is not None and not 0 < args.rollout_gpus < args.gpus:
         raise PlanError(f"--rollout-gpus={args.rollout_gpus} must leave the trainer GPUs out of "
                         f"--gpus={args.gpus}. Fix: 1 <= --rollout-gpus < --gpus, or --colocated")
-    if not 0 < args.sglang_mem_fraction < 1:
+    if args.sglang_mem_fraction is not None and not 0 < args.sglang_mem_fraction < 1:
         raise PlanError(f"--sglang-mem-fraction={args.sglang_mem_fraction} must be in (0, 1). "
                         f"Fix: e.g. 0.6")
 

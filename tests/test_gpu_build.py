@@ -46,6 +46,28 @@ def test_each_fusion_needs_its_own_kernel():
         "apply_rope_fusion"]
 
 
+@pytest.mark.parametrize("impl", ["auto", "local"])
+def test_gradient_accumulation_fusion_only_for_the_ddp_policy_with_the_wgrad_kernel(impl):
+    """On for the DDP-wrapped policy when CUDA and apex's wgrad kernel are there (the TE
+    spec fuses in its own layers; megatron-core's output layer needs apex's kernel under
+    either spec); off, with the reason, for models without DDP or without the kernel."""
+    with_wgrad = Kernels(cuda=True, transformer_engine=True, te_fused_rope=True,
+                         apex_softmax=True, triton=True, apex_wgrad=True)
+    on = choose_build(impl, with_wgrad, ddp=True)
+    assert on.fusions["gradient_accumulation_fusion"] is True
+    assert on.spec == ("transformer_engine" if impl == "auto" else "local")
+    cases = {(with_wgrad, False): "needs a DDP-wrapped model",
+             (GPU_FULL, True): "apex's fused_weight_gradient_mlp_cuda absent",
+             (Kernels(apex_wgrad=True), True): "no CUDA"}
+    for (kernels, ddp), reason in cases.items():
+        off = choose_build(impl, kernels, ddp=ddp)
+        assert off.fusions["gradient_accumulation_fusion"] is False
+        assert f"gradient_accumulation_fusion ({reason})" in off.describe()
+    if impl == "local":  # (the TE choice's RoPE fusion cannot be configured without TE)
+        tconfig = make_transformer_config(TINY_QWEN2, ModelConfig(), ParallelConfig(), on)
+        assert tconfig.gradient_accumulation_fusion is True
+
+
 def test_local_impl_uses_no_te_kernel_even_when_te_imports():
     choice = choose_build("local", GPU_FULL)
     assert choice.spec == "local" and not choice.fusions["apply_rope_fusion"]

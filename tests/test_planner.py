@@ -99,6 +99,43 @@ def test_kv_cache_bytes():
     assert pl.kv_bytes_per_token(m, 8) == pl.kv_bytes_per_token(m, 4)  # KV heads replicate
 
 
+def test_sglang_memory_fraction_is_the_trainers_by_placement(monkeypatch, tmp_path):
+    """srft-plan sizes the KV pool with the fraction the trainer launches servers with:
+    0.85 on dedicated GPUs, 0.6 colocated, an explicit value for both."""
+    from srft_mcore.config import RolloutConfig
+    from srft_mcore.rollout import engine
+
+    m, hw = pl.load_model("qwen2.5-7b"), pl.Hardware(gpus=8, gpu_mem_gb=80)
+    a = pl.Assumptions()
+    weights_and_context = pl.sglang_weight_bytes(m, 1) + a.sglang_residual_gib * pl.GIB
+    for colocated, fraction in ((False, 0.85), (True, 0.6)):
+        budget = pl.kv_budget_bytes(m, 1, hw, a, colocated=colocated)
+        assert budget == int(fraction * 80 * pl.GB - weights_and_context)
+    fixed = pl.Assumptions(sglang_mem_fraction=0.7)
+    assert pl.kv_budget_bytes(m, 1, hw, fixed, colocated=True) == \
+        pl.kv_budget_bytes(m, 1, hw, fixed) == int(0.7 * 80 * pl.GB - weights_and_context)
+
+    launched = []
+
+    class Recorder(engine.SGLangServer):
+        def start(self):
+            launched.append(self.command())
+            return self
+
+        def wait_healthy(self, timeout_s=None):
+            return self
+
+    monkeypatch.setattr(engine, "SGLangServer", Recorder)
+    monkeypatch.setattr(engine, "cuda_available", lambda: True)
+    monkeypatch.setattr("srft_mcore.rollout.server.cuda_available", lambda: True)
+    for mode, fraction in (("distributed", "0.85"), ("tensor", "0.6")):
+        engine.launch_servers(RolloutConfig(weight_sync=mode), "model", str(tmp_path))
+        engine.launch_servers(RolloutConfig(weight_sync=mode, mem_fraction=0.5), "model",
+                              str(tmp_path))
+    flags = [cmd[cmd.index("--mem-fraction-static") + 1] for cmd in launched]
+    assert flags == ["0.85", "0.5", "0.6", "0.5"], launched
+
+
 def test_optimizer_states_shard_over_dp():
     bf16, fp32 = pl.Assumptions(dtype="bfloat16"), pl.Assumptions(dtype="float32")
     assert pl.optimizer_bytes(1000, 1, True, bf16) == 12_000  # master + 2 moments

@@ -147,7 +147,7 @@ def batch_totals(loss_mask_bs: torch.Tensor, is_demo_b: torch.Tensor, max_len: i
     A sequence counts when it has at least one trained token.
     """
     mask_bs = loss_mask_bs.float()
-    demo_b = is_demo_b.bool().to(mask_bs.device)
+    demo_b = is_demo_b.bool()
     has_b = (mask_bs.sum(-1) > 0).float()
     counts = torch.stack([
         (mask_bs.sum(-1) * demo_b).sum(), (mask_bs.sum(-1) * ~demo_b).sum(),
@@ -207,7 +207,7 @@ def entropy_for_weights(entropy_bs: torch.Tensor, mode: str,
 def entropy_token_mask(mask_bs: torch.Tensor, demo: torch.Tensor, which: str) -> torch.Tensor:
     """Tokens whose mean entropy is the step's H: rollout | demo | all trained tokens.
     demo: per row [b] or per position [b, s]."""
-    demo_b = demo.bool().to(mask_bs.device)
+    demo_b = demo.bool()
     demo_b = demo_b.unsqueeze(-1) if demo_b.dim() == 1 else demo_b
     if which == "rollout":
         return mask_bs * ~demo_b
@@ -221,10 +221,14 @@ def entropy_token_mask(mask_bs: torch.Tensor, demo: torch.Tensor, which: str) ->
 # --------------------------------------------------------------------------- the objective
 def _metric(num, den, like: torch.Tensor) -> torch.Tensor:
     """Metrics travel as [numerator, denominator] device tensors, summed over micro-batches
-    and ranks once per step (no host sync per micro-batch)."""
-    num = num.detach().double() if torch.is_tensor(num) else torch.tensor(float(num))
-    den = den.detach().double() if torch.is_tensor(den) else torch.tensor(float(den))
-    return torch.stack([num.reshape(()).to(like.device), den.reshape(()).to(like.device)])
+    and ranks once per step. Python numbers become device tensors by a fill (``torch.full``),
+    never by ``torch.tensor(x).to(device)``, a blocking host-to-device copy."""
+    def on_device(x):
+        if torch.is_tensor(x):
+            return x.detach().double().reshape(())
+        return torch.full((), float(x), dtype=torch.float64, device=like.device)
+
+    return torch.stack([on_device(num), on_device(den)])
 
 
 def _masked_metric(x_bs, mask_bs):
@@ -269,19 +273,20 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
     logp_bs = logp_bs.float()
     entropy_bs = entropy_bs.float()
     dev = logp_bs.device
-    mask_bs = batch["loss_mask"].to(dev).float()
+    # the batch is on the device already (one non-blocking copy per micro-batch)
+    mask_bs = batch["loss_mask"].float()
     seq_bs = batch.get("seq_ids")  # packed rows: the sequence of each position
     n_local = batch["is_demo"].shape[0]
     seq_bs = (torch.arange(mask_bs.shape[0], device=dev).unsqueeze(-1).expand_as(mask_bs)
-              if seq_bs is None else seq_bs.to(dev))
-    is_demo_bs = per_token(batch["is_demo"].to(dev).bool(), seq_bs)
+              if seq_bs is None else seq_bs)
+    is_demo_bs = per_token(batch["is_demo"].bool(), seq_bs)
     demo_bs = mask_bs * is_demo_bs
     roll_bs = mask_bs * ~is_demo_bs
     adv_bs = batch.get("advantages")
     if adv_bs is not None:
-        adv_bs = per_token(adv_bs.to(dev).float(), seq_bs)
+        adv_bs = per_token(adv_bs.float(), seq_bs)
     old_bs = batch.get("old_logprobs")
-    old_bs = old_bs.to(dev).float() if old_bs is not None else None
+    old_bs = old_bs.float() if old_bs is not None else None
     agg, t = cfg.loss_agg, totals
     has_offpolicy = name == "luffy" or name in _SRFT
     has_onpolicy = name != "sft"
@@ -308,7 +313,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         terms["offpolicy"] = aggregate(off_bs, demo_bs, agg, rl_tokens, rl_seqs, t.max_len,
                                        seq_bs, n_local)
     if has_onpolicy:
-        positive_bs = per_token(batch["rewards"].to(dev).float(), seq_bs) > 0
+        positive_bs = per_token(batch["rewards"].float(), seq_bs) > 0
         if name in _SRFT:
             w_pos_bs = (rl_weight(h_w_bs, cfg.c_rl).clamp(max=cap)
                         if name in ("srft", "srft_no_wsft")
@@ -320,9 +325,9 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         on_adv_bs = sign_advantage(positive_bs) if name in _SRFT and form == "sign" else adv_bs
         on_bs, ratio_bs, clipped_bs = ppo_token_loss(logp_bs, old_bs, on_adv_bs, cfg.clip_eps)
         if cfg.tis_cap is not None and "rollout_logprobs" in batch and old_bs is not None:
-            have_bs = batch["rollout_logprob_mask"].to(dev).float()
-            tis_bs = torch.where(have_bs > 0, tis_weight(old_bs, batch["rollout_logprobs"].to(
-                dev), cfg.tis_cap), torch.ones_like(on_bs))
+            have_bs = batch["rollout_logprob_mask"].float()
+            tis_bs = torch.where(have_bs > 0, tis_weight(old_bs, batch["rollout_logprobs"],
+                                                         cfg.tis_cap), torch.ones_like(on_bs))
             on_bs = on_bs * tis_bs
             metrics["tis/weight"] = _masked_metric(tis_bs, roll_bs)
         terms["onpolicy"] = aggregate(w_rl_bs * on_bs, roll_bs, agg, rl_tokens, rl_seqs,
@@ -334,7 +339,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
             metrics["ppo/approx_kl"] = _masked_metric(kl_penalty(old_bs, logp_bs.detach()),
                                                       roll_bs)
         if cfg.kl_coef:
-            kl_bs = kl_penalty(logp_bs, batch["ref_logprobs"].to(dev).float(), cfg.kl_estimator)
+            kl_bs = kl_penalty(logp_bs, batch["ref_logprobs"].float(), cfg.kl_estimator)
             terms["kl"] = cfg.kl_coef * aggregate(kl_bs, roll_bs, agg, t.rollout_tokens,
                                                   t.rollout_seqs, t.max_len, seq_bs, n_local)
             metrics["kl/ref"] = _masked_metric(kl_bs, roll_bs)

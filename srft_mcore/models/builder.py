@@ -113,6 +113,10 @@ class Kernels:
     triton: bool = False
     """torch.compile can emit GPU kernels: Megatron's jit-fused bias-SwiGLU and
     bias-dropout-add are ``torch.compile``'d functions."""
+    apex_wgrad: bool = False
+    """apex's ``fused_weight_gradient_mlp_cuda`` imports: megatron-core's own linear layers
+    (the local spec's, and the output layer under either spec) refuse
+    ``gradient_accumulation_fusion`` without it."""
 
 
 def _imports(*modules: str) -> bool:
@@ -139,7 +143,8 @@ def detect_kernels() -> Kernels:
     return Kernels(cuda=True, transformer_engine=te, te_fused_rope=fused_rope,
                    apex_softmax=_imports("scaled_upper_triang_masked_softmax_cuda",
                                          "scaled_masked_softmax_cuda"),
-                   triton=_imports("triton"))
+                   triton=_imports("triton"),
+                   apex_wgrad=_imports("fused_weight_gradient_mlp_cuda"))
 
 
 @dataclass(frozen=True)
@@ -180,8 +185,13 @@ def choose_spec(impl: str, kernels: Kernels, sequence_parallel: bool = False) ->
     return spec
 
 
-def choose_build(impl: str, kernels: Kernels, sequence_parallel: bool = False) -> BuildChoice:
-    """Pure decision: the spec and each fusion, on only when its kernel imports."""
+def choose_build(impl: str, kernels: Kernels, sequence_parallel: bool = False,
+                 ddp: bool = False) -> BuildChoice:
+    """Pure decision: the spec and each fusion, on only when its kernel imports.
+
+    ddp: the model will be wrapped in Megatron's DDP (the trained policy), whose fp32
+    ``main_grad`` buffers the fused weight-gradient accumulation writes into.
+    """
     spec = choose_spec(impl, kernels, sequence_parallel)
     why = {}
 
@@ -206,10 +216,14 @@ def choose_build(impl: str, kernels: Kernels, sequence_parallel: bool = False) -
         # apex's persistent kernel is LayerNorm-only (these families use RMSNorm) and the
         # local spec's torch norm asserts against the flag
         "persist_layer_norm": flag("persist_layer_norm", False, "RMSNorm models"),
-        # fuses into Megatron DDP's main_grad, which models built for conversion, parity and
-        # the checks (no DDP wrapper) do not have
-        "gradient_accumulation_fusion": flag("gradient_accumulation_fusion", False,
-                                             "needs a DDP-wrapped model"),
+        # accumulates weight gradients straight into Megatron DDP's fp32 main_grad (no bf16
+        # grad tensor, no separate add): only for the DDP-wrapped policy; the TE spec's layers
+        # fuse it themselves, but megatron-core's output layer (a ColumnParallelLinear under
+        # either spec) refuses the flag unless apex's wgrad kernel imports
+        "gradient_accumulation_fusion": flag(
+            "gradient_accumulation_fusion", kernels.cuda and ddp and kernels.apex_wgrad,
+            no_gpu if not kernels.cuda else "needs a DDP-wrapped model" if not ddp
+            else "apex's fused_weight_gradient_mlp_cuda absent"),
     }
     return BuildChoice(spec=spec, fusions=fusions, why_off=why)
 
@@ -315,17 +329,18 @@ def unwrap_gpt(model):
 
 def build_model(hf: dict, model_cfg: ModelConfig, par: ParallelConfig,
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                kernels: Optional[Kernels] = None):
+                kernels: Optional[Kernels] = None, ddp: bool = False):
     """Build this rank's ``GPTModel`` stage from a HF config dict (weights not loaded).
 
-    ``kernels`` (default: :func:`detect_kernels`) decides the layer spec and the fusions.
+    ``kernels`` (default: :func:`detect_kernels`) decides the layer spec and the fusions;
+    ``ddp``: the caller wraps the model in Megatron's DDP (see :func:`choose_build`).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     choice = choose_build(model_cfg.transformer_impl,
                           detect_kernels() if kernels is None else kernels,
-                          par.sequence_parallel)
+                          par.sequence_parallel, ddp=ddp)
     _log0(choice.describe())
     tconfig = make_transformer_config(hf, model_cfg, par, choice)
     model = GPTModel(

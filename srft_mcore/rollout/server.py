@@ -40,6 +40,7 @@ from typing import Optional, Sequence, TypeVar
 
 import requests
 
+from srft_mcore.config import sglang_mem_fraction
 from srft_mcore.distributed import free_port
 
 CPU_ARGS = (
@@ -69,8 +70,11 @@ def cuda_available() -> bool:
         return False
 
 
-def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
-    """Flags for this machine: the CPU recipe without CUDA, else GPU defaults with ``--tp-size``."""
+def default_args(tp: int = 1, device: Optional[str] = None,
+                 mem_fraction: Optional[float] = None) -> list[str]:
+    """Flags for this machine: the CPU recipe without CUDA, else GPU defaults with
+    ``--tp-size`` and ``--mem-fraction-static`` (default: a dedicated GPU's, see
+    :data:`srft_mcore.config.SGLANG_MEM_FRACTION`)."""
     device = device or ("cuda" if cuda_available() else "cpu")
     # custom logit processors carry the seeded (reproducible) sampling of rollout/seeded.py
     common = ["--enable-custom-logit-processor"]
@@ -78,7 +82,8 @@ def default_args(tp: int = 1, device: Optional[str] = None) -> list[str]:
         if tp != 1:
             raise ValueError(f"SGLang on CPU runs with tp=1, got tp={tp}")
         return list(CPU_ARGS) + common
-    return ["--tp-size", str(tp), "--mem-fraction-static", "0.6"] + common
+    fraction = sglang_mem_fraction(mem_fraction, colocated=False)
+    return ["--tp-size", str(tp), "--mem-fraction-static", f"{fraction:g}"] + common
 
 
 SGLANG_CONTEXT_MARGIN = 2
@@ -317,11 +322,12 @@ class SGLangServer(ManagedProcess):
                  host: str = "127.0.0.1", tp: int = 1, extra_args: Sequence[str] = (),
                  env: Optional[dict] = None, log_path: Optional[str] = None,
                  startup_timeout_s: float = 300.0, device: Optional[str] = None,
-                 url: Optional[str] = None):
+                 url: Optional[str] = None, mem_fraction: Optional[float] = None):
         super().__init__(port=port, host=host, log_path=log_path,
                          startup_timeout_s=startup_timeout_s, url=url)
         self.model_path = model_path
         self.tp = tp
+        self.mem_fraction = mem_fraction
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.device = device or ("cuda" if cuda_available() else "cpu")
@@ -337,7 +343,7 @@ class SGLangServer(ManagedProcess):
     def command(self) -> list[str]:
         return [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path,
                 "--host", self.host, "--port", str(self.port),
-                *default_args(self.tp, self.device), *self.extra_args]
+                *default_args(self.tp, self.device, self.mem_fraction), *self.extra_args]
 
     def start(self) -> "SGLangServer":
         """Spawn the server process (returns at once; see :meth:`wait_healthy`)."""
