@@ -1,14 +1,21 @@
-"""Train-step throughput and 7B memory of the trainer on one GPU; prints one JSON object.
+"""Train-step throughput, memory and packing of the trainer on one GPU; prints one JSON object.
 
-1. ``matmul_peak``: TFLOP/s of an 8192^3 bf16 matmul in this process (the MFU denominator).
+1. ``matmul_peak``: TFLOP/s of an 8192^3 bf16 matmul in this process after the clocks have
+   settled (the MFU denominator), and the card's datasheet bf16 dense peak when known.
 2. ``train_step``: a ~1B random Qwen2-shaped model at TP1 in bf16 through the trainer's policy
    API (``Trainer.init_policy`` + ``train_step``: Megatron schedule, linear-fused loss,
-   old-policy pass, one optimizer step): tokens/s and MFU.
-3. ``memory_7b``: the Qwen2.5-7B config cut to 2 and 4 layers, full recompute, peak memory of
+   old-policy pass, one optimizer step): tokens/s, MFU against both peaks, and the measured
+   peak of allocated memory against srft-plan's estimate of the same run (a ratio).
+3. ``packing``: the same model on long-tailed response lengths, packed micro-batches
+   (``train.max_tokens_per_micro_batch``) against padded ones: real tokens/s and the ratio.
+4. ``memory_7b``: the Qwen2.5-7B config cut to 2 and 4 layers, full recompute, peak memory of
    a train step at 2048 and 9216 tokens per sequence, extrapolated to 28 layers at TP2 (the
    7B recipe's layout) against an 80 GB card; ``method`` in the JSON says how.
 
-    python benchmarks/gpu_bench.py [--out FILE] [--sections matmul_peak train_step memory_7b]
+The JSON is written to ``--out`` after every section, so a section that runs out of time
+loses none of the figures before it.
+
+    python benchmarks/gpu_bench.py [--out FILE] [--sections matmul_peak train_step packing memory_7b]
     python benchmarks/gpu_bench.py --cpu-smoke     # the same code on CPU at toy sizes
 
 ``--cpu-smoke`` runs every code path on CPU (gloo) with toy shapes in well under a minute;
@@ -21,6 +28,7 @@ import argparse
 import contextlib
 import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -55,6 +63,7 @@ FULL = dict(
                micro_batch=2, timed_steps=3),
     memory=dict(shape=QWEN25_7B, cut_layers=(2, 4), prompt_len=1024,
                 seq_lens=(2048, 9216), recompute=True),
+    packing=dict(shape=BENCH_1B, cap=4096, prompts=4, n_samples=7, micro_batch=2, repeat=2),
 )
 SMOKE = dict(
     matmul_n=256,
@@ -68,6 +77,9 @@ SMOKE = dict(
                 # Megatron's recompute runs the layers inside an autograd Function, where the
                 # CPU patches do not reach its literal device="cuda" causal mask
                 recompute=False),
+    packing=dict(shape=dict(BENCH_1B, hidden_size=64, num_layers=2, num_heads=4,
+                            num_kv_heads=2, intermediate_size=128, vocab_size=512),
+                 cap=96, prompts=2, n_samples=3, micro_batch=2, repeat=1),
 )
 
 
@@ -116,6 +128,12 @@ class MemoryProbe:
         self._stop.set()
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: a slow machine's small figure stays non-zero
+    (rounding to fixed decimals turned a busy CPU's TFLOP/s into 0.0)."""
+    return float(f"{x:.{digits}g}")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -158,7 +176,7 @@ def matmul_tflops(device: torch.device, n: int, settle_s: float = 1.0,
     sync(device)
     dt = time.perf_counter() - t0
     return {"shape": [n, n, n], "dtype": "bfloat16", "iters": iters, "settle_s": settle_s,
-            "tflops": round(2 * n**3 * iters / dt / 1e12, 2),
+            "tflops": sig(2 * n**3 * iters / dt / 1e12),
             "spec": spec_peak(torch.cuda.get_device_name(device))
             if device.type == "cuda" else None}
 
@@ -206,7 +224,8 @@ def make_model_dir(root: str, shape: dict) -> str:
 
 
 def make_trainer(model_dir: str, run_dir: str, *, prompts: int, n_samples: int,
-                 micro_batch: int, max_prompt: int, max_response: int, recompute: bool):
+                 micro_batch: int, max_prompt: int, max_response: int, recompute: bool,
+                 extra: tuple = ()):
     """The trainer's policy (random bf16 weights, SRFT loss), no data and no SGLang."""
     from srft_mcore.config import load_config
     from srft_mcore.trainer import Trainer
@@ -218,7 +237,7 @@ def make_trainer(model_dir: str, run_dir: str, *, prompts: int, n_samples: int,
                  "optimizer.lr=1e-6", f"logging.run_dir={run_dir}", "algorithm.name=srft"]
     if recompute:
         overrides.append("model.recompute_granularity=full")
-    return Trainer(load_config(None, overrides)).init_policy()
+    return Trainer(load_config(None, [*overrides, *extra])).init_policy()
 
 
 def synthetic_batch(prompts: int, n_samples: int, prompt_len: int, response_len: int,
@@ -277,12 +296,16 @@ def bench_train_step(device: torch.device, work: str, spec: dict, peak_tflops: f
     seqs = synthetic_batch(spec["prompts"], spec["n_samples"], spec["prompt_len"],
                            spec["response_len"], shape["vocab_size"])
     trainer.train_step(seqs)  # warm-up: optimizer state, kernels
+    probe = MemoryProbe(device)
+    probe.reset_peak()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(spec["timed_steps"]):
         metrics = trainer.train_step(seqs)
     sync(device)
     step_s = (time.perf_counter() - t0) / spec["timed_steps"]
+    peak = probe.peak()
+    probe.close()
     seq_len = spec["prompt_len"] + spec["response_len"]
     tokens = len(seqs) * seq_len
     # old-policy pass (1 forward) + training forward and backward (3 forwards)
@@ -291,16 +314,75 @@ def bench_train_step(device: torch.device, work: str, spec: dict, peak_tflops: f
     out = {"model": dict(shape, params=count_params(trainer)), "tp": 1, "dtype": "bfloat16",
            "sequences": len(seqs), "seq_len": seq_len,
            "micro_batch_size": spec["micro_batch"], "timed_steps": spec["timed_steps"],
-           "s_per_step": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
-           "model_tflops_per_step": round(flops / 1e12, 2),
-           "achieved_tflops": round(achieved, 2),
-           "mfu": round(achieved / peak_tflops, 4) if peak_tflops else None,
-           "mfu_vs_spec": round(achieved / spec_tflops["tflops"], 4) if spec_tflops else None,
+           "s_per_step": sig(step_s), "tokens_per_s": sig(tokens / step_s),
+           "model_tflops_per_step": sig(flops / 1e12),
+           "achieved_tflops": sig(achieved),
+           "mfu": sig(achieved / peak_tflops) if peak_tflops else None,
+           "mfu_vs_spec": sig(achieved / spec_tflops["tflops"]) if spec_tflops else None,
            "spec_peak": spec_tflops,
            "loss": metrics.get("loss"), "grad_norm": metrics.get("optim/grad_norm"),
+           "memory": planner_vs_measured(shape, spec, peak),
            "flops_counted": "4 forwards per sequence (old-policy pass, training forward, "
                             "backward = 2): dense matmuls, causal attention, logits; not the "
                             "fused loss's recomputed logits"}
+    return out
+
+
+def planner_vs_measured(shape: dict, spec: dict, measured: int) -> dict:
+    """srft-plan's peak for the train-step run (bf16, local spec, torch Adam, TP1 DP1, no
+    fixed overhead: the allocator's counters hold only tensors) against the measured peak of
+    allocated bytes over the timed steps."""
+    from srft_mcore import planner as pl
+    from srft_mcore.models.tiny import tiny_hf_config
+
+    hf = tiny_hf_config("qwen2", **shape).to_dict()
+    run = pl.RunShape(prompts_per_step=spec["prompts"], n_samples=spec["n_samples"],
+                      prompt_len=spec["prompt_len"], response_len=spec["response_len"],
+                      micro_batch=spec["micro_batch"], mini_batches=1)
+    a = pl.Assumptions(dtype="bfloat16", spec="local", fused_adam=False, overhead_gib=0.0)
+    est = pl.trainer_memory(pl.shape_from_hf(hf, "bench"), run,
+                            pl.Layout(tp=1, pp=1, dp=1, distributed_optimizer=False), a)
+    return {"measured_peak_gib": sig(measured / GIB), "planner_peak_gib": sig(est.peak / GIB),
+            "ratio_planner_vs_measured": sig(est.peak / measured),
+            "planner_terms_gib": {k: sig(v / GIB) for k, v in est.terms.items()},
+            "measured": "torch.cuda.max_memory_allocated over the timed steps (CPU smoke: "
+                        "process RSS, not comparable)"}
+
+
+def bench_packing(device: torch.device, work: str, spec: dict) -> dict:
+    """Real tokens/s of train steps with long-tailed response lengths (most short, a few
+    near the cap): padded micro-batches (``micro_batch`` rows padded to the longest) vs
+    packed ones (``train.max_tokens_per_micro_batch`` = the same ``micro_batch`` x longest
+    sequence, so both hold at most as many tokens per micro-batch)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from train_step import PROMPT, long_tail_lengths, make_step
+
+    shape, cap, prompts, n = spec["shape"], spec["cap"], spec["prompts"], spec["n_samples"]
+    model_dir = make_model_dir(work, shape)
+    seqs = make_step(long_tail_lengths(prompts * (n + 1), cap, seed=0), prompts, n + 1,
+                     shape["vocab_size"], seed=0)
+    real = sum(len(s.tokens) for s in seqs)
+    budget = spec["micro_batch"] * (PROMPT + cap)
+    out = {"model": shape, "sequences": len(seqs), "cap": cap, "real_tokens": real,
+           "padded_tokens": len(seqs) * max(len(s.tokens) for s in seqs),
+           "micro_batch_size": spec["micro_batch"], "max_tokens_per_micro_batch": budget}
+    for name, extra in (("padded", ()), ("packed", (f"train.max_tokens_per_micro_batch={budget}",))):
+        free_memory()
+        trainer = make_trainer(model_dir, os.path.join(work, f"pack_{name}"), prompts=prompts,
+                               n_samples=n, micro_batch=spec["micro_batch"], max_prompt=PROMPT,
+                               max_response=cap, recompute=False, extra=extra)
+        trainer.train_step(seqs)  # warm-up
+        best = math.inf
+        for _ in range(spec["repeat"]):
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.train_step(seqs)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_s_per_step"] = sig(best)
+        out[f"{name}_tokens_per_s"] = sig(real / best)
+        del trainer
+    out["ratio_packed_vs_padded"] = sig(out["packed_tokens_per_s"] / out["padded_tokens_per_s"])
     return out
 
 
@@ -468,12 +550,14 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+SECTIONS = ("matmul_peak", "train_step", "packing", "memory_7b")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run every code path on CPU at toy sizes (figures meaningless)")
-    ap.add_argument("--sections", nargs="+", default=["matmul_peak", "train_step", "memory_7b"],
-                    choices=["matmul_peak", "train_step", "memory_7b"])
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--out", help="also write the JSON to this file")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -498,6 +582,9 @@ def main(argv=None) -> int:
         if "train_step" in args.sections:
             run_section(out, "train_step",
                         lambda: bench_train_step(device, work, spec["train"], peak, datasheet),
+                        args.out)
+        if "packing" in args.sections:
+            run_section(out, "packing", lambda: bench_packing(device, work, spec["packing"]),
                         args.out)
         if "memory_7b" in args.sections:
             run_section(out, "memory_7b", lambda: bench_memory(device, work, spec["memory"]),

@@ -299,7 +299,6 @@ def test_unknown_fields_error_lists_found_and_expected(tmp_path):
 def test_cli_bad_file_fails_before_any_server(tmp_path):
     bad = write_jsonl(tmp_path / "odd.jsonl", [{"text": "p", "label_x": "1"}])
     out_dir = tmp_path / "out"
-    t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "srft_mcore.eval", "--model", EMBEDDED_MODEL_DIR,
                           "--data", bad, "--out", str(out_dir)], capture_output=True, text=True,
                          timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
@@ -307,7 +306,6 @@ def test_cli_bad_file_fails_before_any_server(tmp_path):
     assert "['text', 'label_x']" in res.stderr and "Fix:" in res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["ok"] is False
     assert not out_dir.exists()  # nothing written, no server log: no server was started
-    assert time.time() - t0 < 120
 
 
 # --------------------------------------------------------------------------- model sources

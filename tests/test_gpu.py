@@ -432,6 +432,10 @@ def test_cpu_bench_smoke_prints_json_without_gpu_only_modules():
     assert out["matmul_peak"]["tflops"] > 0
     step = out["train_step"]
     assert step["tokens_per_s"] > 0 and 0 < step["mfu"] and math.isfinite(step["loss"])
+    assert step["memory"]["planner_peak_gib"] > 0 and step["memory"]["measured_peak_gib"] > 0
+    packing = out["packing"]
+    assert packing["real_tokens"] < packing["padded_tokens"]  # long-tailed: padding to drop
+    assert packing["packed_tokens_per_s"] > 0 and packing["padded_tokens_per_s"] > 0
     memory = out["memory_7b"]
     assert set(memory["measured_tp1"]) == {"2", "4"}
     assert all(m["params_counted_matches"] for m in memory["measured_tp1"].values())
@@ -502,3 +506,11 @@ def test_cpu_dry_run_of_the_whole_check(tmp_path):
     assert out["pytest"]["passed"] + out["pytest"]["failed"] + out["pytest"]["errors"] >= 6
     assert out["benchmark"]["failed"] == []
     assert (p.returncode == 0) == (out["pytest"]["failed"] + out["pytest"]["errors"] == 0)
+
+
+def test_cpu_figures_keep_significant_digits():
+    """Figures are rounded to significant digits, so a busy machine's small TFLOP/s or MFU
+    is never reported (and asserted) as 0."""
+    bench = _load_bench()
+    assert bench.sig(0.000123456) == 0.0001235 and bench.sig(629.41) == 629.4
+    assert bench.sig(3e-9) > 0
