@@ -10,6 +10,14 @@ chosen by ``model_type``); this module turns it into tensors:
 * :func:`gather_hf_weights`: the same, with every stage's tensors sent to one rank.
 * :func:`bucketize`: groups an export stream into buckets of about ``bucket_bytes``.
 * :func:`mcore_to_hf` / :func:`hf_slice_for_rank`: the pure per-tensor transforms.
+* :func:`checkpoint_naming` / :func:`checkpoint_renames`: which layer spec's names a Megatron
+  dist checkpoint stores its tensors under, and the key each tensor is read from, for every
+  reader of such checkpoints (``srft-convert mcore-to-hf``, ``srft-eval``,
+  ``model.load_mcore``).
+
+Model parameter names of either layer spec (local, or transformer-engine with its norms fused
+into ``linear_qkv`` / ``linear_fc1``) are accepted by :func:`lookup`, so loading HF weights,
+the HF export and the weight sync work for both.
 
 Vocabulary padding: Megatron pads the vocab (see ``builder.padded_vocab_size``); padded rows
 are zero on import and trimmed on export. Tied embeddings: the HF checkpoint holds only
@@ -156,6 +164,83 @@ def expected_hf_shapes(hf: dict) -> dict:
         else:  # linear_fc2 (row)
             shapes = [(d.hidden, d.ffn)]
         out.update(zip(names, (torch.Size(s) for s in shapes)))
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoint keys
+CHECKPOINT_NAMINGS = ("transformer_engine", "local")
+"""How a Megatron dist checkpoint names the norms that the TE spec fuses into its linears.
+
+``transformer_engine``: ``self_attention.linear_qkv.layer_norm_weight`` and
+``mlp.linear_fc1.layer_norm_weight``, the names Megatron-Core writes for both layer specs
+(its local spec maps ``input_layernorm.`` / ``pre_mlp_layernorm.`` to them when it saves).
+``local``: the local spec's own module names (``input_layernorm.weight``,
+``pre_mlp_layernorm.weight``), as a checkpoint saved under the module names holds them.
+Both come from the family's name map (:class:`TensorMap` ``mcore`` / ``te_mcore``)."""
+_CKPT_LAYER_RE = re.compile(r"^decoder\.layers\.(?:\d+|\{i\})\.")
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+
+
+def checkpoint_key(name: str) -> str:
+    """The dist-checkpoint key of a Megatron tensor name or map template: a layer's tensor
+    is stored once for all layers (stacked on a leading layer axis), without its number."""
+    return _CKPT_LAYER_RE.sub("decoder.layers.", name)
+
+
+def checkpoint_names(hf: dict, naming: str) -> dict:
+    """Dist-checkpoint key -> :class:`TensorMap` of every model tensor a checkpoint of this
+    config stores under ``naming`` (one of :data:`CHECKPOINT_NAMINGS`)."""
+    if naming not in CHECKPOINT_NAMINGS:
+        raise ValueError(f"naming {naming!r} not in {CHECKPOINT_NAMINGS}")
+    te = naming == "transformer_engine"
+    return {checkpoint_key(t): tm for t, tm in tensor_maps(hf, te=te).items()}
+
+
+def model_weight_keys(keys: Iterable[str]) -> set:
+    """The model weights among a dist checkpoint's keys: no optimizer state, no
+    ``_extra_state`` objects (TE modules store one each, the local spec's norms none)."""
+    return {k for k in keys if k.startswith(_MODEL_PREFIXES) and "_extra_state" not in k}
+
+
+def checkpoint_naming(hf: dict, keys: Iterable[str], where: str = "the checkpoint") -> str:
+    """Which of :data:`CHECKPOINT_NAMINGS` a dist checkpoint's keys use (``keys``: all of
+    them, e.g. ``FileSystemReader(dir).read_metadata().state_dict_metadata``); a
+    :class:`BridgeError` naming the unexpected and missing keys when neither matches."""
+    stored = model_weight_keys(keys)
+    diff = {}
+    for naming in CHECKPOINT_NAMINGS:
+        want = set(checkpoint_names(hf, naming))
+        if stored == want:
+            return naming
+        diff[naming] = (sorted(stored - want), sorted(want - stored))
+    naming = min(CHECKPOINT_NAMINGS, key=lambda n: len(diff[n][0]) + len(diff[n][1]))
+    unexpected, missing = diff[naming]
+    want = sorted(checkpoint_names(hf, naming))
+    arch = get_architecture(hf)
+
+    def few(names):
+        return f"{names[:6]}{' ...' if len(names) > 6 else ''}"
+
+    raise BridgeError(
+        f"{where}: its model tensors match neither the transformer-engine nor the local "
+        f"layer-spec names of the {arch.model_type} map (srft_mcore/models/"
+        f"{arch.model_type}.py) for this HF config. Closest are the {naming} names: "
+        f"{len(unexpected)} unexpected keys {few(unexpected)}, {len(missing)} missing keys "
+        f"{few(missing)}; expected {len(want)} keys: {few(want)}")
+
+
+def checkpoint_renames(hf: dict, naming: str) -> dict:
+    """Dist-checkpoint key under either naming -> the key a checkpoint of ``naming`` stores
+    it under (only the keys the two namings name differently)."""
+    out = {}
+    target = naming == "transformer_engine"
+    for tm in tensor_maps(hf).values():
+        if tm.te_mcore:
+            local, te = checkpoint_key(tm.mcore), checkpoint_key(tm.te_mcore)
+            stored = te if target else local
+            for key in (local, te):
+                if key != stored:
+                    out[key] = stored
     return out
 
 
@@ -509,7 +594,8 @@ def bucketize(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
         yield bucket
 
 
-__all__ = ["BridgeError", "Dims", "HFCheckpoint", "bucketize", "check_tp", "expected_hf_shapes",
-           "export_hf_weights", "gather_hf_weights", "hf_param_shard", "hf_slice_for_rank",
-           "load_hf_into_model", "lookup", "mcore_names", "mcore_to_hf", "tensor_maps",
-           "TensorSource"]
+__all__ = ["BridgeError", "CHECKPOINT_NAMINGS", "Dims", "HFCheckpoint", "bucketize",
+           "check_tp", "checkpoint_key", "checkpoint_names", "checkpoint_naming",
+           "checkpoint_renames", "expected_hf_shapes", "export_hf_weights", "gather_hf_weights",
+           "hf_param_shard", "hf_slice_for_rank", "load_hf_into_model", "lookup", "mcore_names",
+           "mcore_to_hf", "model_weight_keys", "tensor_maps", "TensorSource"]

@@ -185,23 +185,81 @@ class _readable:
             f"Fix: {fix}; nothing was changed") from exc
 
 
-def load_model_weights(path: str, model) -> str:
+def stored_keys(mcore_dir: str) -> set:
+    """Every key of a dist checkpoint, from its metadata alone (an object stored per shard,
+    ``key/shard_<offset>_<shape>``, counts as ``key``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(mcore_dir).read_metadata().state_dict_metadata
+    return {k.split("/shard_")[0] for k in meta}
+
+
+def model_weights_request(sharded_state_dict: dict, stored: set, renames: dict
+                          ) -> tuple[dict, set]:
+    """The load request for a model's sharded state dict against a checkpoint holding the keys
+    ``stored``: tensors asked for under the checkpoint's own names (``renames``: model key ->
+    stored key, from :func:`srft_mcore.bridge.checkpoint_renames`), and the ``_extra_state``
+    objects the checkpoint lacks left out (a TE model's norms keep one, the local spec's do
+    not). Returns the request and the state-dict names left out."""
+    import copy
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    request, skipped = {}, set()
+    for name, sh in sharded_state_dict.items():
+        if isinstance(sh, ShardedObject) and sh.key.endswith("_extra_state") \
+                and sh.key not in stored:
+            skipped.add(name)
+            continue
+        key = getattr(sh, "key", None)
+        if key in renames:
+            sh = copy.copy(sh)
+            sh.key = renames[key]
+        request[name] = sh
+    return request, skipped
+
+
+def load_model_weights(path: str, model, hf: Optional[dict] = None) -> str:
     """Load only the model weights from a trainer checkpoint (``step_XXXXXX``, e.g. the SFT
-    run of SFT->RL) or from an ``srft-convert hf-to-mcore`` directory. Collective."""
+    run of SFT->RL) or from an ``srft-convert hf-to-mcore`` directory. Collective.
+
+    A checkpoint of either layer spec loads into a model of either spec: with ``hf`` (the
+    model's HF config) the checkpoint's tensor names are checked against the bridge's map
+    (:func:`srft_mcore.bridge.checkpoint_naming`, one error naming the keys that do not fit)
+    and asked for under the names it stores; ``_extra_state`` entries only one side has
+    are left alone."""
     from megatron.core import dist_checkpointing
 
-    model_sd = model.sharded_state_dict()
+    from srft_mcore.bridge import BridgeError, checkpoint_naming, checkpoint_renames
+    from srft_mcore.models.builder import unwrap_gpt
+
     if os.path.isdir(os.path.join(path, "mcore")):  # a trainer checkpoint
-        loaded = dist_checkpointing.load({"model": model_sd}, os.path.join(path, "mcore"))["model"]
-        kind = "trainer checkpoint"
+        ckpt_dir, kind = os.path.join(path, "mcore"), "trainer checkpoint"
     elif os.path.isfile(os.path.join(path, "metadata.json")):  # a converted checkpoint
-        loaded = dist_checkpointing.load(model_sd, path)
-        kind = "converted checkpoint"
+        ckpt_dir, kind = path, "converted checkpoint"
     else:
         raise CheckpointError(f"model.load_mcore={path!r} is neither a trainer checkpoint "
                               f"(step_XXXXXX with mcore/) nor an srft-convert hf-to-mcore output "
                               f"(metadata.json). Fix: point it at one of those")
-    model.load_state_dict(loaded)
+    stored = stored_keys(ckpt_dir)
+    renames = {}
+    if hf is not None:
+        try:
+            renames = checkpoint_renames(hf, checkpoint_naming(
+                hf, stored, where=f"model.load_mcore={path!r}"))
+        except BridgeError as e:
+            raise CheckpointError(f"{e}. Fix: point model.load_mcore at a checkpoint of "
+                                  f"model.hf_path's model") from None
+    request, skipped = model_weights_request(model.sharded_state_dict(), stored, renames)
+    if kind == "trainer checkpoint":
+        loaded = dist_checkpointing.load({"model": request}, ckpt_dir)["model"]
+    else:
+        loaded = dist_checkpointing.load(request, ckpt_dir)
+    missing, unexpected = unwrap_gpt(model).load_state_dict(loaded, strict=False)
+    wrong = sorted(set(missing) - skipped) + sorted(unexpected)
+    if wrong:
+        raise CheckpointError(f"model.load_mcore={path!r}: the loaded state does not fit the "
+                              f"model: {wrong[:8]}")
     return kind
 
 

@@ -49,6 +49,96 @@ def test_name_maps_local_and_te():
         bridge.lookup(QWEN, "decoder.layers.0.self_attention.q_layernorm.weight")
 
 
+QWEN3 = dict(QWEN, model_type="qwen3", head_dim=8)
+
+
+def test_checkpoint_naming_of_either_layer_spec():
+    """Dist-checkpoint keys (no layer number) of both namings come from the family map; a
+    checkpoint is told apart by its keys, optimizer state and ``_extra_state`` ignored."""
+    te = bridge.checkpoint_names(QWEN3, "transformer_engine")
+    local = bridge.checkpoint_names(QWEN3, "local")
+    assert set(te) ^ set(local) == {
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+        "decoder.layers.input_layernorm.weight", "decoder.layers.pre_mlp_layernorm.weight"}
+    assert te["decoder.layers.self_attention.linear_qkv.layer_norm_weight"] is \
+        local["decoder.layers.input_layernorm.weight"]
+    assert bridge.checkpoint_key("decoder.layers.{i}.mlp.linear_fc2.weight") == \
+        bridge.checkpoint_key("decoder.layers.17.mlp.linear_fc2.weight") == \
+        "decoder.layers.mlp.linear_fc2.weight"
+    others = {"optimizer.state.exp_avg.decoder.layers.mlp.linear_fc2.weight",
+              "decoder.layers.self_attention.linear_qkv._extra_state",
+              "decoder.final_layernorm._extra_state"}
+    assert bridge.checkpoint_naming(QWEN3, set(te) | others) == "transformer_engine"
+    assert bridge.checkpoint_naming(QWEN3, set(local) | others) == "local"
+    # every key a reader may ask for maps to the key the checkpoint stores
+    for naming, stored in (("transformer_engine", te), ("local", local)):
+        renames = bridge.checkpoint_renames(QWEN3, naming)
+        for key in set(te) | set(local):
+            assert renames.get(key, key) in stored, (naming, key)
+
+
+def test_checkpoint_naming_error_names_unexpected_and_expected_keys():
+    te = set(bridge.checkpoint_names(QWEN3, "transformer_engine"))
+    mixed = (te - {"decoder.layers.mlp.linear_fc1.layer_norm_weight"}) | \
+        {"decoder.layers.pre_mlp_layernorm.weight"}  # half one naming, half the other
+    with pytest.raises(bridge.BridgeError) as e:
+        bridge.checkpoint_naming(QWEN3, mixed, where="checkpoint '/ck'")
+    msg = str(e.value)
+    assert msg.startswith("checkpoint '/ck': ") and "neither" in msg
+    assert "1 unexpected keys ['decoder.layers.pre_mlp_layernorm.weight']" in msg
+    assert "1 missing keys ['decoder.layers.mlp.linear_fc1.layer_norm_weight']" in msg
+    assert f"expected {len(te)} keys" in msg
+    # a checkpoint of another family (Qwen3's q/k norms, no qkv bias under a Qwen2 config)
+    with pytest.raises(bridge.BridgeError, match=r"qwen2 map.*q_layernorm.*linear_qkv\.bias"):
+        bridge.checkpoint_naming(QWEN, te)
+
+
+def _fake_gpt(hf, te, tensors, padded=384):
+    """A module tree with GPTModel's parameter names of one layer spec (TE does not run on
+    CPU), holding the TP1 tensors made from ``tensors``."""
+    dims = bridge.Dims.from_hf(hf)
+    root = torch.nn.Module()
+    root.vocab_size = padded
+    root.decoder = torch.nn.Module()
+    root.decoder.layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(dims.layers))
+    for i, layer in enumerate(root.decoder.layers):
+        layer.layer_number = i + 1
+    src = bridge.TensorSource(tensors)
+    for name in bridge.mcore_names(hf, te=te):
+        tm, layer = bridge.lookup(hf, name, te=te)
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                setattr(module, part, torch.nn.Module())
+            module = getattr(module, part)
+        full = bridge.hf_slice_for_rank(tm, layer, src, dims, padded, 1, 0)
+        module.register_parameter(leaf, torch.nn.Parameter(full))
+    return root
+
+
+@pytest.mark.parametrize("hf", [QWEN, QWEN3], ids=["qwen2", "qwen3"])
+def test_hf_export_and_load_of_either_layer_spec(hf, tmp_path):
+    """The HF export and HF loading map a model of either spec (its live parameter names)."""
+    tensors = random_hf(hf)
+    write_hf(tmp_path, hf, tensors)
+    for te in (False, True):
+        model = _fake_gpt(hf, te, tensors)
+        names = dict(model.named_parameters())
+        assert ("decoder.layers.1.self_attention.linear_qkv.layer_norm_weight" in names) == te
+        assert ("decoder.layers.1.input_layernorm.weight" in names) != te
+        got = dict(bridge.export_hf_weights(model, hf))
+        assert got.keys() == tensors.keys()
+        assert all(torch.equal(got[n], t) for n, t in tensors.items())
+        want = {n: p.detach().clone() for n, p in names.items()}
+        with torch.no_grad():
+            for p in names.values():
+                p.zero_()
+        bridge.load_hf_into_model(model, str(tmp_path), hf)
+        assert all(torch.equal(p, want[n]) for n, p in model.named_parameters())
+
+
 def test_unsupported_architecture_lists_supported():
     with pytest.raises(UnsupportedArchitecture, match="llama, qwen2"):
         get_architecture({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})

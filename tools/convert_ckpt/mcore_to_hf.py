@@ -4,6 +4,10 @@ The model is built once at TP1/PP1 on the ``meta`` device (no memory) to get its
 state dict; the checkpoint is then read one layer at a time, each Megatron tensor mapped
 to its HF tensors by :func:`srft_mcore.bridge.mcore_to_hf` and written straight into its
 place in the output safetensors shards. Peak memory is about one layer, not the model.
+
+The checkpoint may come from a model of either layer spec (local or transformer-engine): its
+tensor names are checked against the bridge's map first (:func:`srft_mcore.bridge.
+checkpoint_naming`) and each tensor is read under the name it is stored under.
 """
 from __future__ import annotations
 
@@ -34,9 +38,10 @@ def read_bridge_meta(ckpt: str) -> dict:
         return json.load(f)
 
 
-def _regions(sh, vocab: int, vocab_layout: bool) -> list:
+def _regions(sh, vocab: int, vocab_layout: bool, renames: dict) -> list:
     """(checkpoint key, global offset, region shape, tensor shape) of each stored part of one
-    parameter (the region has the layer axis that the stacked layers prepend).
+    parameter (the region has the layer axis that the stacked layers prepend). ``renames``
+    maps the local model's keys to those the checkpoint stores them under (its naming).
 
     A gated ``linear_fc1`` is a factory whose parts are the gate and the up halves. For the
     vocab-padded tensors only the real rows are read: the stored padding depends on the TP
@@ -48,7 +53,8 @@ def _regions(sh, vocab: int, vocab_layout: bool) -> list:
         local = tuple(st.local_shape)
         if vocab_layout:
             local = (vocab,) + local[1:]
-        out.append((st.key, tuple(st.global_offset), (1,) * st.prepend_axis_num + local, local))
+        out.append((renames.get(st.key, st.key), tuple(st.global_offset),
+                    (1,) * st.prepend_axis_num + local, local))
     return out
 
 
@@ -113,11 +119,12 @@ def _layer_groups(model) -> list:
     return [groups[k] for k in order]
 
 
-def _rank_main(ckpt: str, out: str, dtype: str, max_shard_bytes: int) -> dict:
+def _rank_main(ckpt: str, out: str, dtype: str, max_shard_bytes: int, naming: str) -> dict:
     import torch
     from tqdm import tqdm
 
-    from srft_mcore.bridge import Dims, expected_hf_shapes, lookup, mcore_to_hf
+    from srft_mcore.bridge import (Dims, checkpoint_renames, expected_hf_shapes, lookup,
+                                   mcore_to_hf)
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
@@ -131,6 +138,7 @@ def _rank_main(ckpt: str, out: str, dtype: str, max_shard_bytes: int) -> dict:
         model = build_model(hf, ModelConfig(dtype=meta["dtype"], transformer_impl="local"),
                             ParallelConfig(tp=1, pp=1), pre_process=True, post_process=True)
     sharded = model.sharded_state_dict()
+    renames = checkpoint_renames(hf, naming)
     reader = _RegionReader(ckpt)
     out_dtype = DTYPES[dtype]
     load_dtype = DTYPES[meta["dtype"]]
@@ -144,7 +152,8 @@ def _rank_main(ckpt: str, out: str, dtype: str, max_shard_bytes: int) -> dict:
             for name in names:
                 tm, layer = lookup(hf, name)
                 sh = sharded[name]
-                parts = reader.read(_regions(sh, dims.vocab, tm.layout == "vocab"), load_dtype)
+                parts = reader.read(_regions(sh, dims.vocab, tm.layout == "vocab", renames),
+                                    load_dtype)
                 full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                 for hf_name, t in mcore_to_hf(tm, layer, full, dims):
                     writer.write(hf_name, t.to(out_dtype))
@@ -179,21 +188,34 @@ def _finish_side_files(ckpt: str, out: str, dtype: str) -> None:
 def mcore_to_hf(ckpt: str, out: str, dtype: Optional[str] = None, overwrite: bool = False,
                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                 timeout_s: float = 24 * 3600.0) -> dict:
-    """Convert; ``dtype`` defaults to the dtype of the original HF checkpoint."""
+    """Convert; ``dtype`` defaults to the dtype of the original HF checkpoint. The checkpoint
+    may name its tensors as either layer spec writes them (see
+    :func:`srft_mcore.bridge.checkpoint_naming`); other names fail here, before any rank."""
+    from srft_mcore.bridge import checkpoint_naming
+    from srft_mcore.checkpoint import stored_keys
     from srft_mcore.launch import spawn_ranks
     from srft_mcore.models import get_architecture, load_hf_config
     from srft_mcore.models.builder import DTYPES
 
     check_output_dir(out, overwrite)
     meta = read_bridge_meta(ckpt)
-    get_architecture(load_hf_config(os.path.join(ckpt, HF_SUBDIR)))
+    hf = load_hf_config(os.path.join(ckpt, HF_SUBDIR))
+    get_architecture(hf)
+    try:
+        keys = stored_keys(ckpt)
+    except Exception as e:  # noqa: BLE001 - missing, truncated or not a DCP .metadata
+        raise CheckpointFormatError(f"{ckpt!r}: its dist checkpoint metadata (.metadata) cannot "
+                                    f"be read ({type(e).__name__}: {e})") from e
+    naming = checkpoint_naming(hf, keys, where=f"checkpoint {ckpt!r}")
     dtype = dtype or meta.get("source_dtype") or "bfloat16"
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} not supported; choose one of {sorted(DTYPES)}")
     t0 = time.time()
     with atomic_output_dir(out, overwrite) as tmp:
-        res = spawn_ranks(_rank_main, 1, (os.path.abspath(ckpt), tmp, dtype, max_shard_bytes),
+        res = spawn_ranks(_rank_main, 1,
+                          (os.path.abspath(ckpt), tmp, dtype, max_shard_bytes, naming),
                           timeout_s=timeout_s)[0]
         _finish_side_files(ckpt, tmp, dtype)
-    res.update(out=os.path.abspath(out), dtype=dtype, seconds=round(time.time() - t0, 3))
+    res.update(out=os.path.abspath(out), dtype=dtype, checkpoint_naming=naming,
+               seconds=round(time.time() - t0, 3))
     return res
