@@ -100,6 +100,19 @@ class DataConfig:
     """Seed of the deterministic epoch shuffle."""
 
 
+SGLANG_MEM_FRACTION = {"dedicated": 0.85, "colocated": 0.6}
+"""Default SGLang --mem-fraction-static by placement: a dedicated GPU holds only the server
+(the rest is its CUDA graphs and activations); a colocated server shares its GPU with the
+trainer's resident weights and optimizer state."""
+
+
+def sglang_mem_fraction(value: Optional[float], colocated: bool) -> float:
+    """``rollout.mem_fraction`` (or srft-plan's ``--sglang-mem-fraction``), null = the
+    placement's default."""
+    return value if value is not None else SGLANG_MEM_FRACTION[
+        "colocated" if colocated else "dedicated"]
+
+
 @dataclass
 class RolloutConfig:
     n_samples: int = 8
@@ -133,6 +146,10 @@ class RolloutConfig:
     """Weight sync mode: auto | distributed | tensor | disk."""
     bucket_mb: int = 256
     """Weight sync bucket size in MiB."""
+    mem_fraction: Optional[float] = None
+    """SGLang --mem-fraction-static of launched GPU servers (weights + KV cache as a fraction
+    of the GPU): null = by placement, 0.85 on dedicated GPUs, 0.6 colocated with the trainer
+    (weight_sync=tensor); srft-plan sizes the KV cache with the same values."""
     startup_timeout_s: float = 300.0
     """Seconds to wait for a server's /health before failing with its log tail."""
     request_timeout_s: float = 600.0
@@ -221,7 +238,18 @@ class OptimizerConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     max_consecutive_skips: int = 5
-    """Stop after this many non-finite steps in a row."""
+    """Stop after this many non-finite steps in a row (float16: overflows at the smallest
+    loss scale, optimizer.min_loss_scale)."""
+    initial_loss_scale: float = 65536.0
+    """float16 only: start value of Megatron's dynamic loss scale (2^16; Megatron-LM's 2^32
+    would skip 17 optimizer steps, and their rollouts, just to come down to 2^16)."""
+    min_loss_scale: float = 1.0
+    """float16 only: the dynamic loss scale never goes below this."""
+    loss_scale_window: int = 1000
+    """float16 only: the loss scale doubles after this many optimizer steps without overflow."""
+    hysteresis: int = 2
+    """float16 only: the loss scale halves from the hysteresis-th overflow on, counted since
+    the start or its last doubling (every overflow skips its optimizer step)."""
 
 
 @dataclass
@@ -523,6 +551,23 @@ def _check_rollout_endpoints(r: RolloutConfig) -> None:
     if r.sync_address is not None and not r.sync_address.strip():
         raise _err("rollout.sync_address", r.sync_address, "is empty",
                    "give this node's address as the servers reach it, auto, or null")
+    if r.mem_fraction is not None and not 0 < r.mem_fraction < 1:
+        raise _err("rollout.mem_fraction", r.mem_fraction, "must be in (0, 1)",
+                   "use e.g. 0.85 on dedicated GPUs, 0.6 colocated, or null for these defaults")
+
+
+def _check_loss_scale(o: OptimizerConfig) -> None:
+    """The float16 dynamic loss scaler's settings (Megatron asserts the same ranges)."""
+    if not o.min_loss_scale > 0:
+        raise _err("optimizer.min_loss_scale", o.min_loss_scale, "must be > 0", "use e.g. 1.0")
+    if not o.initial_loss_scale >= o.min_loss_scale:
+        raise _err("optimizer.initial_loss_scale", o.initial_loss_scale,
+                   f"is below optimizer.min_loss_scale ({o.min_loss_scale})",
+                   "use a power of two such as 65536")
+    for key in ("loss_scale_window", "hysteresis"):
+        if getattr(o, key) < 1:
+            raise _err(f"optimizer.{key}", getattr(o, key), "must be >= 1",
+                       f"set optimizer.{key} to a positive integer")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None,
@@ -561,6 +606,7 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("parallel.cp", p.cp, "context parallelism is not supported yet (sequences "
                    "are not split across CP ranks)", "set parallel.cp=1; use tp/pp for long "
                    "sequences")
+    _check_loss_scale(cfg.optimizer)
     a = cfg.algorithm
     if a.tis_cap is not None and a.tis_cap <= 0:
         raise _err("algorithm.tis_cap", a.tis_cap, "must be > 0", "use e.g. 2.0, or null (off)")

@@ -55,6 +55,7 @@ class Trainer:
         self.rollout_calls = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        self.overflow_steps = 0  # float16: optimizer steps the loss-scale overflow skipped
         self.engine = None
         self.pending = None  # rollout.overlap: the next step's batch, made during this step
         self.eval_splits = {}
@@ -99,7 +100,7 @@ class Trainer:
 
         cfg = self.cfg
         p = cfg.parallel
-        model = self._build_start_model()
+        model = self._build_start_model(ddp=True)
         use_distopt = p.use_distributed_optimizer and self.layout.dp > 1
         # the schedule then all-reduces DP grads, tied embedding grads across PP stages and
         # sequence-parallel norm grads after the last micro-batch (Megatron-LM training.py)
@@ -115,7 +116,15 @@ class Trainer:
                             adam_beta2=o.adam_beta2, clip_grad=o.grad_clip,
                             use_distributed_optimizer=use_distopt,
                             bf16=cfg.model.dtype == "bfloat16",
+                            # float16: fp32 main params and a dynamic loss scaler (loss_scale
+                            # None); optimizer.step() unscales, checks and skips overflows
+                            fp16=cfg.model.dtype == "float16", loss_scale=None,
+                            initial_loss_scale=o.initial_loss_scale,
+                            min_loss_scale=o.min_loss_scale,
+                            loss_scale_window=o.loss_scale_window, hysteresis=o.hysteresis,
                             params_dtype=model.config.params_dtype), [self.model])
+        if cfg.model.dtype == "float16":  # the schedule's backward starts from the scaled loss
+            model.config.grad_scale_func = self.optimizer.scale_loss
         # the schedule counts optimizer steps: mini_batches per training step
         k = cfg.train.mini_batches
         self.scheduler = OptimizerParamScheduler(
@@ -131,15 +140,16 @@ class Trainer:
                 param.requires_grad_(False)
         return self
 
-    def _build_start_model(self, quiet: bool = False):
-        """A GPTModel stage holding the start weights: model.load_mcore, else HF."""
+    def _build_start_model(self, quiet: bool = False, ddp: bool = False):
+        """A GPTModel stage holding the start weights: model.load_mcore, else HF. ddp: the
+        trained policy (wrapped in Megatron's DDP), not the frozen reference."""
         from srft_mcore.bridge import load_hf_into_model
         from srft_mcore.models import build_model
 
         cfg = self.cfg
-        model = build_model(self.hf, cfg.model, cfg.parallel)
+        model = build_model(self.hf, cfg.model, cfg.parallel, ddp=ddp)
         if cfg.model.load_mcore:  # e.g. the RL stage of SFT->RL starts from the SFT run
-            kind = ckpt.load_model_weights(cfg.model.load_mcore, model)
+            kind = ckpt.load_model_weights(cfg.model.load_mcore, model, self.hf)
             if not quiet:
                 log0(f"loaded model weights from the {kind} {cfg.model.load_mcore}")
         elif cfg.model.load_hf_weights:
@@ -164,6 +174,11 @@ class Trainer:
         self._refuse_to_overwrite()
         os.makedirs(self.run_dir, exist_ok=True)
         self._init_groups()
+        from srft_mcore.rollout.engine import check_attached_servers
+
+        # servers given by URL that cannot take the weight sync are refused now, not after
+        # the model is built (launched servers: once they are up, still before step 1)
+        check_attached_servers(cfg.rollout, group=self.layout.cpu_group)
         data_cfg = cfg.data
         if data_cfg.path is None:  # the embedded task, written once by rank 0
             data_cfg = dataclasses.replace(data_cfg, path=os.path.join(self.run_dir,
@@ -244,6 +259,7 @@ class Trainer:
         self.step = state["step"]
         self.rollout_calls = state["rollout_calls"]
         self.skipped_total = state["skipped_total"]
+        self.overflow_steps = state.get("overflow_steps", 0)  # (the loss scaler: optimizer state)
         self.sampler.load_state_dict(state["sampler"])
         self.pending = pending_from_json(state.get("pending"))
         self.scheduler.load_state_dict(state["scheduler"])
@@ -263,8 +279,36 @@ class Trainer:
                                            group=self.layout.cpu_group)
         if self.step > 0 or self.cfg.model.load_mcore or self.cfg.rollout.overlap:
             # the servers start from the HF weights on disk: give them the policy's (and,
-            # overlapped, a version tag from the first sample on, for the lag metric)
+            # overlapped, a version tag from the first sample on, for the lag metric); a
+            # resumed run does so before its first rollout
+            error = self.sync_or_error()
+            if error is not None:
+                raise self.sync_stopped(error)
+
+    def sync_or_error(self):
+        """Push the policy to the servers (the engine retries a failed sync); returns the
+        ``WeightSyncError`` of a sync that failed for good, else None. Collective."""
+        from srft_mcore.rollout.weight_sync import WeightSyncError
+
+        try:
             self.engine.sync_weights(self.model.module, version=str(self.step))
+        except WeightSyncError as e:
+            return e
+        return None
+
+    def sync_stopped(self, error, saved=None) -> TrainingStopped:
+        """The paragraph a run stops with when a weight sync failed for good: which server
+        and route, the checkpoint that keeps the trained step (``saved``), how to resume."""
+        failed = ", ".join(dict.fromkeys(f"{u}{r}" for u, r in error.where)) or \
+            f"the servers {', '.join(self.engine.urls)}"
+        kept = (f"The trained step is saved in {saved}" if saved else
+                f"Nothing changed (the checkpoint of step {self.step} is untouched)")
+        return TrainingStopped(
+            f"step {self.step}: the weight sync to SGLang (rollout.weight_sync="
+            f"{self.engine.mode}) failed for good at {failed}: {error}. {kept}. Fix: check that "
+            f"server (its log; restart it, or list another in rollout.urls), then resume with: "
+            f"{resume_command(self.run_dir)} (overrides such as rollout.urls=[...] may follow "
+            f"--config); it syncs the saved weights to the servers before its first rollout")
 
     # ------------------------------------------------------------------ one step
     def _sampling(self):
@@ -481,7 +525,7 @@ class Trainer:
 
     def train_batch(self, micro_batches, totals) -> dict:
         """One optimizer step on one mini-batch's micro-batches (Megatron schedule, fused
-        SRFT loss, non-finite gradients skip the step)."""
+        SRFT loss, non-finite gradients skip the step; float16: loss-scale overflows too)."""
         from srft_mcore.algo.losses import make_loss_func, reduce_metrics
 
         cfg = self.cfg
@@ -500,23 +544,46 @@ class Trainer:
         metrics = reduce_metrics(outs, dp_group=self.layout.dp_group) if outs else {}
         metrics = self._from_last_stage(metrics)
 
-        if not self._grads_finite():
-            self.skipped_in_a_row += 1
-            self.skipped_total += 1
-            metrics["train/skipped"] = 1.0
-            limit = cfg.optimizer.max_consecutive_skips
-            if self.skipped_in_a_row >= limit:
-                raise TrainingStopped(
-                    f"step {self.step + 1}: {limit} optimizer steps in a row had non-finite "
-                    f"gradients (optimizer.max_consecutive_skips={limit}); stopped, the last "
-                    f"checkpoint is untouched. Fix: lower optimizer.lr, check the rewards and "
-                    f"data, or resume from the last checkpoint with --resume")
-            return metrics
-        self.skipped_in_a_row = 0
+        fp16 = cfg.model.dtype == "float16"
+        if not fp16 and not self._grads_finite():
+            return self._skip(metrics, streak=True)
+        if fp16:  # the scale this step's loss was multiplied by (its gradients hold it)
+            scale = float(self.optimizer.get_loss_scale())
+            metrics["optim/loss_scale"] = scale
         ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            # float16: Megatron found inf/NaN in the unscaled gradients, left the weights and
+            # Adam state alone and halved the loss scale (from the optimizer.hysteresis-th
+            # overflow on). An overflow is routine while the scale finds its level, so it
+            # stops the run only at the smallest scale, where lowering it cannot help.
+            self.overflow_steps += 1
+            metrics["optim/overflow_steps"] = float(self.overflow_steps)
+            return self._skip(metrics, streak=not fp16 or scale <= cfg.optimizer.min_loss_scale)
+        self.skipped_in_a_row = 0
+        # as Megatron-LM: only an applied update advances the LR schedule (warm-up and decay
+        # count updates); the step counter, data and rollouts move on either way
         self.scheduler.step(increment=1)
         metrics.update({"train/skipped": 0.0, "optim/grad_norm": float(grad_norm or 0.0),
                         "optim/lr": self.optimizer.param_groups[0]["lr"]})
+        if fp16:
+            metrics["optim/overflow_steps"] = float(self.overflow_steps)
+        return metrics
+
+    def _skip(self, metrics: dict, streak: bool) -> dict:
+        """A skipped optimizer step: counted in ``train/skipped``; ``streak`` steps in a row
+        (non-finite gradients) stop the run after optimizer.max_consecutive_skips."""
+        self.skipped_total += 1
+        metrics["train/skipped"] = 1.0
+        if not streak:
+            return metrics
+        self.skipped_in_a_row += 1
+        limit = self.cfg.optimizer.max_consecutive_skips
+        if self.skipped_in_a_row >= limit:
+            raise TrainingStopped(
+                f"step {self.step + 1}: {limit} optimizer steps in a row had non-finite "
+                f"gradients (optimizer.max_consecutive_skips={limit}); stopped, the last "
+                f"checkpoint is untouched. Fix: lower optimizer.lr, check the rewards and "
+                f"data, or resume from the last checkpoint with --resume")
         return metrics
 
     def _grads_finite(self) -> bool:
@@ -536,11 +603,13 @@ class Trainer:
 
     def save(self):
         state = {"rollout_calls": self.rollout_calls, "skipped_total": self.skipped_total,
+                 "overflow_steps": self.overflow_steps,
                  "sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "pending": pending_to_json(self.pending)}
         path = ckpt.save_checkpoint(self.ckpt_dir, self.step, self.model.module, self.optimizer,
                                     state, keep=self.cfg.checkpoint.keep)
         log0(f"saved checkpoint {path}")
+        return path
 
     def export_hf(self) -> str:
         """Write the policy as a HF checkpoint (streamed tensor by tensor through rank 0)."""
@@ -567,8 +636,11 @@ class Trainer:
                     raise
                 writer.close()
                 copy_side_files(self.model_dir, tmp)
-                with open(os.path.join(tmp, "config.json"), "w") as f:  # with the overrides
-                    json.dump(self.hf, f, indent=2)
+                # with the overrides, and the dtype of the weights written (the training dtype)
+                hf = {k: v for k, v in self.hf.items() if k != "torch_dtype"}
+                hf["dtype"] = self.cfg.model.dtype
+                with open(os.path.join(tmp, "config.json"), "w") as f:
+                    json.dump(hf, f, indent=2)
         dist.barrier()
         log0(f"exported the policy as a HF checkpoint: {out}")
         return out
@@ -607,11 +679,11 @@ class Trainer:
             if self.ahead is not None:
                 with timer("rollout_wait"):  # the next batch, before the servers' weights change
                     self.pending = self._finish_ahead()
-            with timer("sync"):
-                self.engine.sync_weights(self.model.module, version=str(self.step))
+            with timer("sync"):  # failed for good: the step is logged, saved, then we stop
+                sync_error = self.sync_or_error()
             record.update(lag)
-            if self.eval_splits and (self.step % cfg.eval.every == 0
-                                     or self.step == cfg.train.steps):
+            if sync_error is None and self.eval_splits and (self.step % cfg.eval.every == 0
+                                                            or self.step == cfg.train.steps):
                 with timer("eval"):
                     record.update(self.evaluate())
             record.update(rollout_metrics(groups, rewards, seqs))
@@ -624,8 +696,12 @@ class Trainer:
             record["perf/peak_mem_gb"] = peak_memory_gb(self.layout.cpu_group)
             metrics.log(self.step, record)
             bar.update(record)
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps:
-                self.save()
+            saved = None
+            if (sync_error is not None or self.step % cfg.checkpoint.every == 0
+                    or self.step == cfg.train.steps):
+                saved = self.save()
+            if sync_error is not None:
+                raise self.sync_stopped(sync_error, saved)
         bar.close()
         metrics.close()
         return self.export_hf() if cfg.checkpoint.export_hf else None
@@ -635,15 +711,30 @@ class Trainer:
             self.engine.shutdown()
 
 
+def resume_command(run_dir: str) -> str:
+    """The command that resumes this run: the run's own config.yaml (every override
+    included) with --resume, under torchrun as this process was launched."""
+    args = f"--config {os.path.join(run_dir, 'config.yaml')} --resume"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return f"srft-train {args}"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = world // max(local, 1)
+    launcher = (f"torchrun --standalone --nproc_per_node={local}" if nodes == 1 else
+                f"torchrun --nnodes={nodes} --nproc_per_node={local} (with this run's "
+                f"rendezvous options, on every node)")
+    return f"{launcher} -m srft_mcore.trainer {args}"
+
+
 def combine_updates(updates: list) -> dict:
     """The step's view of its mini-batch updates: means, maxima of ``*_max``, the skip count
-    and the last learning rate."""
+    and the last learning rate, loss scale and overflow count."""
     out = {}
     for key in sorted({k for u in updates for k in u}):
         vals = [u[key] for u in updates if key in u and not math.isnan(u[key])]
         if key == "train/skipped":
             out[key] = float(sum(vals))
-        elif key == "optim/lr":
+        elif key in ("optim/lr", "optim/loss_scale", "optim/overflow_steps"):
             out[key] = vals[-1] if vals else math.nan
         elif key.endswith("_max"):
             out[key] = max(vals, default=math.nan)
@@ -735,9 +826,11 @@ def _input_errors() -> tuple:
     from srft_mcore.models import UnsupportedArchitecture
     from srft_mcore.reward import RewardError
     from srft_mcore.rollout.server import ServerStartError
+    from srft_mcore.rollout.weight_sync import UnsupportedServer
 
     return (ConfigError, FileNotFoundError, DataError, TemplateError, RewardError, BridgeError,
-            CheckpointError, UnsupportedArchitecture, ServerStartError, TrainingStopped)
+            CheckpointError, UnsupportedArchitecture, ServerStartError, TrainingStopped,
+            UnsupportedServer)
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,8 @@
 """Bad input and injected faults, tried as a user would meet them: a model directory without a
-tokenizer, ``srft-doctor parity`` with a TP size that does not divide the heads, and
-non-finite gradients (skip the optimizer step, count it, stop after K in a row)."""
+tokenizer, ``srft-doctor parity`` with a TP size that does not divide the heads,
+non-finite gradients (skip the optimizer step, count it, stop after K in a row), a server
+that lacks a route of the weight sync (refused at start-up), and a sync that keeps failing
+(the step is saved, the printed --resume command continues against a working server)."""
 import json
 import os
 import shutil
@@ -182,3 +184,110 @@ def test_nonfinite_gradients_skip_the_step_and_stop_after_k_in_a_row(tmp_path):
         else:  # a skipped step changes no weight and no optimizer state
             assert changed == [], (s, changed[:5])
     assert all(torch.isfinite(t).all() for t in tensors[6].values())
+
+
+# ----------------------------------------------------------------------------- weight sync
+# A fake SGLang (tests/fake_http.py) stands in for the server, attached by URL, so that its
+# routes can be taken away or made to fail; the trainer, its model and checkpoints are real.
+SYNC_RUN = ["parallel.tp=1", "train.steps=2", "train.prompts_per_step=4", "rollout.n_samples=2",
+            "train.micro_batch_size=4", "data.max_response_len=32", "eval.every=0",
+            "checkpoint.every=10", "checkpoint.export_hf=false", "logging.tensorboard=false",
+            "logging.progress_bar=false"]
+
+
+def run_trainer(*args, timeout=600, command=None):
+    return subprocess.run(command or [sys.executable, "-m", "srft_mcore.trainer", *args],
+                          capture_output=True, text=True, timeout=timeout, env=clean_env())
+
+
+def posts(state):
+    return [p for p, _ in state["calls"]]
+
+
+@pytest.fixture
+def fakes():
+    from fake_http import start_fake
+
+    started = []
+
+    def start(state):
+        httpd, url = start_fake(state)
+        started.append(httpd)
+        return url
+
+    yield start
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.slow
+def test_a_server_without_the_sync_route_is_refused_before_step_1(tmp_path, fakes):
+    from fake_http import ROUTES, SESSION_ROUTES, fake_state
+
+    # SGLang 0.5.19's routes, less the one the distributed sync posts every bucket to
+    state = fake_state(routes=ROUTES - set(SESSION_ROUTES) - {"/update_weights_from_distributed"},
+                       sglang_version="0.5.19")
+    url = fakes(state)
+    run_dir = tmp_path / "run"
+    out = run_trainer("--config", CONFIG, *SYNC_RUN, f"logging.run_dir={run_dir}",
+                      "rollout.weight_sync=distributed", f'rollout.urls=["{url}"]')
+    assert out.returncode == 2, out.stderr[-4000:]
+    assert "Traceback" not in out.stderr, out.stderr[-4000:]
+    msg = out.stderr.strip().splitlines()[-1]  # one paragraph, the last thing said
+    assert msg.startswith("srft-train: rollout.weight_sync=distributed cannot update"), msg
+    assert f"{url} (SGLang 0.5.19) does not serve /update_weights_from_distributed" in msg
+    assert "Fix: run SGLang 0.5.19 or 0.5.23" in msg and "rollout.weight_sync=tensor or disk" in msg
+    # refused at start-up, before the model was built: no request posted, no step, no checkpoint
+    assert "model build" not in out.stdout + out.stderr
+    assert posts(state) == []
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_sync_that_fails_for_good_saves_the_step_and_resume_syncs_it_first(tmp_path, fakes):
+    from fake_http import ROUTES, SESSION_ROUTES, fake_state
+
+    plain = ROUTES - set(SESSION_ROUTES)  # SGLang 0.5.19: pause/flush/update/version/continue
+    broken = fake_state(routes=plain, fail={"/update_weights_from_disk"}, sglang_version="0.5.19")
+    bad_url = fakes(broken)
+    run_dir = tmp_path / "run"
+    out = run_trainer("--config", CONFIG, *SYNC_RUN, f"logging.run_dir={run_dir}",
+                      "rollout.weight_sync=disk", f'rollout.urls=["{bad_url}"]')
+    assert out.returncode == 2, out.stderr[-4000:]
+    assert "Traceback" not in out.stderr, out.stderr[-4000:]
+    msg = out.stderr.strip().splitlines()[-1]
+    assert msg.startswith("srft-train: step 1: the weight sync to SGLang"), msg
+    assert f"failed for good at {bad_url}/update_weights_from_disk" in msg
+    assert "(attempt 3 of 3)" in msg and "injected failure" in msg
+    ckpts = run_dir / "checkpoints"
+    assert f"The trained step is saved in {ckpts / 'step_000001'}" in msg
+    resume = f"srft-train --config {run_dir / 'config.yaml'} --resume"
+    assert f"resume with: {resume} " in msg
+    # step 1 was rolled out and trained, then its sync failed 3 times: saved and logged
+    calls = posts(broken)
+    assert calls.index("/generate") < calls.index("/update_weights_from_disk")
+    assert calls.count("/update_weights_from_disk") == 3
+    assert (ckpts / "latest").read_text().strip() == "step_000001"
+    with open(run_dir / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1]
+
+    # the printed command, against a working server: the saved weights go to it (version 1)
+    # before the first rollout, then step 2 trains and syncs
+    working = fake_state(routes=plain, sglang_version="0.5.19")
+    good_url = fakes(working)
+    srft_train = os.path.join(os.path.dirname(sys.executable), "srft-train")
+    if not os.path.exists(srft_train):
+        pytest.skip("srft-train is not installed next to this interpreter")
+    out = run_trainer(command=[srft_train, *resume.split()[1:], f'rollout.urls=["{good_url}"]'])
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed from" in out.stdout + out.stderr
+    calls = working["calls"]
+    first = [p for p, _ in calls].index("/generate")
+    assert [p for p, _ in calls[:first]] == [
+        "/pause_generation", "/flush_cache", "/update_weights_from_disk",
+        "/update_weight_version", "/continue_generation"]
+    assert [v for p, v in calls if p == "/update_weight_version"] == ["1", "2"]
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    with open(run_dir / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]

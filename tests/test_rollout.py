@@ -13,7 +13,8 @@ from http.server import ThreadingHTTPServer
 import pytest
 import torch
 
-from fake_http import JsonHandler
+from fake_http import (ALL_TAGS, ROUTES, SESSION_ROUTES, FakeSGLang, JsonHandler,
+                       fake_state, open_entry, start_fake)
 from srft_mcore.distributed import free_port
 from srft_mcore.rollout.client import GenerateError, SamplingParams, SGLangClient, parse_completion
 from srft_mcore.rollout import weight_sync as ws
@@ -102,102 +103,10 @@ def test_flattened_bucket_round_trips_through_sglang_reader():
 
 
 # --------------------------------------------------------------------------- colocated tensor mode
-ALL_TAGS = ["kv_cache", "weights", "cuda_graph"]
-
-
-class _FakeSGLang(JsonHandler):
-    """The endpoints the engine uses, with SGLang's rules that matter here: a memory tag is
-    resumed only after it was released, the first ``busy`` releases find the server not yet
-    idle, weights are only written inside a weight-update session and while their memory is
-    resident. Each ``/update_weights_from_tensor`` entry is opened as its TP rank would
-    open it and summarised per tensor (device and mean). State: ``self.server.state``."""
-
-    def do_GET(self):
-        st = self.server.state
-        self._reply(200, {"weight_version": st["version"]} if self.path == "/model_info"
-                    else {"calls": st["calls"], "updates": st["updates"]})
-
-    def do_POST(self):
-        st = self.server.state
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-        st["calls"].append([self.path, body.get("tags")])
-        try:
-            out = self._handle(st, body)
-        except AssertionError as e:
-            self._reply(400, {"success": False, "message": str(e)})
-            return
-        self._reply(200, out if out is not None else {"success": True})
-
-    def _handle(self, st, body):
-        path = self.path
-        if path == "/release_memory_occupation":
-            if st["busy"] > 0:
-                st["busy"] -= 1
-                raise AssertionError("release_memory_occupation should be called only when "
-                                     "server is idle.")
-            st["released"].update(body.get("tags") or ALL_TAGS)
-        elif path == "/resume_memory_occupation":
-            tags = set(body.get("tags") or ALL_TAGS)
-            assert tags <= st["released"], f"KeyError: {sorted(tags - st['released'])}"
-            st["released"] -= tags
-        elif path == "/begin_weight_update":
-            assert not st["session"], "a weight-update session is already open"
-            st["session"] = True
-        elif path == "/end_weight_update":
-            st["session"] = False
-        elif path == "/update_weight_version":
-            st["version"] = body["new_version"]
-        elif path == "/update_weights_from_tensor":
-            assert st["session"], "update_weights_from_tensor must run between begin/end"
-            assert "weights" not in st["released"], "the weights' memory is released"
-            if st.get("probe"):
-                st["probe"]()
-            st["updates"].append([_open_entry(e, st["cuda"])
-                                  for e in body["serialized_named_tensors"]])
-        elif path == "/generate":
-            assert not st["released"], f"generate with {sorted(st['released'])} released"
-            return {"text": "ok", "output_ids": [7],
-                    "meta_info": {"output_token_logprobs": [[-0.5, 7, None]],
-                                  "finish_reason": {"type": "length", "length": 1},
-                                  "prompt_tokens": 1, "weight_version": st["version"]}}
-        return None
-
-
-def _open_entry(entry: str, cuda: bool = False) -> dict:
-    """What one SGLang TP rank does with its entry: deserialize, rebuild the tensors, copy.
-    ``cuda``: read CUDA handles as SGLang does (by GPU UUID); the patch this needs breaks
-    pickling CPU tensors in the same process, so the in-process fake leaves it out."""
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-
-    if cuda:
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-
-        monkey_patch_torch_reductions()
-    data = MultiprocessingSerializer.deserialize(entry)
-    flat = data["flattened_tensor"]
-    bucket = FlattenedTensorBucket(flattened_tensor=flat, metadata=data["metadata"])
-    tensors = {n: t.clone() for n, t in bucket.reconstruct_tensors()}
-    return {"device": str(flat.device),
-            "tensors": {n: float(t.float().mean()) for n, t in tensors.items()}}
-
-
-def _fake_state(busy: int = 0, cuda: bool = False) -> dict:
-    return {"calls": [], "updates": [], "released": set(), "session": False,
-            "version": None, "busy": busy, "cuda": cuda}
-
-
-def _start_fake(state: dict):
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSGLang)
-    httpd.state = state
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
-
-
 def _serve_fake_process(port_queue) -> None:
     """A fake SGLang in its own process, as the real one is: handles are opened there."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakeSGLang)
-    httpd.state = _fake_state(cuda=True)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
+    httpd.state = fake_state(cuda=True)
     port_queue.put(httpd.server_address[1])
     httpd.serve_forever()
 
@@ -252,7 +161,7 @@ def test_payload_has_one_entry_per_server_tp_rank_from_its_own_rank(shm_sharing)
     assert [len(p) for p in payloads] == [2, 2]
     for s, entries in enumerate(payloads):
         for r, entry in enumerate(entries):
-            opened = _open_entry(entry)
+            opened = open_entry(entry)
             assert opened["tensors"] == {"a.weight": plan[s][r] + 1.0,
                                          "b.bias": plan[s][r] + 1.0}, (s, r)
     with pytest.raises(ws.WeightSyncError, match=r"server 1: trainer ranks \[3\]"):
@@ -289,10 +198,10 @@ def test_buffers_live_until_the_server_answers_then_are_freed(shm_sharing, monke
         return out
 
     monkeypatch.setattr(ws, "flatten_bucket", recording)
-    state = _fake_state()
+    state = fake_state()
     alive_during_post = []
     state["probe"] = lambda: alive_during_post.append(refs[-1]() is not None)
-    httpd, url = _start_fake(state)
+    httpd, url = start_fake(state)
     try:
         src = ws.SourceInfo(rank=0, pp_rank=0, exports=True, sends=True)
         stats = ws.sync_weights(ws.TensorTransport(server_tp=2), [url], src, "v1",
@@ -320,8 +229,8 @@ def _fake_engine(url: str, tmp_path, mode: str = "tensor"):
 def test_memory_is_released_for_training_and_resumed_around_the_sync(shm_sharing, tmp_path):
     from srft_mcore.rollout.engine import RolloutError
 
-    state = _fake_state(busy=2)  # the first two releases find a batch still finishing
-    httpd, url = _start_fake(state)
+    state = fake_state(busy=2)  # the first two releases find a batch still finishing
+    httpd, url = start_fake(state)
     try:
         eng = _fake_engine(url, tmp_path)
         eng.sync_tensors(lambda: _stream(3), version="1")
@@ -357,8 +266,8 @@ def test_memory_is_released_for_training_and_resumed_around_the_sync(shm_sharing
 
 
 def test_memory_stays_put_when_servers_have_their_own_gpus(tmp_path):
-    state = _fake_state()
-    httpd, url = _start_fake(state)
+    state = fake_state()
+    httpd, url = start_fake(state)
     try:
         eng = _fake_engine(url, tmp_path, mode="disk")
         eng.before_train()
@@ -367,6 +276,111 @@ def test_memory_stays_put_when_servers_have_their_own_gpus(tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert state["calls"] == [] and eng.released == {}
+
+
+# --------------------------------------------------------------------------- sync protocol
+SESSION_STEP = ["/pause_generation", "/flush_cache", "/begin_weight_update", "UPDATE",
+                "/end_weight_update", "/update_weight_version", "/flush_cache",
+                "/continue_generation"]
+PLAIN_STEP = ["/pause_generation", "/flush_cache", "UPDATE", "/update_weight_version",
+              "/continue_generation"]  # SGLang 0.5.19: no session routes
+UPDATE_ROUTE = {"disk": "/update_weights_from_disk", "tensor": "/update_weights_from_tensor"}
+
+
+def _sync_steps(calls: list, update: str) -> list:
+    """The POSTs of each sync in a run (the calls between two /generate), with a run of
+    update requests (one per bucket) shown as one UPDATE."""
+    steps, current = [], []
+    for path, _ in calls:
+        if path == "/generate":
+            steps.append(current)
+            current = []
+        elif path == update:
+            if not current or current[-1] != "UPDATE":
+                current.append("UPDATE")
+        else:
+            current.append(path)
+    return steps + [current]
+
+
+@pytest.mark.parametrize("mode", ["disk", "tensor"])
+@pytest.mark.parametrize("server", ["0.5.23", "0.5.19", "0.5.19-no-openapi"])
+def test_each_step_syncs_with_the_protocol_the_server_has(shm_sharing, tmp_path, mode, server):
+    """A server with the session routes gets begin/end around the update; one without
+    (SGLang 0.5.19) gets pause -> flush -> update -> version -> continue, every step; with
+    /openapi.json disabled the routes are probed (OPTIONS) and the choice is the same."""
+    routes = ROUTES if server == "0.5.23" else ROUTES - set(SESSION_ROUTES)
+    state = fake_state(routes=routes, openapi=server != "0.5.19-no-openapi",
+                       sglang_version=server.split("-")[0])
+    httpd, url = start_fake(state)
+    try:
+        eng = _fake_engine(url, tmp_path, mode=mode)
+        versions = []
+        for step in range(1, 4):  # rollout -> (train) -> sync, as the trainer's loop does
+            versions.append(eng.generate([[1, 2]], n=2)[0][0].weight_version)
+            eng.sync_tensors(lambda: _stream(3, value=float(step)), version=str(step))
+        versions.append(eng.generate([[1, 2]], n=1)[0][0].weight_version)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    r = eng.routes[url]
+    assert r.version == server.split("-")[0] and r.probed == (server == "0.5.19-no-openapi")
+    assert r.session == (server == "0.5.23") and eng.sessions == ([url] if r.session else [])
+    steps = _sync_steps(state["calls"], UPDATE_ROUTE[mode])
+    assert steps[0] == [] and steps[-1] == [] and len(steps) == 5  # nothing before or after
+    want = SESSION_STEP if server == "0.5.23" else PLAIN_STEP
+    assert steps[1:4] == [want] * 3
+    assert [v for p, v in state["calls"] if p == "/update_weight_version"] == ["1", "2", "3"]
+    assert versions == [None, "1", "2", "3"]  # each rollout saw the weights synced before it
+    assert len(state["updates"]) >= 3
+
+
+@pytest.mark.parametrize("openapi", [True, False], ids=["openapi", "probed"])
+def test_a_server_without_the_modes_update_route_is_refused_before_any_sync(tmp_path, openapi):
+    from srft_mcore.rollout.weight_sync import UnsupportedServer
+
+    state = fake_state(routes=ROUTES - set(SESSION_ROUTES) - {"/update_weights_from_distributed"},
+                       openapi=openapi, sglang_version="0.5.19")
+    httpd, url = start_fake(state)
+    try:
+        with pytest.raises(UnsupportedServer) as err:
+            _fake_engine(url, tmp_path, mode="distributed")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    msg = str(err.value)
+    assert "\n" not in msg  # one paragraph
+    assert f"{url} (SGLang 0.5.19) does not serve /update_weights_from_distributed" in msg
+    assert "rollout.weight_sync=distributed cannot update" in msg
+    assert "it would take rollout.weight_sync=tensor or disk" in msg  # the other fixes
+    assert "Fix: run SGLang 0.5.19 or 0.5.23" in msg
+    assert ("probed with OPTIONS" in msg) == (not openapi)
+    assert state["calls"] == []  # refused before anything was posted
+
+
+def test_a_sync_that_keeps_failing_is_retried_then_names_server_and_route(tmp_path):
+    from srft_mcore.rollout.engine import RolloutError
+    from srft_mcore.rollout.weight_sync import WeightSyncError
+
+    state = fake_state(routes=ROUTES - set(SESSION_ROUTES), fail={"/update_weights_from_disk"})
+    httpd, url = start_fake(state)
+    try:
+        eng = _fake_engine(url, tmp_path, mode="disk")
+        eng.sync_retry_wait_s = 0.0
+        with pytest.raises(WeightSyncError) as err:
+            eng.sync_tensors(lambda: _stream(2), version="1")
+        with pytest.raises(RolloutError, match="call sync_weights again"):
+            eng.generate([[1, 2]], n=1)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert err.value.where == [(url, "/update_weights_from_disk")]
+    assert "(attempt 3 of 3)" in str(err.value) and "injected failure" in str(err.value)
+    paths = [p for p, _ in state["calls"]]
+    assert paths.count("/update_weights_from_disk") == 3
+    # each failed attempt left the server generating again, with its old version
+    assert paths.count("/continue_generation") == 3 and not state["paused"]
+    assert state["version"] is None
 
 
 def _colocated_job(url: str, device: str, phases: tuple) -> dict:
@@ -488,13 +502,11 @@ def test_each_server_tp_rank_gets_a_cuda_ipc_handle_on_its_own_gpu(fake_sglang_p
 def test_bad_model_path_fails_fast_with_log_tail(tmp_path):
     from srft_mcore.rollout.server import SGLangServer, ServerStartError
 
-    t0 = time.time()
     with pytest.raises(ServerStartError) as err:
         SGLangServer.launch(str(tmp_path / "no-such-model"), startup_timeout_s=120,
                             log_path=str(tmp_path / "server.log"))
-    elapsed = time.time() - t0
     msg = str(err.value)
-    assert elapsed < 120, elapsed
+    # it exited (not the 120 s health timeout), whatever the machine's speed
     assert "exited with code" in msg and "no-such-model" in msg
     tail = msg.split("(tail):\n", 1)[1]
     assert tail.strip() and tail.strip() != "(no log)"
@@ -510,10 +522,8 @@ def test_startup_timeout_stops_the_server_and_shows_log(tmp_path):
     server = SGLangServer(model_dir, startup_timeout_s=4, log_path=str(tmp_path / "s.log"))
     server.start()
     pid = server.pid
-    t0 = time.time()
     with pytest.raises(ServerStartError) as err:
         server.wait_healthy()
-    assert time.time() - t0 < 4 + 25  # timeout plus the group's SIGTERM/SIGKILL
     assert "not healthy within 4s" in str(err.value) and str(tmp_path / "s.log") in str(err.value)
     assert server.pid is None
     with pytest.raises(ProcessLookupError):

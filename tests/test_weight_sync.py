@@ -104,6 +104,16 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
         if engine is None:
             engine = RolloutEngine.launch(cfg, model_path=model_dir, layout=layout, hf_config=hf,
                                           work_dir=work_dir)
+            if layout.rank == 0:  # what the engine read of the server's routes at start-up
+                from srft_mcore.rollout.weight_sync import routes_of_interest, probe_routes
+
+                url = engine.urls[0]
+                r = engine.routes[url]
+                out["routes"] = dict(
+                    session=r.session, sessions=engine.sessions, url=url, version=r.version,
+                    probed=r.probed, missing={m: r.missing(m) for m in MODES},
+                    listed=sorted(p for p in routes_of_interest() if p in r.paths),
+                    by_options=sorted(probe_routes(url, routes_of_interest())))
             # client features on the fresh server: n samples, stop strings, finish reasons
             if layout.rank == 0:
                 groups = engine.client.generate(
@@ -143,7 +153,8 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
     model, _ = last
     layout = init_distributed(tp=LAYOUTS[-1][0], pp=LAYOUTS[-1][1], backend="gloo")
     eng = RolloutEngine(engine.servers, mode="distributed", layout=layout, hf_config=hf,
-                        bucket_mb=1, work_dir=work_dir, request_timeout_s=60, retries=1)
+                        bucket_mb=1, work_dir=work_dir, request_timeout_s=60, retries=1,
+                        sync_retries=0)  # the bad sync below fails at once
     # ---- a sync the server rejects (a tensor of the wrong shape) fails on every rank, blocks
     # rollouts, and the retry with the right tensors works
     from srft_mcore.rollout.engine import RolloutError
@@ -245,6 +256,19 @@ def test_client_samples_n_with_logprobs(job):
         for n_tok, n_lp, reason, text in g:
             assert 1 <= n_tok <= 6 and n_lp == n_tok
             assert reason in ("length", "stop")
+
+
+def test_real_server_has_the_session_routes_and_gets_the_session_protocol(job):
+    import sglang
+
+    from srft_mcore.rollout.weight_sync import routes_of_interest
+
+    r = job["routes"]
+    assert r["version"] == sglang.__version__ and not r["probed"]  # read from /openapi.json
+    assert r["session"] and r["sessions"] == [r["url"]]
+    assert r["missing"] == {m: [] for m in MODES}  # every mode is possible
+    # the fallback for servers without /openapi.json (OPTIONS per route) agrees on a real one
+    assert r["by_options"] == r["listed"] == sorted(set(routes_of_interest()))
 
 
 @pytest.mark.parametrize("tp,pp", LAYOUTS, ids=["tp2", "pp2"])

@@ -28,6 +28,12 @@ a server, so recovery then checks all of them (and restarts a launched router th
 Servers on other nodes dial the trainer for the distributed weight sync: at the address
 :func:`resolve_sync_address` gives (``rollout.sync_address`` / ``SRFT_SYNC_ADDR``).
 
+At construction rank 0 reads the routes every server serves (:func:`check_servers`): a
+server that cannot take the sync mode is refused there (:class:`UnsupportedServer`), before
+any training step, and each server gets the protocol it supports (the begin/end weight-update
+session where it has one). A sync that fails is retried ``sync_retries`` times (restarting
+dead servers in between) before :class:`WeightSyncError` reaches the caller.
+
 Colocated (``rollout.weight_sync=tensor``: servers on the trainer's GPUs) the trainer
 brackets each training step: ``engine.before_train()`` makes every server free its weights,
 KV cache and CUDA graphs; the next ``engine.sync_weights(...)`` brings the weights' memory
@@ -47,13 +53,15 @@ from urllib.parse import urlparse
 import requests
 import torch
 
+from srft_mcore.config import sglang_mem_fraction
 from srft_mcore.distributed import broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
 from srft_mcore.rollout.router import SGLangRouter, router_for
 from srft_mcore.rollout.server import SGLangServer, cuda_available
-from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, SourceInfo, SyncStats, _world,
-                                            export_stream, make_transport,
-                                            source_info, sync_weights)
+from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, ServerRoutes, SourceInfo,
+                                            SyncStats, UnsupportedServer, WeightSyncError,
+                                            _world, check_servers, export_stream,
+                                            make_transport, source_info, sync_weights)
 
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
@@ -82,7 +90,8 @@ class RolloutEngine:
                  work_dir: Optional[str] = None, request_timeout_s: float = 600.0,
                  max_concurrency: int = 64, retries: int = 2, max_recoveries: int = 2,
                  health_timeout_s: float = 60.0, server_tp: int = 1, group=None,
-                 router: Optional[SGLangRouter] = None, sync_address: Optional[str] = None):
+                 router: Optional[SGLangRouter] = None, sync_address: Optional[str] = None,
+                 sync_retries: int = 2, sync_retry_wait_s: float = 2.0):
         self.servers = list(servers)
         self.router = router
         """Where /generate goes instead of the servers (rank 0's object owns a launched one)."""
@@ -106,6 +115,10 @@ class RolloutEngine:
         self.transport = make_transport(self.mode, self.work_dir, server_tp=server_tp,
                                         master_address=self.sync_address or "127.0.0.1",
                                         placement=self.urls)
+        self.sync_retries = sync_retries
+        self.sync_retry_wait_s = sync_retry_wait_s
+        self.routes: dict[str, ServerRoutes] = self._check_routes()
+        """Each server's routes, read once here (a restarted server runs the same SGLang)."""
         self.version: Optional[str] = None
         self.last_sync: Optional[SyncStats] = None
         self._tensors: Optional[Callable[[], NamedTensors]] = None
@@ -147,11 +160,17 @@ class RolloutEngine:
         if rank != 0:
             servers = [SGLangServer.attach(u) for u in urls]
             router = SGLangRouter.attach(router_url) if router_url else None
-        return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
-                   bucket_mb=cfg.bucket_mb, work_dir=work_dir,
-                   request_timeout_s=cfg.request_timeout_s, max_concurrency=cfg.max_concurrency,
-                   server_tp=cfg.server_tp, group=group, router=router,
-                   sync_address=cfg.sync_address, **kwargs)
+        try:
+            return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
+                       bucket_mb=cfg.bucket_mb, work_dir=work_dir,
+                       request_timeout_s=cfg.request_timeout_s,
+                       max_concurrency=cfg.max_concurrency, server_tp=cfg.server_tp,
+                       group=group, router=router, sync_address=cfg.sync_address, **kwargs)
+        except BaseException:  # e.g. UnsupportedServer: stop what was launched for nothing
+            for proc in ([router] if router is not None else []) + servers:
+                if proc.owned:
+                    proc.stop()
+            raise
 
     @property
     def urls(self) -> list[str]:
@@ -170,6 +189,21 @@ class RolloutEngine:
     def released(self) -> dict[str, list[str]]:
         """The memory tags each server has released (empty when all is resident)."""
         return {u: sorted(t) for u, t in self._released.items() if t}
+
+    def _check_routes(self) -> dict[str, ServerRoutes]:
+        routes = check_routes(self.urls, self.mode, self.group)
+        if self.rank == 0:
+            for r in routes.values():
+                print(f"[srft] weight sync to {r.describe()}: {self.mode}, "
+                      + ("begin/end weight-update session" if r.session else
+                         "pause -> flush -> update -> version -> continue (no session routes)"),
+                      flush=True)
+        return routes
+
+    @property
+    def sessions(self) -> list[str]:
+        """The servers that get the begin/end weight-update session."""
+        return [u for u in self.urls if u in self.routes and self.routes[u].session]
 
     def _source(self) -> SourceInfo:
         if self.layout is not None:
@@ -194,12 +228,24 @@ class RolloutEngine:
         """Like :meth:`sync_weights` for any stream of ``(hf_name, tensor)`` per rank."""
         version = version if version is not None else str(self._syncs + 1)
         self._tensors = tensors
-        self._restart_dead()
-        # after before_train(): the weights' memory first, so the update has somewhere to
-        # go, and the KV cache only once the buckets are freed (peak = weights + 1 bucket)
-        self._resume(["weights"])
-        self._sync_failed = True  # until this sync succeeds, no rollout may use the servers
-        stats = self._sync(self.urls, version)
+        attempts = self.sync_retries + 1
+        for attempt in range(1, attempts + 1):
+            self._restart_dead()
+            # after before_train(): the weights' memory first, so the update has somewhere to
+            # go, and the KV cache only once the buckets are freed (peak = weights + 1 bucket)
+            self._resume(["weights"])
+            self._sync_failed = True  # until a sync succeeds, no rollout may use the servers
+            try:
+                stats = self._sync(self.urls, version)
+                break
+            except WeightSyncError as e:  # agreed on every rank: all retry or all raise
+                if attempt == attempts:
+                    raise WeightSyncError(f"{e} (attempt {attempt} of {attempts})",
+                                          e.where) from e
+                if self.rank == 0:
+                    print(f"[srft] weight sync attempt {attempt} of {attempts} failed, "
+                          f"retrying in {self.sync_retry_wait_s:g} s: {e}", flush=True)
+                time.sleep(self.sync_retry_wait_s)
         self._sync_failed = False
         self._weights_dropped = False
         self.version = version
@@ -232,7 +278,7 @@ class RolloutEngine:
     def _sync(self, urls: Sequence[str], version: str) -> SyncStats:
         src = self._source()
         stats = sync_weights(self.transport, urls, src, version, self._tensors,
-                             self.bucket_bytes, group=self.group)
+                             self.bucket_bytes, group=self.group, sessions=self.sessions)
         self._syncs += 1
         self.last_sync = stats
         return stats
@@ -418,6 +464,33 @@ class RolloutEngine:
         self.shutdown()
 
 
+def check_routes(urls: Sequence[str], mode: str, group=None) -> dict[str, ServerRoutes]:
+    """Collective: rank 0 reads the routes of every server in ``urls``
+    (:func:`~srft_mcore.rollout.weight_sync.check_servers`); every rank gets them, or every
+    rank raises :class:`UnsupportedServer` alike when one cannot take ``mode``'s sync."""
+    found, error = {}, None
+    if _world(group)[0] == 0:
+        try:
+            found = check_servers(urls, resolve_mode(mode))
+        except UnsupportedServer as e:
+            error = str(e)
+        except Exception as e:  # noqa: BLE001 - every rank raises below
+            error = f"reading the routes of the SGLang servers {list(urls)} failed: " \
+                    f"{type(e).__name__}: {e}"
+    found, error = broadcast_object((found, error), group)
+    if error is not None:
+        raise UnsupportedServer(error)
+    return found
+
+
+def check_attached_servers(cfg, group=None) -> None:
+    """Collective, for the trainer's start-up before any heavy work: refuse servers given by
+    URL (``rollout.urls``, a ``RolloutConfig``) that cannot take the sync mode. Servers
+    launched here are checked once they are up, by the engine."""
+    if cfg.urls:
+        check_routes([u.rstrip("/") for u in cfg.urls], cfg.weight_sync, group)
+
+
 def _is_loopback(host: Optional[str]) -> bool:
     """``host`` names this machine's loopback interface (a literal address or localhost)."""
     if not host or host == "localhost":
@@ -508,7 +581,9 @@ def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = Non
                             extra_args=[*server_args, *colocated_gpu_args(cfg, i)],
                             env=server_gpu_env(i, cfg.server_tp, cfg.num_servers),
                             log_path=os.path.join(log_dir, f"sglang-{i}.log"),
-                            startup_timeout_s=cfg.startup_timeout_s)
+                            startup_timeout_s=cfg.startup_timeout_s,
+                            mem_fraction=sglang_mem_fraction(
+                                cfg.mem_fraction, resolve_mode(cfg.weight_sync) == "tensor"))
                for i in range(cfg.num_servers)]
     try:
         for s in servers:

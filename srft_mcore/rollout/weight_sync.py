@@ -1,6 +1,6 @@
 """Weight sync: the sharded Megatron policy -> SGLang servers, after every optimizer step.
 
-One protocol, three transports (``mode``):
+One collective, three transports (``mode``):
 
 * ``distributed``: a weight-update process group per (PP stage, server), created once
   (NCCL on GPU, gloo on CPU) between the stage's source rank and the server's ranks; each
@@ -14,15 +14,21 @@ One protocol, three transports (``mode``):
 
 :func:`sync_weights` is collective over the trainer's ranks (every rank calls it):
 
-1. rank 0: on each server pause generation, flush the KV cache, ``/begin_weight_update``;
+1. rank 0: on each server pause generation, flush the KV cache and, where the server has
+   the session routes, ``/begin_weight_update``;
 2. the transport moves the buckets (:meth:`Transport.transfer`). ``distributed`` and
    ``disk``: every rank with ``dp_rank == 0`` iterates the bridge export of its PP stage
    (TP shards are all-gathered), cut into buckets of ``bucket_bytes``; the stage's
    ``tp_rank == 0`` rank is the source and sends them; a source whose sending fails keeps
    iterating (its TP peers are in the same all-gathers) and reports the error. ``tensor``:
    every rank gets every bucket on its own device and rank 0 posts the handles;
-3. rank 0: ``/end_weight_update``, tag the weight version, flush, continue generation and
-   read the version back from ``/model_info``.
+3. rank 0: ``/end_weight_update`` (session servers), tag the weight version, flush (session
+   servers), continue generation and read the version back from ``/model_info``.
+
+Which of the two HTTP protocols a server gets depends on the routes it serves, read once at
+start-up by :func:`check_servers` (see "routes" below): SGLang 0.5.23 loads tensor and
+distributed updates only inside a begin/end session, SGLang 0.5.19 has no session routes
+and takes pause -> flush -> update -> version -> continue.
 
 Outcomes are agreed on all ranks after steps 1 and 2, so either every rank returns
 :class:`SyncStats` or every rank raises :class:`WeightSyncError`; the model is only read,
@@ -36,7 +42,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Optional, Sequence
 
 import requests
 import torch
@@ -47,7 +53,19 @@ NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
 class WeightSyncError(RuntimeError):
-    """A sync failed on some rank or server; the trainer may call sync again."""
+    """A sync failed on some rank or server; the trainer may call sync again.
+
+    ``where``: the (server URL, route) pairs that failed, when known (for the message the
+    trainer stops with after the last retry)."""
+
+    def __init__(self, message: str, where: Sequence[tuple[str, str]] = ()):
+        super().__init__(message)
+        self.where = list(where)
+
+
+class UnsupportedServer(RuntimeError):
+    """A server lacks a route the chosen sync mode needs; found at start-up, before any
+    training step. The message is one paragraph: server, version, missing routes, fix."""
 
 
 @dataclass
@@ -99,14 +117,18 @@ def _world(group=None) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------- HTTP helpers
 def _post(url: str, path: str, payload: Optional[dict] = None, timeout_s: float = 600.0) -> dict:
-    r = requests.post(url + path, json=payload or {}, timeout=timeout_s)
+    try:
+        r = requests.post(url + path, json=payload or {}, timeout=timeout_s)
+    except requests.RequestException as e:
+        raise WeightSyncError(f"{url}{path}: {type(e).__name__}: {e}", [(url, path)]) from e
     try:
         body = r.json()
     except ValueError:
         body = {"message": r.text[:500]}
     if r.status_code != 200 or (isinstance(body, dict) and body.get("success") is False):
         raise WeightSyncError(f"{url}{path}: HTTP {r.status_code}: "
-                              f"{body.get('message', body) if isinstance(body, dict) else body}")
+                              f"{body.get('message', body) if isinstance(body, dict) else body}",
+                              [(url, path)])
     return body if isinstance(body, dict) else {"body": body}
 
 
@@ -120,10 +142,137 @@ def server_weight_version(url: str) -> Optional[str]:
     return _get(url, "/model_info").get("weight_version")
 
 
-def begin_update(url: str) -> None:
-    """Pause generation, flush the cache, open a weight-update session."""
+# ---------------------------------------------------------------------- routes
+# SGLang's HTTP API differs between releases, and a route that is missing only shows when it
+# is first called: after the first training step. So the engine reads each server's routes
+# once at start-up and either picks the protocol the server supports or refuses it then.
+SESSION_ROUTES = ("/begin_weight_update", "/end_weight_update")
+"""The weight-update session. Where a server has it (0.5.23), it loads tensor and distributed
+updates only inside an open session; where not (0.5.19), updates go between pause and
+continue."""
+COMMON_ROUTES = ("/generate", "/model_info", "/pause_generation", "/flush_cache",
+                 "/update_weight_version", "/continue_generation")
+"""What every sync mode (and the rollouts and version checks) use on every server."""
+MODE_ROUTES = {
+    "distributed": ("/init_weights_update_group", "/update_weights_from_distributed"),
+    # colocated: the engine also releases and resumes the server's memory around training
+    "tensor": ("/update_weights_from_tensor", "/release_memory_occupation",
+               "/resume_memory_occupation"),
+    "disk": ("/update_weights_from_disk",),
+}
+KNOWN_GOOD = "SGLang 0.5.19 or 0.5.23"
+"""Releases whose HTTP servers have every route of every mode (read from their wheels)."""
+
+
+@dataclass(frozen=True)
+class ServerRoutes:
+    """The routes one server serves, as far as the sync and the rollouts care."""
+
+    url: str
+    paths: frozenset
+    version: Optional[str] = None
+    """SGLang's version from /server_info (None if the server does not say)."""
+    probed: bool = False
+    """True: /openapi.json was unavailable and the routes were probed one by one."""
+
+    @property
+    def session(self) -> bool:
+        """Use the begin/end session: only where both of its routes exist."""
+        return all(p in self.paths for p in SESSION_ROUTES)
+
+    def missing(self, mode: str) -> list[str]:
+        return [p for p in (*COMMON_ROUTES, *MODE_ROUTES[mode]) if p not in self.paths]
+
+    def describe(self) -> str:
+        return f"{self.url} (SGLang {self.version or 'of unknown version'})"
+
+
+def routes_of_interest() -> list[str]:
+    """Every route the sync, in any mode, and the rollouts may use."""
+    return [*SESSION_ROUTES, *COMMON_ROUTES, *(p for ps in MODE_ROUTES.values() for p in ps)]
+
+
+def server_routes(url: str, timeout_s: float = 30.0) -> ServerRoutes:
+    """Read the routes ``url`` serves: the ``paths`` of FastAPI's ``/openapi.json`` (SGLang's
+    HTTP server is a FastAPI app in every release).
+
+    Fallback, when /openapi.json is unavailable (SGLang's ``DISABLE_OPENAPI_DOC=1``, or a
+    proxy in front): an ``OPTIONS`` request per route. Starlette answers 405 for a route that
+    exists (none of them allows OPTIONS) and 404 for one that does not, and runs no handler,
+    so the probe changes nothing on the server; SGLang's CORS middleware only answers
+    OPTIONS itself for browser preflights (with an Origin header), which these are not.
+    Network errors propagate (the server does not answer at all)."""
+    url = url.rstrip("/")
+    version = _server_version(url, timeout_s)
+    paths = None
+    r = requests.get(url + "/openapi.json", timeout=timeout_s)
+    if r.status_code == 200:
+        try:
+            paths = r.json().get("paths")
+        except (ValueError, AttributeError):
+            paths = None
+    if isinstance(paths, dict):
+        return ServerRoutes(url, frozenset(paths), version)
+    return ServerRoutes(url, probe_routes(url, routes_of_interest(), timeout_s), version, probed=True)
+
+
+def probe_routes(url: str, paths: Sequence[str], timeout_s: float = 30.0) -> frozenset:
+    """Those of ``paths`` that ``url`` serves, by OPTIONS: anything but 404 counts as served
+    (405 from Starlette; a server that answers OPTIONS with something else is given the
+    benefit of the doubt, as a missing route then still shows at the first sync)."""
+    return frozenset(p for p in paths
+                     if requests.options(url + p, timeout=timeout_s).status_code != 404)
+
+
+def _server_version(url: str, timeout_s: float) -> Optional[str]:
+    """SGLang's ``version`` from /server_info (older: /get_server_info); None if neither."""
+    for path in ("/server_info", "/get_server_info"):
+        try:
+            r = requests.get(url + path, timeout=timeout_s)
+            if r.status_code == 200:
+                version = r.json().get("version")
+                if version:
+                    return str(version)
+        except (requests.RequestException, ValueError, AttributeError):
+            pass
+    return None
+
+
+def check_servers(urls: Sequence[str], mode: str,
+                  timeout_s: float = 30.0) -> dict[str, ServerRoutes]:
+    """The routes of every server in ``urls``; raises :class:`UnsupportedServer` (one
+    paragraph for all of them) if one cannot take ``mode``'s sync or does not answer."""
+    found: dict[str, ServerRoutes] = {}
+    problems = []
+    for url in urls:
+        try:
+            found[url] = server_routes(url, timeout_s)
+        except requests.RequestException as e:
+            problems.append(f"{url} does not answer ({type(e).__name__}: {e})")
+            continue
+        routes = found[url]
+        missing = routes.missing(mode)
+        if missing:
+            others = [m for m in MODES if m != mode and not routes.missing(m)]
+            how = " (probed with OPTIONS: it serves no /openapi.json)" if routes.probed else ""
+            problems.append(
+                f"{routes.describe()} does not serve {', '.join(missing)}{how}" +
+                (f"; it would take rollout.weight_sync={' or '.join(others)}" if others else ""))
+    if problems:
+        raise UnsupportedServer(
+            f"rollout.weight_sync={mode} cannot update the SGLang servers: "
+            f"{'; '.join(problems)}. Nothing was trained. Fix: run {KNOWN_GOOD} "
+            f"(requirements/gpu.txt names the image), or choose a sync mode every server "
+            f"supports, or list other servers in rollout.urls")
+    return found
+
+
+def begin_update(url: str, session: bool = True) -> None:
+    """Pause generation, flush the cache; open a weight-update session (``session``)."""
     _post(url, "/pause_generation", {"mode": "abort"})
     _post(url, "/flush_cache")
+    if not session:
+        return
     try:
         _post(url, "/begin_weight_update")
     except WeightSyncError as e:
@@ -134,20 +283,24 @@ def begin_update(url: str) -> None:
         _post(url, "/begin_weight_update")
 
 
-def end_update(url: str, version: str) -> None:
-    """Close the session, tag the version, flush, resume generation, verify the version."""
-    _post(url, "/end_weight_update")
+def end_update(url: str, version: str, session: bool = True) -> None:
+    """Close the session (``session``), tag the version, flush (``session``), resume
+    generation, verify the version."""
+    if session:
+        _post(url, "/end_weight_update")
     _post(url, "/update_weight_version", {"new_version": version, "abort_all_requests": False})
-    _post(url, "/flush_cache")
+    if session:
+        _post(url, "/flush_cache")
     _post(url, "/continue_generation")
     got = server_weight_version(url)
     if got != version:
-        raise WeightSyncError(f"{url} reports weight version {got!r} after syncing {version!r}")
+        raise WeightSyncError(f"{url} reports weight version {got!r} after syncing {version!r}",
+                              [(url, "/update_weight_version")])
 
 
-def abandon_update(url: str) -> None:
+def abandon_update(url: str, session: bool = True) -> None:
     """Best effort after a failure: leave the server closed and generating."""
-    for path in ("/end_weight_update", "/continue_generation"):
+    for path in (("/end_weight_update",) if session else ()) + ("/continue_generation",):
         try:
             _post(url, path, timeout_s=30.0)
         except Exception:  # noqa: BLE001 - the server may be gone
@@ -192,7 +345,8 @@ class Transport:
 
     def transfer(self, urls: Sequence[str], src: SourceInfo, tensors: Callable[[], NamedTensors],
                  bucket_bytes: int, version: str, group=None) -> tuple[int, int, Optional[str]]:
-        """Step 2 on this rank; returns (bytes sent, buckets sent, error or None).
+        """Step 2 on this rank; returns (bytes sent, buckets sent, error or None); an error
+        is ``(text, [(server, route), ...])`` (see :func:`_error`).
 
         Here: ranks with ``src.exports`` iterate their stage's buckets and the stage's source
         (``src.sends``) sends each one with :meth:`send`."""
@@ -208,7 +362,7 @@ class Transport:
                 try:
                     sent += self.send(urls, bucket, version)
                 except Exception as e:  # noqa: BLE001 - keep iterating: TP peers gather
-                    error = f"rank {src.rank} (pp stage {src.pp_rank}): send: {e}"
+                    error = _error(f"rank {src.rank} (pp stage {src.pp_rank}): send", e)
         return sent, buckets, error
 
     def send(self, urls: Sequence[str], bucket, version: str) -> int:
@@ -461,14 +615,14 @@ class TensorTransport(Transport):
             gathered = _gather_to_rank0((handle, mine), group)
             status = None
             if rank == 0:
-                status = next((err for _, err in gathered if err), None)
+                status = next(((err, []) for _, err in gathered if err), None)
                 if status is None:
                     try:
                         self._post(urls, server_payloads([h for h, _ in gathered], self._plan))
                         sent += flat.numel()
                         buckets += 1
                     except Exception as e:  # noqa: BLE001
-                        status = f"rank 0: update_weights_from_tensor: {e}"
+                        status = _error("rank 0: update_weights_from_tensor", e)
             # until here every rank holds its copy (and its handle): the servers have read it
             error = broadcast_object(status, group)
             del flat, handle, gathered
@@ -537,7 +691,8 @@ class DistributedTransport(Transport):
         if "error" in result or th.is_alive():
             _destroy(group)
             raise WeightSyncError(f"weight-update group with {url} failed: "
-                                  f"{result.get('error', 'timed out')}")
+                                  f"{result.get('error', 'timed out')}",
+                                  [(url, "/init_weights_update_group")])
         self._groups[url] = (name, group)
 
     def send(self, urls, bucket, version):
@@ -561,7 +716,8 @@ class DistributedTransport(Transport):
             th.join(self.timeout_s)
             if "error" in result or th.is_alive():
                 raise WeightSyncError(f"distributed update of {url} failed: "
-                                      f"{result.get('error', 'timed out')}")
+                                      f"{result.get('error', 'timed out')}",
+                                      [(url, "/update_weights_from_distributed")])
         return flat.numel()
 
     def failed(self, urls):
@@ -602,7 +758,13 @@ def make_transport(mode: str, work_dir: Optional[str] = None, server_tp: int = 1
 
 
 # ---------------------------------------------------------------------- the collective
-def _agree(error: Optional[str], extra=None, group=None) -> tuple[list[str], list]:
+def _error(prefix: str, e: BaseException) -> tuple[str, list]:
+    """A rank's failure as the ranks agree on it: text, and the (server, route) pairs
+    that failed when the exception names them."""
+    return f"{prefix}: {e}", list(getattr(e, "where", []))
+
+
+def _agree(error: Optional[tuple], extra=None, group=None) -> tuple[list[tuple], list]:
     """All ranks exchange (error, extra); returns every rank's errors and extras."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return ([error] if error else []), [extra]
@@ -621,57 +783,61 @@ def export_stream(model_chunks, hf_config: dict, src: SourceInfo,
 
 def sync_weights(transport: Transport, urls: Sequence[str], src: SourceInfo, version: str,
                  tensors: Callable[[], NamedTensors], bucket_bytes: int,
-                 group=None) -> SyncStats:
+                 group=None, sessions: Optional[Collection[str]] = None) -> SyncStats:
     """Push this step's weights to every server in ``urls`` (collective; see module doc).
 
     ``tensors()`` returns this rank's stream of ``(hf_name, full_tensor)`` (e.g. ``lambda:
     export_stream(model, hf, src)``); it is called on ranks with ``src.exports``, and by the
-    ``tensor`` transport on every rank.
+    ``tensor`` transport on every rank. ``sessions``: the servers that get the begin/end
+    weight-update session (:attr:`ServerRoutes.session`); None: every server.
     """
     t0 = time.perf_counter()
     urls = list(urls)
+    session = {u: sessions is None or u in sessions for u in urls}
     error = None
     if src.rank == 0:
         try:
             for url in urls:
-                begin_update(url)
+                begin_update(url, session[url])
         except Exception as e:  # noqa: BLE001 - agreed on below
-            error = f"rank 0: begin: {e}"
+            error = _error("rank 0: begin", e)
     if not error:
         try:
             transport.prepare(urls, src, version, group=group)
         except Exception as e:  # noqa: BLE001
-            error = f"rank {src.rank}: prepare {transport.mode}: {e}"
+            error = _error(f"rank {src.rank}: prepare {transport.mode}", e)
     errors, _ = _agree(error, group=group)
     if errors:
-        return _fail(transport, urls, src, errors, group)
+        return _fail(transport, urls, src, errors, session)
 
     t1 = time.perf_counter()
     sent, buckets, error = transport.transfer(urls, src, tensors, bucket_bytes, version, group)
     errors, counts = _agree(error, (sent, buckets), group=group)
     transfer_s = time.perf_counter() - t1
     if errors:
-        return _fail(transport, urls, src, errors, group)
+        return _fail(transport, urls, src, errors, session)
 
     if src.rank == 0:
         try:
             transport.commit(urls, version)
             for url in urls:
-                end_update(url, version)
+                end_update(url, version, session[url])
         except Exception as e:  # noqa: BLE001
-            error = f"rank 0: commit/verify: {e}"
+            error = _error("rank 0: commit/verify", e)
     errors, _ = _agree(error, group=group)
     if errors:
-        return _fail(transport, urls, src, errors, group)
+        return _fail(transport, urls, src, errors, session)
     return SyncStats(version=version, mode=transport.mode, seconds=time.perf_counter() - t0,
                      transfer_seconds=transfer_s, bytes=sum(c[0] for c in counts),
                      buckets=sum(c[1] for c in counts if c), servers=len(urls))
 
 
-def _fail(transport, urls, src, errors, group):
+def _fail(transport, urls, src, errors, session):
     if src.rank == 0:
         for url in urls:
-            abandon_update(url)
+            abandon_update(url, session[url])
     transport.failed(urls)
-    raise WeightSyncError("weight sync failed (the trainer may retry): " + "; ".join(errors))
+    raise WeightSyncError("weight sync failed: " +
+                          "; ".join(text for text, _ in errors),
+                          [w for _, where in errors for w in where])
 
