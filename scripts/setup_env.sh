@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or refresh) the CPU development environment in .venv:
-#   Python 3.11, torch 2.13.0 CPU, megatron-core 0.16.1, SGLang 0.5.23 (CPU recipe),
+#   Python 3.11, torch 2.13.0 CPU, megatron-core 0.16.1, SGLang 0.5.19 (CPU recipe),
 #   transformers, datasets, math-verify, ... and srft_mcore itself (editable).
 # Every pin is in requirements/constraints.txt. Re-running is a no-op (seconds) unless the
 # requirements, the constraints, the shims or setup.py changed.

@@ -152,3 +152,16 @@ def test_cli_rejects_bad_config_before_launch(tmp_path):
     assert '"ok": false' in bad.stdout.strip().splitlines()[-1]
     good = run_doctor_config("--world-size", "2", "parallel.tp=2", "train.prompts_per_step=4")
     assert good.returncode == 0, good.stderr
+
+
+def test_loading_and_validating_a_config_imports_no_torch():
+    """Small CLI calls stay fast: the config (and the algorithm defaults it resolves) load
+    without torch."""
+    code = ("import sys\n"
+            "from srft_mcore.config import load_config, validate\n"
+            "validate(load_config(None, ['algorithm.name=grpo', 'train.steps=3']))\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout[-500:]

@@ -221,6 +221,13 @@ def fakes():
         httpd.server_close()
 
 
+def stopped_paragraph(out) -> str:
+    """The run stopped with exit status 2 and no traceback; its last line (one paragraph)."""
+    assert out.returncode == 2, out.stderr[-4000:]
+    assert "Traceback" not in out.stderr, out.stderr[-4000:]
+    return out.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.slow
 def test_a_server_without_the_sync_route_is_refused_before_step_1(tmp_path, fakes):
     from fake_http import ROUTES, SESSION_ROUTES, fake_state
@@ -232,9 +239,7 @@ def test_a_server_without_the_sync_route_is_refused_before_step_1(tmp_path, fake
     run_dir = tmp_path / "run"
     out = run_trainer("--config", CONFIG, *SYNC_RUN, f"logging.run_dir={run_dir}",
                       "rollout.weight_sync=distributed", f'rollout.urls=["{url}"]')
-    assert out.returncode == 2, out.stderr[-4000:]
-    assert "Traceback" not in out.stderr, out.stderr[-4000:]
-    msg = out.stderr.strip().splitlines()[-1]  # one paragraph, the last thing said
+    msg = stopped_paragraph(out)
     assert msg.startswith("srft-train: rollout.weight_sync=distributed cannot update"), msg
     assert f"{url} (SGLang 0.5.19) does not serve /update_weights_from_distributed" in msg
     assert "Fix: run SGLang 0.5.19 or 0.5.23" in msg and "rollout.weight_sync=tensor or disk" in msg
@@ -254,9 +259,7 @@ def test_a_sync_that_fails_for_good_saves_the_step_and_resume_syncs_it_first(tmp
     run_dir = tmp_path / "run"
     out = run_trainer("--config", CONFIG, *SYNC_RUN, f"logging.run_dir={run_dir}",
                       "rollout.weight_sync=disk", f'rollout.urls=["{bad_url}"]')
-    assert out.returncode == 2, out.stderr[-4000:]
-    assert "Traceback" not in out.stderr, out.stderr[-4000:]
-    msg = out.stderr.strip().splitlines()[-1]
+    msg = stopped_paragraph(out)
     assert msg.startswith("srft-train: step 1: the weight sync to SGLang"), msg
     assert f"failed for good at {bad_url}/update_weights_from_disk" in msg
     assert "(attempt 3 of 3)" in msg and "injected failure" in msg

@@ -18,9 +18,6 @@ GPU_PINS = "requirements/gpu.txt"
 # pip options whose next token is a value, not a package
 VALUE_OPTIONS = {"-c", "--constraint", "-r", "--requirement", "--config-settings", "-i",
                  "--index-url", "--extra-index-url", "-f", "--find-links"}
-# packages the base image brings (not installed by the Dockerfile, so free to differ from
-# the CPU environment's pins)
-FROM_IMAGE = {"sglang"}
 
 
 def read(path):
@@ -77,6 +74,16 @@ def pip_installs(dockerfile):
 @pytest.fixture(scope="module")
 def files():
     return read("Dockerfile"), read(GPU_PINS)
+
+
+def test_the_image_and_the_cpu_environment_run_one_sglang_release(files):
+    """The release the CPU suite tests (its HTTP routes, its weight-update API) is the one
+    the GPU image runs: the image's tag, gpu.txt's pin and constraints.txt's pin agree."""
+    dockerfile, gpu = files
+    tag = re.fullmatch(r"lmsysorg/sglang:v(\S+?)-cu\d+",
+                       re.findall(r"^FROM\s+(\S+)", dockerfile, re.M)[0])
+    cpu = pins(read("requirements/constraints.txt"))["sglang"]
+    assert tag and tag.group(1) == pins(gpu)["sglang"] == cpu, (tag, pins(gpu)["sglang"], cpu)
 
 
 def test_base_image_is_the_pinned_sglang_release(files):
@@ -140,8 +147,8 @@ def test_transformer_engine_is_built_against_the_image_torch(files):
 def test_gpu_pins_agree_with_the_cpu_environment(files):
     _, gpu = files
     gpu_pins, cpu_pins = pins(gpu), pins(read("requirements/constraints.txt"))
-    shared = (set(gpu_pins) & set(cpu_pins)) - FROM_IMAGE
-    assert "megatron-core" in shared
+    shared = set(gpu_pins) & set(cpu_pins)
+    assert {"megatron-core", "sglang"} <= shared
     differ = {n: (gpu_pins[n], cpu_pins[n]) for n in shared if gpu_pins[n] != cpu_pins[n]}
     assert not differ, f"gpu.txt vs constraints.txt: {differ}"
 

@@ -91,8 +91,11 @@ def test_flattened_bucket_round_trips_through_sglang_reader():
     flat, names, dtypes, shapes = flatten_bucket(bucket)
     assert flat.dtype == torch.uint8
     assert flat.numel() == sum(t.numel() * t.element_size() for _, t in bucket)
-    # the receiver of the distributed mode allocates from (names, dtypes, shapes) only
-    recv = FlattenedTensorBucket.empty(names, dtypes, shapes, "cpu")
+    # the receiver of the distributed mode allocates from (names, dtypes, shapes) only, as
+    # SGLang's bucketed update does: empty tensors flattened, the broadcast lands in that
+    recv = FlattenedTensorBucket(named_tensors=[
+        (n, torch.empty(shape, dtype=getattr(torch, d))) for n, d, shape in
+        zip(names, dtypes, shapes)])
     recv.get_flattened_tensor().copy_(flat)
     got = dict(recv.reconstruct_tensors())
     # the tensor mode sends our metadata with the flat tensor
