@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from srft_mcore.batching import build_sequences, make_micro_batches
+from srft_mcore.algo.losses import batch_totals
+from srft_mcore.batching import (TrainSequence, build_sequences, make_micro_batches,
+                                 sequence_totals, split_mini_batches)
 from srft_mcore.config import AlgorithmConfig
 from srft_mcore.data import Example
 
@@ -171,14 +173,82 @@ def test_rollout_logprobs_sit_on_the_positions_that_predict_their_tokens():
              rollout([8, 9], logprobs=[-0.5, None])]  # incomplete: not usable
     (batches,) = all_batches(build_sequences([ex], [comps], [[1.0, 0.0]], algo()), 4, 1)
     mb = batches[0]
-    if "rollout_logprobs" not in mb:
-        pytest.skip("micro-batches carry no rollout log-probs")
+    assert mb["rollout_logprobs"].shape == mb["rollout_logprob_mask"].shape == (4, 5)
     assert mb["rollout_logprobs"][0].tolist() == [0.0, -0.5, -1.0, -2.0, 0.0]
     assert mb["rollout_logprob_mask"][0].tolist() == [0, 1, 1, 1, 0]
     assert mb["rollout_logprob_mask"][1].sum() == 0  # the incomplete one
     assert mb["rollout_logprob_mask"][2].sum() == 0  # the demonstration
+    assert mb["rollout_logprob_mask"][3].sum() == 0  # count padding
 
 
 def test_no_sequences_is_an_error():
     with pytest.raises(ValueError, match="no sequences"):
         make_micro_batches([], 2, 0, 1, PAD)
+
+
+# ----------------------------------------------------------------------------- mini-batches
+def _groups(parts):
+    return [[s.group for s in part] for part in parts]
+
+
+def test_split_mini_batches_keeps_whole_groups_and_their_advantages():
+    # group sizes 3, 2, 3, 3 (an empty rollout of prompt 1 is dropped): a split by position
+    # would cut a group in two
+    examples = [example(i, [1, 2 + i], [60 + i]) for i in range(4)]
+    completions = [[rollout([10 * i + 3]), rollout([10 * i + 4, 7] if i != 1 else [])]
+                   for i in range(4)]
+    rewards = [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 1.0]]
+    seqs = build_sequences(examples, completions, rewards, algo())
+    assert _groups([seqs]) == [[0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]]
+    advantage = {id(s): s.advantage for s in seqs}
+
+    halves = split_mini_batches(seqs, 2)
+    assert _groups(halves) == [[0, 0, 0, 1, 1], [2, 2, 2, 3, 3, 3]]
+    assert [s for part in halves for s in part] == seqs  # each sequence once, in order
+    # whole groups: every sequence keeps the advantage of its complete group (Eq. 7)
+    assert [s.advantage for part in halves for s in part] == [advantage[id(s)] for s in seqs]
+    # prompt 1: its empty rollout dropped before the advantage, one wrong rollout + the demo
+    assert [s.advantage for s in halves[0][3:]] == pytest.approx(eq7([0, 1]), abs=1e-5)
+    assert _groups(split_mini_batches(seqs, 4)) == [[0, 0, 0], [1, 1], [2, 2, 2], [3, 3, 3]]
+
+    # groups in any order: each mini-batch takes its groups, in their order in the step
+    shuffled = seqs[::-1]
+    assert _groups(split_mini_batches(shuffled, 2)) == [[1, 1, 0, 0, 0], [3, 3, 3, 2, 2, 2]]
+
+    one = split_mini_batches(seqs, 1)
+    assert one == [seqs] and one[0] is not seqs  # a copy: the caller's list stays its own
+
+    # the trainer rounds the group count up to a multiple of n: 3 groups in 2 mini-batches
+    three = [s for s in seqs if s.group < 3]
+    assert _groups(split_mini_batches(three, 2, n_groups=4)) == [[0, 0, 0, 1, 1], [2, 2, 2]]
+    with pytest.raises(ValueError, match="3 prompt groups cannot be split into 2"):
+        split_mini_batches(three, 2)
+
+
+def test_sequence_totals_by_hand_and_as_the_micro_batches_count_them():
+    seqs = [TrainSequence([1, 2, 3, 4, 5], 2, False, 1.0, 0),   # 3 rollout tokens
+            TrainSequence([1, 2, 6], 2, False, 0.0, 0),         # 1 rollout token
+            TrainSequence([1, 2], 2, False, 0.0, 0),            # no response: no sequence
+            TrainSequence([1, 2, 7, 8], 2, True, 1.0, 0),       # 2 demonstration tokens
+            TrainSequence([9, 9, 9, 7, 8, 6, 5], 3, True, 1.0, 1),  # 4 demonstration tokens
+            TrainSequence([9, 9, 9, 3], 3, False, 1.0, 1)]      # 1 rollout token
+    t = sequence_totals(seqs, max_len=16, batch_entropy=0.75)
+    assert (t.demo_tokens, t.rollout_tokens, t.demo_seqs, t.rollout_seqs) == (6.0, 5.0, 2.0, 3.0)
+    assert (t.max_len, t.batch_entropy) == (16, 0.75)
+    # the same counts as the loss masks of the micro-batches every rank trains on
+    for mbs, dp, max_tokens in ((2, 1, None), (1, 2, None), (4, 2, None), (1, 1, 8),
+                                (1, 2, 9)):
+        masks, demo = [], []
+        for rank in range(dp):
+            for mb in make_micro_batches(seqs, mbs, rank, dp, PAD, max_tokens=max_tokens):
+                for r in range(mb["tokens"].shape[0]):  # each sequence of each row
+                    for k in mb["seq_ids"][r].unique().tolist():
+                        if k < 0:
+                            continue
+                        masks.append(mb["loss_mask"][r] * (mb["seq_ids"][r] == k))
+                        demo.append(bool(mb["is_demo"][k]))
+        width = max(m.shape[0] for m in masks)
+        stacked = torch.stack([torch.nn.functional.pad(m, (0, width - m.shape[0]))
+                               for m in masks])
+        b = batch_totals(stacked, torch.tensor(demo), max_len=16, batch_entropy=0.75)
+        assert b == t, (mbs, dp, max_tokens)

@@ -2,7 +2,8 @@
 
 The launches are replaced by a stand-in that writes what the trainer and srft-eval write
 (metrics.jsonl, checkpoints, hf_final, results.json), so the driver's logic runs for real in
-well under a second per invocation; ``examples/compare_tiny_cpu.sh`` runs the real launches.
+well under a second per invocation; one slow test runs SFT->RL with real trainer launches
+(the hand-off of the SFT run's weights to the GRPO run).
 """
 import json
 import math
@@ -12,6 +13,7 @@ import shlex
 import pytest
 
 from srft_mcore import compare
+from srft_mcore.checkpoint import step_dir_name
 from srft_mcore.data.embedded import embedded_eval_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +73,8 @@ class FakeLauncher:
         with open(os.path.join(ph.run_dir, "metrics.jsonl"), "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        if checkpoint:
-            name = f"step_{steps:06d}"
+        if checkpoint:  # named as the trainer names them (the real hand-off: below)
+            name = step_dir_name(steps)
             os.makedirs(os.path.join(ph.run_dir, "checkpoints", name), exist_ok=True)
             with open(os.path.join(ph.run_dir, "checkpoints", name, "trainer_state.json"),
                       "w") as f:
@@ -338,3 +340,57 @@ def test_other_settings_refused(tmp_path, capsys):
     rc, out, summary, fake = _main(tmp_path, capsys, "eval.limit=8", "--methods", "grpo",
                                    "optimizer.lr=0.001", "--seeds", "1", "2")
     assert rc == 0 and fake.launched() == [("grpo/seed2", "train", False)]
+
+
+# --------------------------------------------------------------------------- real launches
+def _generations(run_dir, step):
+    """{split: [greedy response per problem]} of the run's evaluation at ``step``."""
+    out = {}
+    for split in ("id", "ood"):
+        path = os.path.join(run_dir, "eval", f"step_{step:06d}", f"{split}.jsonl")
+        with open(path) as f:
+            out[split] = [json.loads(line)["response"] for line in f]
+    return out
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys):
+    """SFT->RL through srft-compare with real trainer launches (one rank and one SGLang CPU
+    server each), 2 SFT steps then 2 GRPO steps, greedy evaluation of 4 problems per split at each
+    run's start and end. The GRPO run must start from the SFT run's final weights: its
+    step-0 generations are the SFT run's step-2 generations, not the base model's (the SFT
+    run's step 0). Its steps also check the real training-inference path: unseeded rollouts
+    with SGLang's log-probs against the trainer's, and TIS on them."""
+    rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", "4",
+                       "--methods", "sft_rl", "--seeds", "1", "--final-eval", "trainer",
+                       "train.prompts_per_step=2", "rollout.n_samples=2",
+                       "train.micro_batch_size=8", "data.max_response_len=32",
+                       "eval.every=2", "eval.limit=4", "eval.temperature=0.0",
+                       "logging.tensorboard=false", "checkpoint.export_hf=false",
+                       "rollout.seeded=false", "algorithm.tis_cap=2.0",
+                       "--nproc-per-node", "1", "parallel.tp=1"])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    logs = tmp_path / "cmp" / "logs"
+    assert rc == 0 and summary["ok"], (out[-3000:], [p.read_text()[-3000:]
+                                                     for p in logs.glob("*.log")])
+    run = tmp_path / "cmp" / "runs" / "sft_rl" / "seed1"
+    sft, rl = str(run / "sft"), str(run / "rl")
+    start = os.path.join(sft, "checkpoints", "step_000002")
+    assert open(os.path.join(sft, "checkpoints", "latest")).read().strip() == "step_000002"
+    assert f"loaded model weights from the trainer checkpoint {start}" in (
+        logs / "sft_rl_seed1_rl.log").read_text()
+    base, after_sft, rl_start = _generations(sft, 0), _generations(sft, 2), _generations(rl, 0)
+    assert rl_start == after_sft
+    assert rl_start != base  # two SFT steps changed some greedy answer (else no evidence)
+    # the comparison's result is the GRPO run's last evaluation
+    rows = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert summary["acc"]["sft_rl"] == {s: rows[-1][f"eval/{s}/acc"] for s in ("id", "ood")}
+    for r in rows[1:]:
+        # SGLang's and Megatron's fp32 log-probs of the same tokens: close, not identical
+        assert 0.0 < r["mismatch/logprob_abs_diff"] < 1e-3
+        assert r["mismatch/logprob_abs_diff"] <= r["mismatch/logprob_abs_diff_max"] < 1e-2
+        # TIS was applied, with weights exp(old - sglang) within the measured mismatch of 1
+        bound = math.exp(r["mismatch/logprob_abs_diff_max"]) - 1
+        assert r["tis/weight"] != 1.0 and abs(r["tis/weight"] - 1.0) <= bound

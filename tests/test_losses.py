@@ -1,4 +1,5 @@
 """Each SRFT term and weight on hand-computed examples, the algorithms, and split invariance."""
+import dataclasses
 import math
 from functools import partial
 
@@ -200,11 +201,6 @@ def test_baselines():
     loss, grad, m = _loss("grpo")
     assert loss == pytest.approx((-0.5 + 0.5) / 2, abs=1e-6)
     assert grad[1, 0].item() == pytest.approx(-0.5 / 2 / 2)
-    # LUFFY's defaults: p/(p+0.1) shaping, sum / max response length (2) per sequence over
-    # the 3 sequences, entropy bonus 0.001 over every trained token
-    loss, _, _ = _loss("luffy")
-    rl = -(0.5 / 0.6 + 0.25 / 0.35) - 0.5 * 2 + 0.5
-    assert loss == pytest.approx((rl - 0.001 * 3 * LN2) / (2 * 3), abs=1e-6)
 
 
 def test_srft_ppo_form_weights_positive_samples():
@@ -218,6 +214,188 @@ def test_srft_ppo_form_weights_positive_samples():
     on = (0.2 * -0.5 * 1.05 * 2 + 0.5 * r) / 5
     assert loss.item() == pytest.approx(sft + off + on, abs=1e-6)
     assert m["ppo/clipfrac"].tolist() == pytest.approx([2.0, 3.0])
+
+
+def test_no_clipping_unless_configured_and_the_clip_fraction_by_hand():
+    """Old log-probs away from the current ones: SRFT's defaults do not clip (clipfrac 0);
+    GRPO's clip 0.2 clips the tokens whose ratio leaves [0.8, 1.2] in the pessimistic
+    direction, and those tokens get no gradient."""
+    logp, ent, batch, totals = _batch()
+    shift = torch.tensor([[0.0, 0.0], [0.4, -0.1], [-0.5, 0.0]])  # log ratio per token
+    batch["old_logprobs"] = logp - shift
+    r = [math.exp(0.4), math.exp(-0.1), math.exp(-0.5)]  # 1.49, 0.90 (A > 0); 0.61 (A < 0)
+
+    def run(name, **kw):
+        x = logp.clone().requires_grad_()
+        loss, m = L.srft_loss(x, ent, batch, AlgorithmConfig(name=name, **kw), totals)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss.item(), g, m
+
+    # srft (sign form, per-token w_RL = 0.1 exp(ln 2) = 0.2 on the positive rollout): no clip
+    _, g, m = run("srft", entropy_weighting="token")
+    assert m["ppo/clipfrac"].tolist() == [0.0, 3.0]
+    on = (-0.2 * (r[0] + r[1]) + r[2]) / 5
+    assert m["loss/onpolicy"][0].item() == pytest.approx(on, abs=1e-6)
+    assert g[1, 0].item() == pytest.approx(-0.2 * r[0] / 5, abs=1e-6)  # unclipped at 1.49
+    assert m["ppo/ratio_max"][0].item() == pytest.approx(r[0], rel=1e-6)
+    # grpo (clip 0.2, per-sequence mean): 1.49 -> 1.2 and 0.61 -> 0.8 are clipped
+    loss, g, m = run("grpo", entropy_weighting="token")
+    assert m["ppo/clipfrac"].tolist() == pytest.approx([2.0, 3.0])
+    want = ((-0.5 * 1.2 - 0.5 * r[1]) / 2 + 0.5 * 0.8) / 2
+    assert loss == pytest.approx(want, abs=1e-6)
+    assert g[1, 0].item() == 0.0 and g[2, 0].item() == 0.0  # clipped: no gradient
+    assert g[1, 1].item() == pytest.approx(-0.5 * r[1] / 2 / 2, abs=1e-6)
+
+
+def test_tis_scales_the_onpolicy_loss_and_gradient_by_the_truncated_weight():
+    """SGLang's log-probs 1.5x less likely than the trainer's: every rollout token's loss
+    and gradient times min(1.5, cap); demonstration tokens untouched."""
+    logp, ent, batch, totals = _batch()
+    batch["old_logprobs"] = logp.clone()  # the first mini-batch: ratio 1
+    batch["rollout_logprobs"] = logp - math.log(1.5)  # pi_old / pi_sglang = 1.5
+    batch["rollout_logprob_mask"] = batch["loss_mask"] * ~batch["is_demo"].unsqueeze(-1)
+
+    def run(name, cap):
+        x = logp.clone().requires_grad_()
+        loss, m = L.srft_loss(x, ent, batch, AlgorithmConfig(
+            name=name, tis_cap=cap, entropy_weighting="token", loss_agg="token-mean"), totals)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss.item(), g, m
+
+    plain, g0, m0 = run("grpo", None)
+    assert plain != 0 and g0.abs().sum() > 0 and "tis/weight" not in m0
+    for cap, factor in ((2.0, 1.5), (1.2, 1.2)):  # under the cap, truncated at it
+        loss, g, m = run("grpo", cap)
+        assert loss == pytest.approx(factor * plain, rel=1e-6)
+        assert torch.allclose(g, factor * g0, rtol=1e-6, atol=0)
+        assert m["tis/weight"].tolist() == pytest.approx([3 * factor, 3.0])
+    # SRFT: the on-policy term alone scales; SFT and the off-policy demo term do not
+    _, g0, m0 = run("srft", None)
+    _, g, m = run("srft", 2.0)
+    assert m["loss/onpolicy"][0].item() == pytest.approx(1.5 * m0["loss/onpolicy"][0].item())
+    for key in ("loss/sft", "loss/offpolicy"):
+        assert m[key][0].item() == pytest.approx(m0[key][0].item(), abs=1e-7)
+    assert torch.equal(g[0], g0[0])  # the demonstration's gradient
+    assert torch.allclose(g[1:], 1.5 * g0[1:], rtol=1e-6, atol=0)
+    # a token SGLang gave no log-prob for keeps weight 1
+    batch["rollout_logprob_mask"][1, 1] = 0.0
+    _, _, m = run("grpo", 2.0)
+    assert m["tis/weight"].tolist() == pytest.approx([1.5 + 1.0 + 1.5, 3.0])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_kl_term_by_hand_value_and_gradient(estimator):
+    """KL to the reference on the rollout tokens, token-mean, times kl_coef: k1 = log pi -
+    log pi_ref (gradient kl_coef / N per token), k3 = e^d - d - 1 with d = log pi_ref - log pi
+    (gradient kl_coef (1 - e^d) / N)."""
+    logp, ent, batch, totals = _batch()
+    d = torch.tensor([[0.7, -0.4], [0.3, -0.2], [0.5, 0.9]])  # demo row, masked token: unused
+    batch["ref_logprobs"] = logp + d
+    rollout_d = [0.3, -0.2, 0.5]
+    if estimator == "k1":
+        per_token = [-x for x in rollout_d]
+        grads = [1.0] * 3
+    else:
+        per_token = [math.exp(x) - x - 1 for x in rollout_d]
+        grads = [1 - math.exp(x) for x in rollout_d]
+
+    def run(coef):
+        x = logp.clone().requires_grad_()
+        loss, m = L.srft_loss(x, ent, batch, AlgorithmConfig(
+            kl_coef=coef, kl_estimator=estimator, entropy_weighting="token"), totals)
+        (g,) = torch.autograd.grad(loss, x)
+        return loss.item(), g, m
+
+    base, g0, _ = run(0.0)
+    loss, g, m = run(0.1)
+    kl = sum(per_token) / 3
+    assert m["kl/ref"].tolist() == pytest.approx([sum(per_token), 3.0])
+    assert m["loss/kl"][0].item() == pytest.approx(0.1 * kl, abs=1e-7)
+    assert loss - base == pytest.approx(0.1 * kl, abs=1e-6)
+    diff = g - g0
+    got = [diff[1, 0].item(), diff[1, 1].item(), diff[2, 0].item()]
+    assert got == pytest.approx([0.1 * x / 3 for x in grads], abs=1e-7)
+    assert diff[0].abs().max() == 0 and diff[2, 1] == 0  # demonstration and masked token
+
+
+def test_luffy_is_its_own_objective():
+    """LUFFY (arXiv 2504.14945; mix_core_alg.py and the actor of its code base), from its
+    own formula: the demonstration joins its group, advantages mean-centred (no std); rollout
+    tokens -A * pi / pi_old, demonstration tokens -A * f(pi) with f(x) = x / (x + 0.1) and
+    pi_beta = 1, neither clipped; one micro-batch's loss = token sum / padded response length
+    - 0.001 * token mean of the entropy. The one change of scale (README): divided by the
+    micro-batch's sequence count, so it does not grow with the sequences a GPU holds."""
+    from srft_mcore.batching import build_sequences, make_micro_batches, sequence_totals
+    from srft_mcore.data import Example
+
+    ex = Example(index=0, prompt="p", prompt_text="p", prompt_ids=[1, 2], answer="0",
+                 demonstration="demo", demo_ids=[30, 31, 32])
+
+    class Rollout:
+        def __init__(self, ids):
+            self.token_ids, self.logprobs = ids, None
+
+    cfg = AlgorithmConfig(name="luffy")
+    seqs = build_sequences([ex], [[Rollout([10, 11]), Rollout([12, 13, 14]), Rollout([15])]],
+                           [[1.0, 0.0, 0.0]], cfg)
+    # rewards 1, 0, 0 and the demonstration's 1: mean 0.5, no division by the std
+    assert [s.advantage for s in seqs] == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    (mb,) = make_micro_batches(seqs, 4, 0, 1, pad_id=0)
+    L_PAD = 4  # data.max_response_len: LUFFY pads every response to it
+    totals = sequence_totals(seqs, max_len=L_PAD, batch_entropy=0.0)  # unused: no w_SFT, w_RL
+
+    # per response token: the ratio pi / pi_old of the rollouts, pi of the demonstration
+    ratio = [[1.5, 0.9], [0.5, 1.1, 1.0], [1.3]]
+    demo_p = [0.5, 0.25, 0.9]
+    ent = [[0.2, 0.4], [0.1, 0.3, 0.5], [0.7], [0.6, 0.8, 1.0]]
+    adv = [0.5, -0.5, -0.5, 0.5]
+    logp_bs = torch.zeros(4, 5)
+    old_bs = torch.zeros(4, 5)
+    ent_bs = torch.zeros(4, 5)
+    for row in range(4):
+        at = mb["loss_mask"][row].nonzero().flatten().tolist()
+        probs = demo_p if row == 3 else [0.3 + 0.1 * k for k in range(len(at))]
+        for k, pos in enumerate(at):
+            logp_bs[row, pos] = math.log(probs[k])
+            # the demonstration's old log-prob must not matter (pi_beta = 1)
+            old_bs[row, pos] = logp_bs[row, pos] - (math.log(ratio[row][k]) if row < 3
+                                                    else math.log(3.0))
+            ent_bs[row, pos] = ent[row][k]
+    mb["old_logprobs"] = old_bs
+
+    def luffy_by_hand(clip=None):
+        """The micro-batch's loss and its gradients (log-prob, entropy) per response token."""
+        pg, g_logp = [], []
+        for row in range(3):
+            for r in ratio[row]:
+                a = adv[row]
+                clipped = r if clip is None else min(max(r, 1 - clip), 1 + clip)
+                pg.append(max(-a * r, -a * clipped))  # PPO's pessimistic clip, if any
+                g_logp.append(-a * r if -a * r >= -a * clipped else 0.0)
+        for p in demo_p:
+            pg.append(-adv[3] * p / (p + 0.1))
+            g_logp.append(-adv[3] * 0.1 * p / (p + 0.1) ** 2)
+        n_tok = sum(len(e) for e in ent)
+        loss = sum(pg) / L_PAD - 0.001 * sum(sum(e) for e in ent) / n_tok
+        return loss, [g / L_PAD for g in g_logp], -0.001 / n_tok
+
+    def project(clip=None):
+        x = logp_bs.clone().requires_grad_()
+        h = ent_bs.clone().requires_grad_()
+        loss, m = L.srft_loss(x, h, mb, dataclasses.replace(cfg, clip_eps=clip), totals)
+        gx, gh = torch.autograd.grad(loss, (x, h))
+        mask = mb["loss_mask"].bool()
+        return loss.item(), gx[mask].tolist(), gh[mask].tolist(), m
+
+    n_seqs = 4
+    for clip in (None, 0.2):  # LUFFY's script: no clip; its loss_remove_clip=False: 0.2
+        want, want_gx, want_gh = luffy_by_hand(clip)
+        loss, gx, gh, m = project(clip)
+        assert loss * n_seqs == pytest.approx(want, abs=1e-6), clip
+        assert [g * n_seqs for g in gx] == pytest.approx(want_gx, abs=1e-6), clip
+        assert [g * n_seqs for g in gh] == pytest.approx([want_gh] * 9, abs=1e-9), clip
+    # with the clip: 1.5 (A > 0) and 0.5 (A < 0) are clipped, the demonstration never
+    assert m["ppo/clipfrac"].tolist() == pytest.approx([2.0, 6.0])
 
 
 # --------------------------------------------------------------------------- megatron glue

@@ -11,9 +11,10 @@ terms (off-policy on demonstrations and on-policy on rollouts) are averaged toge
 the tokens of the sequences they cover, as in LUFFY's pooled policy loss; the optional
 entropy bonus over all trained tokens. ``loss_agg`` picks the average: token-mean,
 seq-mean-token-mean, or seq-sum-max-len (sum per sequence / max response length, then mean
-over sequences). Averages are over the whole global batch: :class:`BatchTotals` holds its
-token and sequence counts, so a micro-batch contributes sum / global count and the result
-does not depend on how the batch is split over micro-batches and DP ranks. With
+over sequences; its entropy bonus is LUFFY's token mean, also over the sequence count).
+Averages are over the whole global batch: :class:`BatchTotals` holds its token and
+sequence counts, so a micro-batch contributes sum / global count and the result does not
+depend on how the batch is split over micro-batches and DP ranks. With
 ``train.mini_batches`` > 1 each optimizer mini-batch is its own global batch.
 
 The step: one no-grad pass of the policy that generated the rollouts gives the old
@@ -351,8 +352,13 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         else:
             pop_bs = mask_bs
             n_tok, n_seq = t.demo_tokens + t.rollout_tokens, t.demo_seqs + t.rollout_seqs
-        terms["entropy_bonus"] = -cfg.entropy_coef * aggregate(entropy_bs, pop_bs, agg, n_tok,
-                                                               n_seq, t.max_len, seq_bs, n_local)
+        if agg == "seq-sum-max-len":
+            # LUFFY's actor takes the bonus as a token mean whatever its policy loss does; the
+            # sum / max-length loss is LUFFY's over the sequence count, and so is the bonus
+            bonus = aggregate(entropy_bs, pop_bs, "token-mean", n_tok * max(n_seq, 1.0), n_seq)
+        else:
+            bonus = aggregate(entropy_bs, pop_bs, agg, n_tok, n_seq, t.max_len, seq_bs, n_local)
+        terms["entropy_bonus"] = -cfg.entropy_coef * bonus
 
     loss = zero + sum(terms.values())
     metrics["loss"] = _metric(loss, metric_share, logp_bs)
