@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 import requests
@@ -113,30 +112,21 @@ class SGLangRouter(ManagedProcess):
     def _name(self, with_url: bool) -> str:
         return f"sglang-router at {self.url}" if with_url else "sglang-router"
 
-    def wait_healthy(self, timeout_s: Optional[float] = None) -> "SGLangRouter":
-        """/health answers, then every worker is registered and healthy (the router's
+    def ready(self, timeout_s: float = 5.0) -> bool:
+        """/health answers and every worker is registered and healthy (the router's
         /readiness counts them): until then it sends every request to the workers it has,
         and a rollout started early lands on one server alone."""
-        timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        super().wait_healthy(timeout_s)
-        while self.worker_urls:
-            try:
-                r = requests.get(self.url + "/readiness", timeout=2.0)
-                if r.status_code == 404:  # a router release without the endpoint
-                    break
-                if int(r.json().get("healthy_workers", 0)) >= len(self.worker_urls):
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise self.start_error(
-                    f"{self._name(with_url=True)}: not all of its {len(self.worker_urls)} "
-                    f"workers {self.worker_urls} became healthy within {timeout_s:.0f}s. "
-                    f"Log {self.log_path} (tail):\n{self.log_tail()}")
-            time.sleep(0.5)
-        return self
+        if not self.healthy(timeout_s):
+            return False
+        if not self.worker_urls:
+            return True
+        try:
+            r = requests.get(self.url + "/readiness", timeout=timeout_s)
+            if r.status_code == 404:  # a router release without the endpoint
+                return True
+            return int(r.json().get("healthy_workers", 0)) >= len(self.worker_urls)
+        except (requests.RequestException, ValueError, AttributeError):
+            return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """As for a server, with a shorter grace period before SIGKILL."""

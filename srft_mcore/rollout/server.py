@@ -222,6 +222,10 @@ class ManagedProcess:
         except requests.RequestException:
             return False
 
+    def ready(self, timeout_s: float = 5.0) -> bool:
+        """Ready to take requests (what :meth:`wait_healthy` waits for): /health answers."""
+        return self.healthy(timeout_s)
+
     def log_tail(self, n_lines: int = 40) -> str:
         return _tail(self.log_path, n_lines)
 
@@ -267,7 +271,8 @@ class ManagedProcess:
         return self
 
     def wait_healthy(self: _P, timeout_s: Optional[float] = None) -> _P:
-        """Poll /health until 200; raise ``start_error`` with the log tail otherwise."""
+        """Poll :meth:`ready` until it holds; raise ``start_error`` with the log tail
+        otherwise."""
         timeout_s = self.startup_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while True:
@@ -277,7 +282,7 @@ class ManagedProcess:
                 raise self.start_error(
                     f"{self._name(with_url=False)} exited with code {code} during start-up. "
                     f"Log {self.log_path} (tail):\n{self.log_tail()}")
-            if self.healthy(timeout_s=2.0):
+            if self.ready(timeout_s=2.0):
                 return self
             if time.monotonic() > deadline:
                 self.stop()
