@@ -22,13 +22,13 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "srft-doctor=srft_mcore.doctor:main",
-            "srft-train=srft_mcore.trainer:main",
-            "srft-plot=srft_mcore.plot:main",
+            "srft-doctor=srft_mcore.doctor.cli:main",
+            "srft-train=srft_mcore.training.trainer:main",
+            "srft-plot=srft_mcore.training.plot:main",
             "srft-convert=tools.convert_ckpt.cli:main",
-            "srft-eval=srft_mcore.eval:main",
-            "srft-plan=srft_mcore.planner:main",
-            "srft-compare=srft_mcore.compare:main",
+            "srft-eval=srft_mcore.evaluation.evaluate:main",
+            "srft-plan=srft_mcore.planning.planner:main",
+            "srft-compare=srft_mcore.comparison.compare:main",
         ],
     },
 )

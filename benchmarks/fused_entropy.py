@@ -195,7 +195,7 @@ def main():
         if tp == 1:
             results.append(run(*a))
         else:
-            from srft_mcore.launch import spawn_ranks
+            from srft_mcore.launching.local import spawn_ranks
 
             threads = str(max(1, torch.get_num_threads() // tp))
             results.append(spawn_ranks(run, tp, a, timeout_s=1800,

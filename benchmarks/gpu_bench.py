@@ -228,7 +228,7 @@ def make_trainer(model_dir: str, run_dir: str, *, prompts: int, n_samples: int,
                  extra: tuple = ()):
     """The trainer's policy (random bf16 weights, SRFT loss), no data and no SGLang."""
     from srft_mcore.config import load_config
-    from srft_mcore.trainer import Trainer
+    from srft_mcore.training.trainer import Trainer
 
     overrides = [f"model.hf_path={model_dir}", "model.load_hf_weights=false",
                  "model.dtype=bfloat16", f"train.prompts_per_step={prompts}",
@@ -244,7 +244,7 @@ def synthetic_batch(prompts: int, n_samples: int, prompt_len: int, response_len:
                     vocab: int, seed: int = 0) -> list:
     """Equal-length sequences shaped like one step: per prompt ``n_samples`` rollouts (every
     second one rewarded) and the demonstration."""
-    from srft_mcore.batching import TrainSequence
+    from srft_mcore.training.batching import TrainSequence
 
     g = torch.Generator().manual_seed(seed)
     seqs = []
@@ -332,7 +332,7 @@ def planner_vs_measured(shape: dict, spec: dict, measured: int) -> dict:
     """srft-plan's peak for the train-step run (bf16, local spec, torch Adam, TP1 DP1, no
     fixed overhead: the allocator's counters hold only tensors) against the measured peak of
     allocated bytes over the timed steps."""
-    from srft_mcore import planner as pl
+    from srft_mcore.planning import planner as pl
     from srft_mcore.models.tiny import tiny_hf_config
 
     hf = tiny_hf_config("qwen2", **shape).to_dict()

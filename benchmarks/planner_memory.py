@@ -143,7 +143,7 @@ def synthetic_step(run: dict, vocab: int, seed: int = 0) -> list:
     rewarded, with SGLang-like log-probs) and the demonstration."""
     import torch
 
-    from srft_mcore.batching import TrainSequence
+    from srft_mcore.training.batching import TrainSequence
 
     g = torch.Generator().manual_seed(seed)
     seqs = []
@@ -164,7 +164,7 @@ def _rank_measure(case: dict, model_dir: str, run_dir: str) -> dict:
     import torch
 
     from srft_mcore.config import load_config
-    from srft_mcore.trainer import Trainer
+    from srft_mcore.training.trainer import Trainer
 
     torch.set_num_threads(1)
     run = case["run"]
@@ -194,7 +194,7 @@ def _rank_measure(case: dict, model_dir: str, run_dir: str) -> dict:
 def measure(case: dict, work: str) -> dict:
     """The case's measured peak: the largest of its ranks, each a fresh process (Megatron's
     global buffers and caches start empty)."""
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
 
     model_dir = make_model_dir(work, case)
     run_dir = tempfile.mkdtemp(prefix="run_", dir=work)
@@ -208,7 +208,7 @@ def measure(case: dict, work: str) -> dict:
 def estimate(case: dict) -> dict:
     """srft-plan's peak for the case: its dtype (fp32 unless it says), local spec, torch
     Adam, no fixed overhead."""
-    from srft_mcore import planner as pl
+    from srft_mcore.planning import planner as pl
 
     shape = pl.shape_from_hf(hf_config(case).to_dict(), "case")
     run = case["run"]

@@ -46,7 +46,7 @@ def long_tail_lengths(k: int, cap: int, seed: int) -> list:
 
 
 def make_step(lengths: list, prompts: int, group: int, vocab: int, seed: int):
-    from srft_mcore.batching import TrainSequence
+    from srft_mcore.training.batching import TrainSequence
 
     rng = random.Random(seed)
     seqs = []
@@ -62,7 +62,7 @@ def make_step(lengths: list, prompts: int, group: int, vocab: int, seed: int):
 
 def time_steps(model_dir: str, seqs, cap: int, extra: list, repeat: int) -> float:
     from srft_mcore.config import load_config
-    from srft_mcore.trainer import Trainer
+    from srft_mcore.training.trainer import Trainer
 
     cfg = load_config(None, [f"model.hf_path={model_dir}", "optimizer.lr=1e-5",
                              f"train.prompts_per_step={max(s.group for s in seqs) + 1}",
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models.tiny import make_tiny_hf_model
 
     init_distributed(1, 1)

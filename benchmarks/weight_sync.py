@@ -24,7 +24,7 @@ def _rank(args: dict, model_dir: str, work_dir: str) -> dict:
     import torch.distributed as dist
 
     from srft_mcore.config import ModelConfig, ParallelConfig, RolloutConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models.builder import build_model, load_hf_config
     from srft_mcore.rollout.engine import RolloutEngine
 
@@ -92,7 +92,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models.tiny import make_tiny_hf_model
 
     with tempfile.TemporaryDirectory(prefix="srft-bench-wsync-") as root:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A scaling study: the same data, steps and evaluation for several model sizes, one trainer
 # run per recipe (one after the other, on this node), then one table: model, layout, step
-# time, tokens/s, peak memory and held-out accuracy (python -m srft_mcore.scaling_table).
+# time, tokens/s, peak memory and held-out accuracy (python -m srft_mcore.planning.scaling_table).
 #
 #   MODELS="qwen2.5-0.5b=/data/Qwen2.5-0.5B qwen2.5-1.5b=/data/Qwen2.5-1.5B qwen2.5-7b=/data/Qwen2.5-7B" \
 #   DATA_PATH=/data/openr1.parquet EVAL_SPLITS="math500=/data/MATH500.jsonl aime24=/data/aime24.parquet" \
@@ -105,7 +105,7 @@ for i in "${!NAMES[@]}"; do
   fi
   if [[ -n "${NPROCS[$i]}" ]]; then
     NPROC_PER_NODE=${NPROCS[$i]}; LOCAL_ROLLOUT_GPUS=""
-  elif ! plan=$("$PY" -m srft_mcore.multinode plan --config "$config" --nodes "$(hostname -s)" \
+  elif ! plan=$("$PY" -m srft_mcore.launching.multinode plan --config "$config" --nodes "$(hostname -s)" \
                   --gpus-per-node "$GPUS_PER_NODE" "${overrides[@]}" 2>&1); then
     echo "# $name: skipped, it does not fit one node of $GPUS_PER_NODE GPUs: ${plan#multinode: }"
     continue
@@ -117,7 +117,7 @@ for i in "${!NAMES[@]}"; do
   env_prefix=()
   [[ -n "$LOCAL_ROLLOUT_GPUS" ]] && env_prefix=(env "SRFT_ROLLOUT_GPUS=$LOCAL_ROLLOUT_GPUS")
   cmd=("${env_prefix[@]}" "$PY" -m torch.distributed.run --standalone
-       "--nproc_per_node=$NPROC_PER_NODE" -m srft_mcore.trainer --config "$config"
+       "--nproc_per_node=$NPROC_PER_NODE" -m srft_mcore.training.trainer --config "$config"
        "${resume[@]}" "${overrides[@]}")
   echo "# $name: $NPROC_PER_NODE trainer rank(s)${LOCAL_ROLLOUT_GPUS:+, SGLang on GPUs $LOCAL_ROLLOUT_GPUS} -> $dir"
   if [[ "$DRY_RUN" == 1 ]]; then
@@ -129,7 +129,7 @@ for i in "${!NAMES[@]}"; do
 done
 
 # ---------------------------------------------------------------- the table
-table=("$PY" -m srft_mcore.scaling_table "${DIRS[@]}")
+table=("$PY" -m srft_mcore.planning.scaling_table "${DIRS[@]}")
 if [[ "$DRY_RUN" == 1 ]]; then
   show "${table[@]}"
   exit 0

@@ -30,6 +30,6 @@ TRAIN_GPUS=${TRAIN_GPUS:-$((NGPU - ROLLOUT_GPUS))}
 # trainer ranks on the first TRAIN_GPUS devices, SGLang servers on the rest
 export SRFT_ROLLOUT_GPUS=$(seq -s, "$TRAIN_GPUS" $((TRAIN_GPUS + ROLLOUT_GPUS - 1)))
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-exec torchrun --standalone --nproc_per_node="$TRAIN_GPUS" -m srft_mcore.trainer \
+exec torchrun --standalone --nproc_per_node="$TRAIN_GPUS" -m srft_mcore.training.trainer \
   --config "$ROOT/examples/configs/srft_qwen7b_tp2pp1.yaml" \
   model.hf_path="$MODEL_DIR" data.path="$DATA_PATH" rollout.num_servers=$((ROLLOUT_GPUS / 2)) "$@"

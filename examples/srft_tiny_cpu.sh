@@ -10,7 +10,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
 cd "$ROOT"
 # a new run directory each time, unless one is given (logging.run_dir=...; add --resume to continue)
 set -- "logging.run_dir=runs/srft_tiny_cpu/$(date +%Y%m%d-%H%M%S)" "$@"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m srft_mcore.trainer \
+"$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m srft_mcore.training.trainer \
   --config examples/configs/srft_tiny_cpu.yaml "$@"
 RUN_DIR=$("$PY" - "$@" <<'PY'
 import sys
@@ -19,5 +19,5 @@ overrides = [a for a in sys.argv[1:] if not a.startswith("--")]
 print(load_config("examples/configs/srft_tiny_cpu.yaml", overrides).logging.run_dir)
 PY
 )
-"$PY" -m srft_mcore.plot "$RUN_DIR" >/dev/null
+"$PY" -m srft_mcore.training.plot "$RUN_DIR" >/dev/null
 echo "run directory: $RUN_DIR (metrics.jsonl, plots/, tensorboard/, checkpoints/, hf_final/)"

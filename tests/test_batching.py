@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from srft_mcore.algo.losses import batch_totals
-from srft_mcore.batching import (TrainSequence, build_sequences, make_micro_batches,
+from srft_mcore.training.batching import (TrainSequence, build_sequences, make_micro_batches,
                                  sequence_totals, split_mini_batches)
 from srft_mcore.config import AlgorithmConfig
 from srft_mcore.data import Example

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from srft_mcore import bridge
+from srft_mcore.models import bridge
 from srft_mcore.models import UnsupportedArchitecture, get_architecture
 from srft_mcore.models.sharding import split_for_rank
 from tools.convert_ckpt.safetensors_out import StreamingSafetensorsWriter

@@ -7,9 +7,9 @@ vocab that needs padding, Llama (no bias) with a padded vocab.
 import pytest
 import torch
 
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 from srft_mcore.models.tiny import make_tiny_hf_model
-from srft_mcore.parity import reference_logits, run_rank, sample_tokens
+from srft_mcore.doctor.parity import reference_logits, run_rank, sample_tokens
 
 TOL = 1e-4
 MODELS = {
@@ -60,7 +60,7 @@ def test_doctor_parity_prints_json(cases):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "parity", "--hf",
+    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "parity", "--hf",
                           cases[2]["hf_dir"], "--tp", "2", "--pp", "2"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -71,10 +71,10 @@ def _write_and_load(root, hf_dir):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from srft_mcore import checkpoint as ckpt
-    from srft_mcore.bridge import checkpoint_renames, load_hf_into_model
+    from srft_mcore.training import checkpoint as ckpt
+    from srft_mcore.models.bridge import checkpoint_renames, load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
 
     init_distributed(1, 1)
@@ -129,7 +129,7 @@ def _write_and_load(root, hf_dir):
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models.tiny import make_tiny_hf_model
 
     root = tmp_path_factory.mktemp("layer_specs")
@@ -168,7 +168,7 @@ def test_the_checkpoints_use_the_names_under_test(written):
 
 
 def test_eval_and_convert_give_the_local_checkpoints_hf_tensors(written, tmp_path, capsys):
-    from srft_mcore.eval import ModelSource, materialize
+    from srft_mcore.evaluation.evaluate import ModelSource, materialize
     from tools.convert_ckpt.cli import main
 
     root, hf_dir, res = written

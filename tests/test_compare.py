@@ -12,8 +12,8 @@ import shlex
 
 import pytest
 
-from srft_mcore import compare
-from srft_mcore.checkpoint import step_dir_name
+from srft_mcore.comparison import compare
+from srft_mcore.training.checkpoint import step_dir_name
 from srft_mcore.data.embedded import embedded_eval_splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,8 +117,8 @@ def test_dry_run_commands(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists()  # nothing written
     cmds = [shlex.split(line) for line in out.splitlines()
             if line and not line.startswith(("#", "{"))]
-    train = [c for c in cmds if "srft_mcore.trainer" in c]
-    evals = [c for c in cmds if "srft_mcore.eval" in c]
+    train = [c for c in cmds if "srft_mcore.training.trainer" in c]
+    evals = [c for c in cmds if "srft_mcore.evaluation.evaluate" in c]
     assert len(train) == 2 * (1 + 2 + 1) and len(evals) == 2 * 3
     assert summary["commands"] == len(cmds)
 

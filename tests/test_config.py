@@ -141,7 +141,7 @@ def test_readme_holds_the_defaults_table():
 
 
 def run_doctor_config(*args):
-    return subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "config", *args],
+    return subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "config", *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -118,7 +118,7 @@ def _server_logprobs(url, ids, max_new_tokens):
 
 
 def _hf_logprobs(model_dir, ids):
-    from srft_mcore.parity import reference_logits
+    from srft_mcore.doctor.parity import reference_logits
 
     logp = torch.log_softmax(reference_logits(model_dir, torch.tensor([ids]))[0], dim=-1)
     return logp[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)

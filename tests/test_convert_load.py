@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 from srft_mcore.models.tiny import make_tiny_hf_model
-from srft_mcore.parity import reference_logits, sample_tokens
+from srft_mcore.doctor.parity import reference_logits, sample_tokens
 
 pytestmark = pytest.mark.slow
 TOL = 1e-4
@@ -19,7 +19,7 @@ TOL = 1e-4
 
 def _build(hf_dir, tp):
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
 
     layout = init_distributed(tp=tp, pp=1)
@@ -33,7 +33,7 @@ def _megatron_save_rank(hf_dir, out, tp):
     """Reference: the whole model loaded in memory, saved by dist_checkpointing.save."""
     from megatron.core import dist_checkpointing
 
-    from srft_mcore.bridge import load_hf_into_model
+    from srft_mcore.models.bridge import load_hf_into_model
 
     layout, hf, model = _build(hf_dir, tp)
     load_hf_into_model(model, hf_dir, hf, tp_group=layout.tp_group)
@@ -44,7 +44,7 @@ def _load_rank(hf_dir, ckpt, reference_ckpt, ref, tp):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from srft_mcore.parity import pipeline_forward
+    from srft_mcore.doctor.parity import pipeline_forward
 
     layout, hf, model = _build(hf_dir, tp)
     state = dist_checkpointing.load(model.sharded_state_dict(), ckpt)

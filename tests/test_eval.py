@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from srft_mcore.eval import (LETTERS, EvalError, answer_text, detect_layout, evaluate_splits,
+from srft_mcore.evaluation.evaluate import (LETTERS, EvalError, answer_text, detect_layout, evaluate_splits,
                              extract_choice, load_eval_set, math_score, metric_name,
                              paper_sampling, resolve_model, run_eval, sample_accuracy,
                              score_item, shuffle_options)
@@ -64,7 +64,7 @@ def test_reference_answers_as_text(value, text):
 
 
 def test_a_training_reward_can_score_math_answers():
-    from srft_mcore.eval import EvalItem
+    from srft_mcore.evaluation.evaluate import EvalItem
     from srft_mcore.reward import math_reward
 
     item = EvalItem(index=0, id=None, question="q", prompt="q", answer="0.5")
@@ -148,7 +148,7 @@ def test_option_shuffle_is_seeded_and_stable_across_processes():
     for shuffled, gold in first:
         assert shuffled[gold] == "option 7"
     # another interpreter with another hash seed draws the same orders
-    code = ("import json; from srft_mcore.eval import shuffle_options as s; "
+    code = ("import json; from srft_mcore.evaluation.evaluate import shuffle_options as s; "
             "print(json.dumps([s([f'option {k}' for k in range(10)], 7, seed=11, index=i) "
             "for i in range(20)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -233,7 +233,7 @@ def test_run_eval_counts_avg_at_k_over_samples(tmp_path):
 
 
 def test_budget_is_capped_by_the_served_context(tmp_path):
-    from srft_mcore.eval import prompt_ids
+    from srft_mcore.evaluation.evaluate import prompt_ids
     from srft_mcore.models.tiny import load_tokenizer
 
     tok = load_tokenizer(EMBEDDED_MODEL_DIR)
@@ -299,7 +299,7 @@ def test_unknown_fields_error_lists_found_and_expected(tmp_path):
 def test_cli_bad_file_fails_before_any_server(tmp_path):
     bad = write_jsonl(tmp_path / "odd.jsonl", [{"text": "p", "label_x": "1"}])
     out_dir = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "srft_mcore.eval", "--model", EMBEDDED_MODEL_DIR,
+    res = subprocess.run([sys.executable, "-m", "srft_mcore.evaluation.evaluate", "--model", EMBEDDED_MODEL_DIR,
                           "--data", bad, "--out", str(out_dir)], capture_output=True, text=True,
                          timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert res.returncode == 2, res.stderr[-3000:]
@@ -351,7 +351,7 @@ def embedded_files(tmp_path_factory):
 
 
 def run_cli(*args, timeout=900):
-    res = subprocess.run([sys.executable, "-m", "srft_mcore.eval", *args], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "srft_mcore.evaluation.evaluate", *args], capture_output=True,
                          text=True, timeout=timeout, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     return res
@@ -414,7 +414,7 @@ def test_evaluate_splits_through_a_live_server(server, embedded_files, tmp_path)
     from srft_mcore.rollout.client import SGLangClient
 
     math_path, mc_path = embedded_files
-    from srft_mcore.eval import server_context_length
+    from srft_mcore.evaluation.evaluate import server_context_length
     from srft_mcore.models import load_hf_config
 
     client = SGLangClient([server.url])  # what the trainer holds as engine.client
@@ -459,10 +459,10 @@ def _save_trainer_checkpoint(root):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from srft_mcore import checkpoint as ckpt
-    from srft_mcore.bridge import load_hf_into_model
+    from srft_mcore.training import checkpoint as ckpt
+    from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
 
     layout = init_distributed(1, 1)
@@ -480,7 +480,7 @@ def _save_trainer_checkpoint(root):
 @pytest.mark.slow
 def test_cli_on_a_trainer_checkpoint_matches_the_hf_model(embedded_files, hf_dir_run, tmp_path):
     from srft_mcore.config import Config, DataConfig, save_config
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
 
     run = tmp_path / "run"
     run.mkdir()

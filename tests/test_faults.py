@@ -67,7 +67,7 @@ def test_trainer_reports_a_missing_tokenizer_in_one_paragraph(tmp_path):
     model = model_without(tmp_path, *TOKENIZER_FILES)
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "srft_mcore.trainer", "--config", CONFIG, "parallel.tp=1",
+        [sys.executable, "-m", "srft_mcore.training.trainer", "--config", CONFIG, "parallel.tp=1",
          f"model.hf_path={model}", f"logging.run_dir={run_dir}", "data.template=think",
          "logging.tensorboard=false"],
         capture_output=True, text=True, timeout=300, env=clean_env())
@@ -81,7 +81,7 @@ def test_trainer_reports_a_missing_tokenizer_in_one_paragraph(tmp_path):
 def test_doctor_parity_rejects_a_tp_size_that_does_not_divide_the_heads(tmp_path):
     hf_dir = make_tiny_hf_model(str(tmp_path / "h14"), hidden_size=112, num_heads=14,
                                 num_kv_heads=2, num_layers=2)
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "parity", "--hf", hf_dir,
+    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "parity", "--hf", hf_dir,
                           "--tp", "4"], capture_output=True, text=True, timeout=300,
                          env=clean_env())
     assert out.returncode == 2, out.stderr[-3000:]
@@ -100,8 +100,8 @@ NAN_DRIVER = textwrap.dedent('''
     import sys
 
     import srft_mcore.algo.losses as losses
-    import srft_mcore.batching as batching
-    import srft_mcore.trainer as trainer
+    import srft_mcore.training.batching as batching
+    import srft_mcore.training.trainer as trainer
 
     step = [0]
     real_build, real_make = batching.build_sequences, losses.make_loss_func
@@ -196,7 +196,7 @@ SYNC_RUN = ["parallel.tp=1", "train.steps=2", "train.prompts_per_step=4", "rollo
 
 
 def run_trainer(*args, timeout=600, command=None):
-    return subprocess.run(command or [sys.executable, "-m", "srft_mcore.trainer", *args],
+    return subprocess.run(command or [sys.executable, "-m", "srft_mcore.training.trainer", *args],
                           capture_output=True, text=True, timeout=timeout, env=clean_env())
 
 

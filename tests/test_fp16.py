@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 
 
 def _params(t):
@@ -46,7 +46,7 @@ def _overflowing(t):
 
 
 def _fp16_rank(ckpt_dir):
-    from srft_mcore import checkpoint as ckpt
+    from srft_mcore.training import checkpoint as ckpt
     from test_train_step import _synthetic_step, _trainer
 
     over = ["model.dtype=float16", "optimizer.lr=1e-3", "train.micro_batch_size=4",

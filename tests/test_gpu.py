@@ -50,7 +50,7 @@ def sync() -> None:
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def layout():
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
 
     return init_distributed(tp=1, pp=1, seed=1234)
 
@@ -68,7 +68,7 @@ def tiny_dir(tmp_path_factory):
 def make_trainer(model_dir, run_dir, *overrides):
     """The trainer's bf16 policy on the tiny model: 2 prompts x (3 rollouts + 1 demo)."""
     from srft_mcore.config import load_config
-    from srft_mcore.trainer import Trainer
+    from srft_mcore.training.trainer import Trainer
 
     cfg = load_config(None, [f"model.hf_path={model_dir}", "model.dtype=bfloat16",
                              "train.prompts_per_step=2", "rollout.n_samples=3",
@@ -82,7 +82,7 @@ def make_trainer(model_dir, run_dir, *overrides):
 def synthetic_rollouts(vocab: int, n_groups: int = 2, n_samples: int = 3,
                        prompt_len: int = 12, seed: int = 0) -> list:
     """Fixed rollouts of mixed lengths: per prompt n rollouts (odd ones rewarded) + demo."""
-    from srft_mcore.batching import TrainSequence
+    from srft_mcore.training.batching import TrainSequence
 
     g = torch.Generator().manual_seed(seed)
     seqs = []
@@ -150,7 +150,7 @@ def state_tensors(state, prefix: str = "") -> dict:
 @gpu
 def test_bf16_forward_backward_matches_fp32(layout, tiny_dir):
     """The same weights in bf16 and fp32 on the device: log-probs and gradients agree."""
-    from srft_mcore.bridge import load_hf_into_model
+    from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.models import build_model, load_hf_config
     from srft_mcore.models.policy import policy_forward
@@ -329,7 +329,7 @@ def test_fused_kernel_at_7b_tp2_shard_shapes():
 
 @gpu
 def test_checkpoint_round_trip_restores_params_and_optimizer(layout, tiny_dir, tmp_path):
-    from srft_mcore import checkpoint as ckpt
+    from srft_mcore.training import checkpoint as ckpt
 
     trained = make_trainer(tiny_dir, tmp_path / "a")
     seqs = synthetic_rollouts(trained.hf["vocab_size"])
@@ -358,7 +358,7 @@ def test_checkpoint_round_trip_restores_params_and_optimizer(layout, tiny_dir, t
 def test_hf_export_import_gives_identical_logprobs(layout, tiny_dir, tmp_path):
     """A trained bf16 policy written by the trainer's HF export and loaded back into a new
     model through the bridge: the same parameters and bit-identical log-probs."""
-    from srft_mcore.bridge import load_hf_into_model
+    from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.models import build_model
 
     trainer = make_trainer(tiny_dir, tmp_path / "run")
@@ -418,8 +418,8 @@ def test_cpu_bench_smoke_prints_json_without_gpu_only_modules():
     """``gpu_bench.py --cpu-smoke`` runs every section and prints one JSON object, with
     datasets, math-verify and SGLang unimportable (as on the GPU machine); the modules the
     GPU tests use import without them too."""
-    code = ("import srft_mcore.bridge, srft_mcore.checkpoint, srft_mcore.models.tiny, "
-            "srft_mcore.models.policy, srft_mcore.trainer, tools.convert_ckpt.safetensors_out\n"
+    code = ("import srft_mcore.models.bridge, srft_mcore.training.checkpoint, srft_mcore.models.tiny, "
+            "srft_mcore.models.policy, srft_mcore.training.trainer, tools.convert_ckpt.safetensors_out\n"
             "import runpy\n"
             f"sys.argv = [{BENCH_SCRIPT!r}, '--cpu-smoke']\n"
             f"runpy.run_path({BENCH_SCRIPT!r}, run_name='__main__')\n")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from srft_mcore.config import ConfigError, ModelConfig, ParallelConfig
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 from srft_mcore.models.builder import (Kernels, choose_build, detect_kernels, gpt_model_kwargs,
                                        make_transformer_config)
-from srft_mcore.parallel_check import TINY_QWEN2
+from srft_mcore.doctor.parallel_check import TINY_QWEN2
 
 TE_APEX_FUSIONS = ("masked_softmax_fusion", "persist_layer_norm", "apply_rope_fusion",
                    "gradient_accumulation_fusion")
@@ -115,7 +115,7 @@ def test_rope_and_context_overrides_reach_the_gpt_model():
 def _build_simulated_gpu_rank(theta, positions):
     """Build on CPU with the choice a bare GPU gets (the model is built, not run: the
     torch.compile'd fusions would compile for the CPU)."""
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model
 
     init_distributed(1, 1)
@@ -150,7 +150,7 @@ def test_gpt_model_builds_for_a_gpu_without_te_or_apex():
 def _cuda_fused_vs_unfused_rank():
     """On CUDA: the detected build (auto) runs forward + backward in bf16; the local spec with
     the detected fusions gives the logits of the local spec with every fusion off."""
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model
 
     init_distributed(1, 1)

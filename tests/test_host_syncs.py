@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from host_sync import PROJECT, HostSyncCounter, count_host_syncs
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 
 
 def test_counter_sees_each_kind_and_not_the_device_side_forms():
@@ -53,7 +53,7 @@ def _steps_rank(item_in_loss: bool):
     back per micro-batch (the fault this test exists to catch)."""
     import srft_mcore.algo.losses as losses
     from srft_mcore.config import load_config
-    from srft_mcore.trainer import Trainer
+    from srft_mcore.training.trainer import Trainer
     from test_train_step import _synthetic_step
 
     if item_in_loss:

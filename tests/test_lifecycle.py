@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from srft_mcore.config import ConfigError
-from srft_mcore.lifecycle import LOCK_NAME, RunDirLocked, lock_run_dir, watch_launcher
+from srft_mcore.training.lifecycle import LOCK_NAME, RunDirLocked, lock_run_dir, watch_launcher
 from test_trainer import CONFIG, SMALL, single_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def tree(pid):
 
 
 def is_rank(p):
-    return "srft_mcore.trainer" in " ".join(p.cmdline())
+    return "srft_mcore.training.trainer" in " ".join(p.cmdline())
 
 
 def is_sglang(p):
@@ -96,7 +96,7 @@ def wait_training(proc, run_dir, log_path, timeout_s=900):
 
 def start_trainer(run_dir, log_path, *overrides, torchrun=True):
     """A long run (it is stopped by the test), output to ``log_path``."""
-    args = ["-m", "srft_mcore.trainer", "--config", CONFIG, f"logging.run_dir={run_dir}",
+    args = ["-m", "srft_mcore.training.trainer", "--config", CONFIG, f"logging.run_dir={run_dir}",
             *SMALL, "train.steps=500", "checkpoint.every=1000", *overrides]
     if torchrun:
         args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
@@ -170,7 +170,7 @@ def test_watch_is_not_armed_outside_torchrun(monkeypatch):
 # --------------------------------------------------------------------------- multi-process
 HOLDER = """
 import sys, time
-from srft_mcore.lifecycle import lock_run_dir
+from srft_mcore.training.lifecycle import lock_run_dir
 lock = lock_run_dir(sys.argv[1])
 print("held", flush=True)
 time.sleep(600)
@@ -199,7 +199,7 @@ def test_lock_held_by_another_process_until_it_dies(tmp_path):
 # SGLang server) and reports both pids; it never exits by itself
 FAKE_RANK = """
 import os, sys, threading, time
-from srft_mcore.lifecycle import watch_launcher
+from srft_mcore.training.lifecycle import watch_launcher
 from srft_mcore.rollout.server import SGLangServer
 
 class Sleeper(SGLangServer):
@@ -295,7 +295,7 @@ def test_second_trainer_on_a_locked_run_dir_is_refused(tmp_path):
         # --resume under torchrun: rank 0 is refused, torchrun stops rank 1 (no hang)
         resumed = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             "--nproc_per_node=2", "-m", "srft_mcore.trainer", "--config", CONFIG,
+             "--nproc_per_node=2", "-m", "srft_mcore.training.trainer", "--config", CONFIG,
              f"logging.run_dir={run_dir}", *SMALL, "--resume"],
             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert resumed.returncode != 0

@@ -325,7 +325,7 @@ def test_luffy_is_its_own_objective():
     pi_beta = 1, neither clipped; one micro-batch's loss = token sum / padded response length
     - 0.001 * token mean of the entropy. The one change of scale (README): divided by the
     micro-batch's sequence count, so it does not grow with the sequences a GPU holds."""
-    from srft_mcore.batching import build_sequences, make_micro_batches, sequence_totals
+    from srft_mcore.training.batching import build_sequences, make_micro_batches, sequence_totals
     from srft_mcore.data import Example
 
     ex = Example(index=0, prompt="p", prompt_text="p", prompt_ids=[1, 2], answer="0",

@@ -5,7 +5,7 @@ single rank; plus the policy's (log-prob, entropy) against the model's own logit
 import pytest
 import torch
 
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 
 # 500 real tokens, padded by Megatron to 512: the last TP shard holds padding
 HF = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=500,
@@ -39,11 +39,11 @@ def _rank(tp, pp, micro_batch, sequence_parallel, fused, reference, save_to):
 
     from srft_mcore.algo import batch_totals, make_loss_func, reduce_metrics
     from srft_mcore.config import AlgorithmConfig, ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model
     from srft_mcore.models.policy import policy_forward
     from srft_mcore.models.sharding import global_name, partition_dim, split_for_rank
-    from srft_mcore.parallel_check import _init_params
+    from srft_mcore.doctor.parallel_check import _init_params
 
     lay = init_distributed(tp=tp, pp=pp, seed=1)
     model = build_model(HF, ModelConfig(), ParallelConfig(tp=tp, pp=pp, dp=lay.dp,
@@ -107,11 +107,11 @@ def _policy_vs_logits_rank():
     """policy_forward on one rank against the model's own logits + a plain softmax
     (log-prob, entropy: max abs difference; parameter gradients: relative to their max)."""
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model
     from srft_mcore.models.policy import policy_forward
     from srft_mcore.ops import reference_logprob_entropy
-    from srft_mcore.parallel_check import _init_params
+    from srft_mcore.doctor.parallel_check import _init_params
 
     init_distributed(tp=1, pp=1, seed=1)
     out = {}

@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from srft_mcore.metrics import MetricsLogger, ProgressBar, Timer, read_metrics
-from srft_mcore.plot import group_of, main as plot_main
+from srft_mcore.training.metrics import MetricsLogger, ProgressBar, Timer, read_metrics
+from srft_mcore.training.plot import group_of, main as plot_main
 
 
 def _steps(run_dir):

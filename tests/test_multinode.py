@@ -11,7 +11,7 @@ import pytest
 
 from srft_mcore.config import load_config
 from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
-from srft_mcore.multinode import (MultiNodeError, cluster_plan, expand_hostlist, plan_shell,
+from srft_mcore.launching.multinode import (MultiNodeError, cluster_plan, expand_hostlist, plan_shell,
                                   slurm_nodes)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +129,7 @@ def test_torchrun_script_dry_run(tmp_path):
     assert out.split() == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1",
         "--nproc_per_node=4", "--rdzv_backend=static", "--rdzv_endpoint=node0:29555",
-        "-m", "srft_mcore.trainer", "--config",
+        "-m", "srft_mcore.training.trainer", "--config",
         os.path.join(ROOT, "examples/configs/srft_tiny_cpu.yaml"), "train.steps=3"]
     bad = _run(["bash", os.path.join(MULTI, "srft_torchrun_multinode.sh")],
                {**env, "NODE_RANK": "2"}, ok=False)
@@ -173,7 +173,7 @@ def test_slurm_dry_run_starts_servers_first_then_torchrun_per_node(tmp_path):
         assert r'rollout.urls=\[\"http://gpu-03:30000\"\,\"http://gpu-07:30000\"\]' in line
         assert "rollout.router_url=http://gpu-03:30100" in line
         assert "rollout.sync_address=auto" in line and "optimizer.lr=2e-6" in line
-    health = [ln for ln in lines if "srft_mcore.multinode wait" in ln]
+    health = [ln for ln in lines if "srft_mcore.launching.multinode wait" in ln]
     assert len(health) == 1 and health[0].endswith("http://gpu-07:30000 http://gpu-03:30100")
 
 

@@ -175,7 +175,7 @@ def _tp_rank(dtype_name: str, vocab: int, padded: int, temperature: float):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_tp2_matches_reference(dtype_name):
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
 
     tol = TOL[getattr(torch, dtype_name)]
     # 290 of 320: rank 1 holds 130 real columns; 150 of 320: rank 1 holds none

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from srft_mcore.parallel_check import check_layout
+from srft_mcore.doctor.parallel_check import check_layout
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ def test_check_detects_a_wrong_layout(workdir):
     """The comparison can fail: TP2 with fc1 loaded as a plain chunk of [gate; up]."""
     import os
 
-    from srft_mcore.launch import spawn_ranks
-    from srft_mcore.parallel_check import run_rank
+    from srft_mcore.launching.local import spawn_ranks
+    from srft_mcore.doctor.parallel_check import run_rank
 
     ref = os.path.join(workdir, "reference_gb8_float32.pt")
     assert os.path.exists(ref)  # written by the tests above
@@ -47,7 +47,7 @@ def test_check_detects_a_wrong_layout(workdir):
 
 
 def test_doctor_parallel_tp2_pp2():
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "parallel", "--tp", "2",
+    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "parallel", "--tp", "2",
                           "--pp", "2"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -58,7 +58,7 @@ def test_doctor_parallel_tp2_pp2():
 
 
 def _doctor_json(*args):
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "parallel", *args],
+    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "parallel", *args],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

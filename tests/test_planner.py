@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from srft_mcore import planner as pl
+from srft_mcore.planning import planner as pl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -17,11 +17,11 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from srft_mcore import bridge
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.models import bridge
+from srft_mcore.launching.local import spawn_ranks
 from srft_mcore.models import get_architecture, padded_vocab_size
 from srft_mcore.models.tiny import make_tiny_hf_model
-from srft_mcore.parity import reference_logits, run_rank, sample_tokens
+from srft_mcore.doctor.parity import reference_logits, run_rank, sample_tokens
 
 TOL = 1e-4
 HEAD_DIM = 32  # != hidden_size // num_attention_heads (64 // 4)
@@ -114,7 +114,7 @@ def test_transformer_config_and_local_spec(monkeypatch):
 def _built_norms_rank(hf_dir):
     """The q/k norm modules of a model built through the builder (local spec)."""
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
 
     init_distributed(tp=1, pp=1)

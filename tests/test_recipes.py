@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from srft_mcore import planner as P
+from srft_mcore.planning import planner as P
 from srft_mcore.config import load_config, validate
 from tools import make_recipes as mr
 

@@ -15,7 +15,7 @@ import torch
 
 from fake_http import (ALL_TAGS, ROUTES, SESSION_ROUTES, FakeSGLang, JsonHandler,
                        fake_state, open_entry, start_fake)
-from srft_mcore.distributed import free_port
+from srft_mcore.launching.distributed import free_port
 from srft_mcore.rollout.client import GenerateError, SamplingParams, SGLangClient, parse_completion
 from srft_mcore.rollout import weight_sync as ws
 from srft_mcore.rollout.weight_sync import flatten_bucket, _bucket_metadata
@@ -399,7 +399,7 @@ def _colocated_job(url: str, device: str, phases: tuple) -> dict:
     if device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
-    import srft_mcore.distributed as sd
+    import srft_mcore.launching.distributed as sd
 
     # the life of each tensor this rank hands out, against the moment rank 0 says that the
     # servers have answered (its status broadcast); and whether any copy outlives the sync
@@ -452,7 +452,7 @@ def _colocated_job(url: str, device: str, phases: tuple) -> dict:
 def _run_colocated(url: str, device: str, phases: tuple) -> tuple[list, dict]:
     import requests
 
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
 
     results = spawn_ranks(_colocated_job, 2, (url, device, phases), timeout_s=300)
     return results, requests.get(url + "/calls", timeout=10).json()

@@ -259,7 +259,7 @@ def _pid_alive(pid) -> bool:
 
 @pytest.mark.slow
 def test_two_real_servers_behind_a_launched_router(tmp_path):
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
 
     used: set = set()

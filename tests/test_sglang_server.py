@@ -21,7 +21,7 @@ def sglang_processes():
 
 def test_doctor_sglang_generates_and_leaves_no_orphans():
     before = sglang_processes()
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor", "sglang", "--timeout", "300"],
+    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "sglang", "--timeout", "300"],
                          capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])

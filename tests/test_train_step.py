@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from srft_mcore.launch import spawn_ranks
+from srft_mcore.launching.local import spawn_ranks
 
 PROMPTS, ROLLOUTS = 4, 3
 # (rewards of the 3 rollouts of each prompt): mixed, all wrong, all right, mixed
@@ -18,7 +18,7 @@ REWARDS = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]]
 def _synthetic_step(vocab: int, seed: int = 3):
     """The step's sequences through the trainer's own build_sequences: prompts of 5-8
     tokens, rollouts and demonstrations of 2-12 tokens, SGLang-like log-probs."""
-    from srft_mcore.batching import build_sequences
+    from srft_mcore.training.batching import build_sequences
     from srft_mcore.config import AlgorithmConfig
     from srft_mcore.rollout.client import Completion
 
@@ -46,7 +46,7 @@ def _synthetic_step(vocab: int, seed: int = 3):
 
 def _trainer(overrides):
     from srft_mcore.config import load_config
-    from srft_mcore.trainer import Trainer
+    from srft_mcore.training.trainer import Trainer
 
     cfg = load_config(None, ["train.prompts_per_step=4", f"rollout.n_samples={ROLLOUTS}",
                              "data.max_response_len=16", "optimizer.grad_clip=0",
@@ -88,7 +88,7 @@ def _hand_mean(values, masks):
 # --------------------------------------------------------------------------- mini-batches
 def _two_mini_batches_rank():
     from srft_mcore.algo.losses import batch_totals
-    from srft_mcore.batching import split_mini_batches
+    from srft_mcore.training.batching import split_mini_batches
 
     over = ["train.mini_batches=2", "train.micro_batch_size=4", "optimizer.lr=0.05",
             "algorithm.clip_eps=0.2"]
@@ -189,7 +189,7 @@ def test_step_entropy_is_the_mean_over_the_entropy_tokens():
 def _tis_rank():
     """GRPO (the on-policy term alone), lr 0: the same weights for every call. SGLang's
     log-probs set 1.5x less likely than the old policy's on every rollout token."""
-    from srft_mcore.batching import sequence_totals
+    from srft_mcore.training.batching import sequence_totals
 
     t = _trainer(["algorithm.name=grpo", "algorithm.loss_agg=token-mean", "optimizer.lr=0.0",
                   "train.micro_batch_size=4"])
@@ -277,7 +277,7 @@ def _kl_rank():
     of the mean rollout log-prob, k3's is zero (e^d - d - 1 is flat at d = 0)."""
     import torch.distributed as dist
 
-    from srft_mcore.batching import sequence_totals, split_mini_batches
+    from srft_mcore.training.batching import sequence_totals, split_mini_batches
 
     out = {}
     for est in ("k1", "k3"):
@@ -438,7 +438,7 @@ def test_eval_during_training_logs_and_plots_held_out_accuracy(tmp_path):
     import json
     import os
 
-    from srft_mcore.plot import plot_run
+    from srft_mcore.training.plot import plot_run
     from test_trainer import metrics, run
 
     run_dir = str(tmp_path / "eval")

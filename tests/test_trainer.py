@@ -23,7 +23,7 @@ VOLATILE = ("time/", "perf/", "wall_time", "rollout/sync_s", "rollout/sync_gb_pe
 
 def launch(run_dir, *overrides, nproc=2, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "srft_mcore.trainer", "--config", CONFIG,
+           f"--nproc_per_node={nproc}", "-m", "srft_mcore.training.trainer", "--config", CONFIG,
            f"logging.run_dir={run_dir}", *SMALL, *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -135,8 +135,8 @@ def _save_then_hang(ckpt_dir, ready_path):
     """One rank: save step 1, then start saving step 2 and stall inside the write."""
     from megatron.core import dist_checkpointing
 
-    from srft_mcore import checkpoint as ckpt
-    from srft_mcore.parallel_check import TINY_QWEN2
+    from srft_mcore.training import checkpoint as ckpt
+    from srft_mcore.doctor.parallel_check import TINY_QWEN2
 
     model, opt = build_tiny_with_optimizer(TINY_QWEN2)
     ckpt.save_checkpoint(ckpt_dir, 1, model, opt, {"marker": "one"})
@@ -160,7 +160,7 @@ def build_tiny_with_optimizer(hf):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model
 
     init_distributed(1, 1)
@@ -173,8 +173,8 @@ def build_tiny_with_optimizer(hf):
 
 
 def _load_latest(ckpt_dir):
-    from srft_mcore import checkpoint as ckpt
-    from srft_mcore.parallel_check import TINY_QWEN2
+    from srft_mcore.training import checkpoint as ckpt
+    from srft_mcore.doctor.parallel_check import TINY_QWEN2
 
     model, opt = build_tiny_with_optimizer(TINY_QWEN2)
     path = ckpt.latest_checkpoint(ckpt_dir)
@@ -184,8 +184,8 @@ def _load_latest(ckpt_dir):
 
 
 def _load_weights_only(path):
-    from srft_mcore import checkpoint as ckpt
-    from srft_mcore.parallel_check import TINY_QWEN2
+    from srft_mcore.training import checkpoint as ckpt
+    from srft_mcore.doctor.parallel_check import TINY_QWEN2
 
     model, _ = build_tiny_with_optimizer(TINY_QWEN2)
     kind = ckpt.load_model_weights(path, model)
@@ -196,9 +196,9 @@ def _load_weights_only(path):
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     import multiprocessing as mp
 
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
 
-    from srft_mcore.distributed import free_port
+    from srft_mcore.launching.distributed import free_port
 
     ckpt_dir, ready = str(tmp_path / "ckpt"), str(tmp_path / "ready")
     ctx = mp.get_context("spawn")
@@ -234,7 +234,7 @@ def single_rank(*overrides, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "-m", "srft_mcore.trainer", "--config", CONFIG,
+    return subprocess.run([sys.executable, "-m", "srft_mcore.training.trainer", "--config", CONFIG,
                            "parallel.tp=1", *SMALL, *overrides], capture_output=True,
                           text=True, timeout=timeout, env=env)
 

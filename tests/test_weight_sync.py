@@ -84,9 +84,9 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from srft_mcore.bridge import load_hf_into_model
+    from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig, RolloutConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models.builder import build_model, load_hf_config
     from srft_mcore.rollout.client import SamplingParams
     from srft_mcore.rollout.engine import RolloutEngine
@@ -240,7 +240,7 @@ def _alive(pid) -> bool:
 # --------------------------------------------------------------------------- fixture
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models.tiny import make_tiny_hf_model
 
     root = tmp_path_factory.mktemp("wsync")

@@ -22,7 +22,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
-from srft_mcore import planner as P
+from srft_mcore.planning import planner as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "examples", "configs", "recipes")
@@ -109,12 +109,12 @@ def _launch_lines(spec: RecipeSpec, plan, rel: str) -> list[str]:
                 f"#   sbatch --nodes={nodes} examples/multinode/srft_slurm.sbatch"]
     if r.mode == "colocated":
         return ["# Launch (one node):",
-                f"#   torchrun --nproc_per_node={lay.gpus} -m srft_mcore.trainer \\",
+                f"#   torchrun --nproc_per_node={lay.gpus} -m srft_mcore.training.trainer \\",
                 f"#     {args}"]
     gpus = ",".join(str(g) for g in range(plan.trainer_gpus, plan.trainer_gpus + r.gpus))
     return ["# Launch (one node; the servers on the GPUs after the trainer's):",
             f"#   SRFT_ROLLOUT_GPUS={gpus} torchrun --nproc_per_node={lay.gpus} \\",
-            f"#     -m srft_mcore.trainer {args}"]
+            f"#     -m srft_mcore.training.trainer {args}"]
 
 
 def recipe_text(spec: RecipeSpec) -> str:

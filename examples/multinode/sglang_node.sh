@@ -30,7 +30,7 @@ LOG_DIR=${LOG_DIR:-sglang_logs}
 tp_override=()
 [[ -n "${SERVER_TP:-}" ]] && tp_override=("rollout.server_tp=$SERVER_TP")
 # sets SERVER_TP (rollout.server_tp) and SERVER_ARGS (the server flags)
-FLAGS=$("$PY" -m srft_mcore.multinode server-args --shell --config "$CONFIG" \
+FLAGS=$("$PY" -m srft_mcore.launching.multinode server-args --shell --config "$CONFIG" \
         "model.hf_path=$MODEL_DIR" "$@" "${tp_override[@]}") \
   || die "cannot build the server flags from CONFIG=$CONFIG"
 eval "$FLAGS"

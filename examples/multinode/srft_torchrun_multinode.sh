@@ -39,7 +39,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 cmd=("$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
      --nproc_per_node="$GPUS_PER_NODE" --rdzv_backend=static
      --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
-     -m srft_mcore.trainer --config "$CONFIG" "$@")
+     -m srft_mcore.training.trainer --config "$CONFIG" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${cmd[@]}" | sed 's/ $//'
   echo

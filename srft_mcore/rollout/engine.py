@@ -54,7 +54,7 @@ import requests
 import torch
 
 from srft_mcore.config import sglang_mem_fraction
-from srft_mcore.distributed import broadcast_object
+from srft_mcore.launching.distributed import broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
 from srft_mcore.rollout.router import SGLangRouter, router_for
 from srft_mcore.rollout.server import SGLangServer, cuda_available

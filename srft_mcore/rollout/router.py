@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import requests
 
-from srft_mcore.distributed import free_port
+from srft_mcore.launching.distributed import free_port
 from srft_mcore.rollout.server import ManagedProcess, ServerStartError
 
 POLICIES = ("cache_aware", "round_robin", "random", "power_of_two")

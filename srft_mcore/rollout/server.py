@@ -41,7 +41,7 @@ from typing import Optional, Sequence, TypeVar
 import requests
 
 from srft_mcore.config import sglang_mem_fraction
-from srft_mcore.distributed import free_port
+from srft_mcore.launching.distributed import free_port
 
 CPU_ARGS = (
     "--device", "cpu", "--attention-backend", "torch_native", "--sampling-backend", "pytorch",

@@ -350,7 +350,7 @@ class Transport:
 
         Here: ranks with ``src.exports`` iterate their stage's buckets and the stage's source
         (``src.sends``) sends each one with :meth:`send`."""
-        from srft_mcore.bridge import bucketize
+        from srft_mcore.models.bridge import bucketize
 
         sent = buckets = 0
         error = None
@@ -520,8 +520,8 @@ def every_stage_bucket(src: SourceInfo, tensors: Callable[[], NamedTensors], buc
 
     Collective over ``group``: every rank iterates to the end. ``tensors()`` is called on
     every rank of the stage being sent."""
-    from srft_mcore.bridge import bucketize
-    from srft_mcore.distributed import broadcast_object, comm_device
+    from srft_mcore.models.bridge import bucketize
+    from srft_mcore.launching.distributed import broadcast_object, comm_device
 
     leads = _stage_leads(src, group) if src.pp > 1 else None
     for stage in range(src.pp):
@@ -597,7 +597,7 @@ class TensorTransport(Transport):
             _detach_shm_manager_from_stdio()
 
     def transfer(self, urls, src, tensors, bucket_bytes, version, group=None):
-        from srft_mcore.distributed import broadcast_object
+        from srft_mcore.launching.distributed import broadcast_object
 
         rank, _ = _world(group)
         holds = any(rank in ranks for ranks in self._plan)
@@ -664,7 +664,7 @@ class DistributedTransport(Transport):
 
         from sglang.srt.utils.common import init_custom_process_group
 
-        from srft_mcore.distributed import free_port, own_rendezvous_store
+        from srft_mcore.launching.distributed import free_port, own_rendezvous_store
 
         self._epoch += 1
         name = f"srft_wsync_pp{self._pp_rank}_{os.getpid()}_{self._epoch}"
@@ -776,7 +776,7 @@ def _agree(error: Optional[tuple], extra=None, group=None) -> tuple[list[tuple],
 def export_stream(model_chunks, hf_config: dict, src: SourceInfo,
                   dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """This PP stage's HF tensors, gathered over TP by the bridge."""
-    from srft_mcore.bridge import export_hf_weights
+    from srft_mcore.models.bridge import export_hf_weights
 
     return export_hf_weights(model_chunks, hf_config, tp_group=src.tp_group, dtype=dtype)
 

@@ -53,8 +53,8 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
-    from srft_mcore.bridge import BridgeError
-    from srft_mcore.launch import RankFailed
+    from srft_mcore.models.bridge import BridgeError
+    from srft_mcore.launching.local import RankFailed
     from srft_mcore.models import UnsupportedArchitecture
     from tools.convert_ckpt.hf_to_mcore import hf_to_mcore
     from tools.convert_ckpt.mcore_to_hf import CheckpointFormatError, mcore_to_hf

@@ -3,7 +3,7 @@
 ``tp * pp`` spawned gloo ranks each build their stage of the model on the ``meta`` device
 and write its shards with :func:`tools.convert_ckpt.dcp_stream.save_streaming`: the same
 checkpoint ``dist_checkpointing.save`` writes, but each tensor (this rank's slice of the HF
-tensors, :func:`srft_mcore.bridge.hf_param_shard`) is read from the HF files just before it
+tensors, :func:`srft_mcore.models.bridge.hf_param_shard`) is read from the HF files just before it
 is written, with the source file mapped only during that read. Peak memory per rank is
 about one parameter shard. The HF side files needed to go back (config.json,
 generation config, tokenizer) go to ``<out>/hf/`` and the conversion record to
@@ -32,9 +32,9 @@ def source_dtype(hf: dict) -> str:
 def _rank_main(hf_dir: str, out: str, tp: int, pp: int, dtype: str) -> dict:
     import torch
 
-    from srft_mcore.bridge import Dims, HFCheckpoint, hf_param_shard
+    from srft_mcore.models.bridge import Dims, HFCheckpoint, hf_param_shard
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
     from tools.convert_ckpt.dcp_stream import save_streaming
 
@@ -62,8 +62,8 @@ def _rank_main(hf_dir: str, out: str, tp: int, pp: int, dtype: str) -> dict:
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
                 overwrite: bool = False, timeout_s: float = 24 * 3600.0) -> dict:
     """Convert; returns a summary dict. Validates everything it can before any rank starts."""
-    from srft_mcore.bridge import BridgeError, HFCheckpoint, check_tp
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.models.bridge import BridgeError, HFCheckpoint, check_tp
+    from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models import get_architecture, load_hf_config
 
     check_output_dir(out, overwrite)

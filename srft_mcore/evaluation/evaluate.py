@@ -707,7 +707,7 @@ def _run_config_of(run_dir: str) -> Optional[str]:
 
 def _unwrap_run_dir(path: str) -> tuple[str, Optional[str]]:
     """A run directory -> its hf_final or latest checkpoint; a checkpoints root -> latest."""
-    from srft_mcore.checkpoint import CheckpointError, latest_checkpoint
+    from srft_mcore.training.checkpoint import CheckpointError, latest_checkpoint
 
     run_cfg = _existing(os.path.join(path, "config.yaml"))
     try:
@@ -833,8 +833,8 @@ def materialize(source: ModelSource, work_dir: str) -> str:
     """A HF directory SGLang can serve: the model itself, or a conversion in ``work_dir``."""
     if source.kind == "hf":
         return source.path
-    from srft_mcore.bridge import BridgeError
-    from srft_mcore.launch import RankFailed
+    from srft_mcore.models.bridge import BridgeError
+    from srft_mcore.launching.local import RankFailed
     from srft_mcore.models import UnsupportedArchitecture
     from tools.convert_ckpt.mcore_to_hf import CheckpointFormatError, mcore_to_hf
 

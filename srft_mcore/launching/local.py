@@ -15,7 +15,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from srft_mcore.distributed import free_port
+from srft_mcore.launching.distributed import free_port
 
 
 class RankFailed(RuntimeError):
@@ -36,7 +36,7 @@ def _rank_main(fn, args, rank, world_size, port, results, env, kwargs=None):
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            from srft_mcore.distributed import destroy_distributed
+            from srft_mcore.launching.distributed import destroy_distributed
 
             destroy_distributed()
         except Exception:  # noqa: BLE001

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from srft_mcore import cpu_compat
+from srft_mcore.launching import cpu_compat
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from srft_mcore.distributed import comm_device
+from srft_mcore.launching.distributed import comm_device
 from srft_mcore.models.arch import TensorMap, get_architecture
 from srft_mcore.models.builder import unwrap_gpt
 from srft_mcore.models.sharding import global_name, merge_shards, partition_dim

@@ -79,7 +79,7 @@ def cmd_config(args) -> int:
 def cmd_parallel(args) -> int:
     from srft_mcore.config import (Config, ConfigError, DataConfig, ParallelConfig, TrainConfig,
                                    validate)
-    from srft_mcore.parallel_check import TINY_QWEN2, check_layout
+    from srft_mcore.doctor.parallel_check import TINY_QWEN2, check_layout
 
     world = args.tp * args.pp * args.dp
     try:  # the same checks a training run gets, before any rank is started
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300.0, help="start-up timeout (s)")
     s.set_defaults(fn=cmd_sglang)
 
-    from srft_mcore.parity import add_parity_subcommand
+    from srft_mcore.doctor.parity import add_parity_subcommand
 
     add_parity_subcommand(sub)
     return p

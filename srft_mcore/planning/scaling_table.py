@@ -2,7 +2,7 @@
 tokens/s, peak memory and held-out accuracy, read from each run's ``config.yaml`` and
 ``metrics.jsonl``.
 
-    python -m srft_mcore.scaling_table RUN_DIR [RUN_DIR ...] [--json]
+    python -m srft_mcore.planning.scaling_table RUN_DIR [RUN_DIR ...] [--json]
 
 Per run (rows in the order given; a directory without metrics.jsonl is listed as not run):
 
@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from srft_mcore.metrics import METRICS_FILE, read_metrics
+from srft_mcore.training.metrics import METRICS_FILE, read_metrics
 
 PEAK_MEM_KEY = "perf/peak_mem_gb"
 
@@ -132,7 +132,7 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m srft_mcore.scaling_table",
+    ap = argparse.ArgumentParser(prog="python -m srft_mcore.planning.scaling_table",
                                  description="One table (model, layout, step time, tokens/s, "
                                  "peak memory, held-out accuracy) over training runs.")
     ap.add_argument("run_dirs", nargs="+", help="run directories (logging.run_dir), in order")

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Optional
 
-from srft_mcore.metrics import METRICS_FILE, read_metrics
+from srft_mcore.training.metrics import METRICS_FILE, read_metrics
 
 GROUPS = ("reward", "eval", "entropy", "weights", "loss", "off_policy", "length", "time",
           "optim")

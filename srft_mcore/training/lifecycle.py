@@ -2,7 +2,7 @@
 
 Usage (``trainer.main`` does both)::
 
-    from srft_mcore.lifecycle import lock_run_dir, watch_launcher
+    from srft_mcore.training.lifecycle import lock_run_dir, watch_launcher
 
     watch_launcher()                  # under torchrun: die when the torchrun agent dies
     lock = lock_run_dir(run_dir)      # rank 0: raises RunDirLocked if another trainer runs there

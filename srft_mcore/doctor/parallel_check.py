@@ -70,7 +70,7 @@ def run_rank(tp: int, pp: int, global_batch: int = 8, micro_batch: int = 1, seq_
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model
     from srft_mcore.models.sharding import global_name, partition_dim, split_for_rank
 
@@ -191,7 +191,7 @@ def check_layout(tp: int, pp: int, dp: int, workdir: str, distributed_optimizer:
                  dtype: str = "float32", tied: bool = False, finalize_grads: bool = True) -> dict:
     """Run the single-rank reference and the layout; return rank 0's comparison with the
     tolerances of ``dtype`` and ``ok``."""
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.launching.local import spawn_ranks
 
     os.makedirs(workdir, exist_ok=True)
     kind = dict(dtype=dtype, tied=tied)

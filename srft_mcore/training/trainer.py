@@ -18,10 +18,10 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from srft_mcore import checkpoint as ckpt
-from srft_mcore.batching import build_sequences
+from srft_mcore.training import checkpoint as ckpt
+from srft_mcore.training.batching import build_sequences
 from srft_mcore.config import Config, ConfigError, load_config, save_config, validate
-from srft_mcore.distributed import broadcast_object
+from srft_mcore.launching.distributed import broadcast_object
 
 
 ENTROPY_GRID = 2.0 ** 24
@@ -74,7 +74,7 @@ class Trainer:
 
     def _init_groups(self):
         """Process groups, the model's HF config and tokenizer, the checked config."""
-        from srft_mcore.distributed import init_distributed
+        from srft_mcore.launching.distributed import init_distributed
         from srft_mcore.models import load_hf_config
         from srft_mcore.models.tiny import load_tokenizer
 
@@ -143,7 +143,7 @@ class Trainer:
     def _build_start_model(self, quiet: bool = False, ddp: bool = False):
         """A GPTModel stage holding the start weights: model.load_mcore, else HF. ddp: the
         trained policy (wrapped in Megatron's DDP), not the frozen reference."""
-        from srft_mcore.bridge import load_hf_into_model
+        from srft_mcore.models.bridge import load_hf_into_model
         from srft_mcore.models import build_model
 
         cfg = self.cfg
@@ -168,7 +168,7 @@ class Trainer:
             raise ConfigError("WORLD_SIZE is set without RANK: launch with torchrun")
         # one trainer per run directory, checked first: rank 0 holds the lock until it exits
         # (if it is refused, torchrun stops the other ranks, still waiting at the rendezvous)
-        from srft_mcore.lifecycle import lock_run_dir
+        from srft_mcore.training.lifecycle import lock_run_dir
 
         self.run_lock = lock_run_dir(self.run_dir) if os.environ.get("RANK", "0") == "0" else None
         self._refuse_to_overwrite()
@@ -209,7 +209,7 @@ class Trainer:
         The embedded task ships two (``id``: two-step problems its training data never
         contains; ``ood``: three-step chains), see :func:`srft_mcore.data.embedded_eval_splits`."""
         from srft_mcore.data import embedded_eval_splits
-        from srft_mcore.eval import load_eval_set
+        from srft_mcore.evaluation.evaluate import load_eval_set
 
         ev = self.cfg.eval
         if not ev.every:
@@ -222,7 +222,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Score the held-out splits through the live rollout servers (rank 0; every rank
         gets the result), ``eval/<split>/acc``."""
-        from srft_mcore.eval import evaluate_splits, paper_sampling
+        from srft_mcore.evaluation.evaluate import evaluate_splits, paper_sampling
         from srft_mcore.rollout.seeded import mix_seed
 
         cfg, out = self.cfg, None
@@ -408,7 +408,7 @@ class Trainer:
            policy has moved, so the ratio to the old log-probs is no longer 1 and clips.
         Returns the step's metrics on every rank.
         """
-        from srft_mcore.batching import sequence_totals, split_mini_batches
+        from srft_mcore.training.batching import sequence_totals, split_mini_batches
 
         cfg = self.cfg
         k = cfg.train.mini_batches
@@ -431,7 +431,7 @@ class Trainer:
 
     def _micro_batches(self, seqs) -> list:
         """This DP rank's micro-batches of ``seqs``, on the layout's device."""
-        from srft_mcore.batching import make_micro_batches
+        from srft_mcore.training.batching import make_micro_batches
 
         p, t = self.cfg.parallel, self.cfg.train
         micro = make_micro_batches(seqs, t.micro_batch_size, self.layout.dp_rank,
@@ -613,7 +613,7 @@ class Trainer:
 
     def export_hf(self) -> str:
         """Write the policy as a HF checkpoint (streamed tensor by tensor through rank 0)."""
-        from srft_mcore.bridge import expected_hf_shapes, gather_hf_weights
+        from srft_mcore.models.bridge import expected_hf_shapes, gather_hf_weights
         from tools.convert_ckpt.outdir import atomic_output_dir, copy_side_files
         from tools.convert_ckpt.safetensors_out import StreamingSafetensorsWriter
 
@@ -647,7 +647,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self):
-        from srft_mcore.metrics import MetricsLogger, ProgressBar, Timer
+        from srft_mcore.training.metrics import MetricsLogger, ProgressBar, Timer
 
         cfg = self.cfg
         metrics = MetricsLogger(self.run_dir, tensorboard=cfg.logging.tensorboard,
@@ -723,7 +723,7 @@ def resume_command(run_dir: str) -> str:
     launcher = (f"torchrun --standalone --nproc_per_node={local}" if nodes == 1 else
                 f"torchrun --nnodes={nodes} --nproc_per_node={local} (with this run's "
                 f"rendezvous options, on every node)")
-    return f"{launcher} -m srft_mcore.trainer {args}"
+    return f"{launcher} -m srft_mcore.training.trainer {args}"
 
 
 def combine_updates(updates: list) -> dict:
@@ -820,8 +820,8 @@ def parse_args(argv=None):
 
 def _input_errors() -> tuple:
     """Exceptions that mean the user's input is wrong: reported in one paragraph, exit 2."""
-    from srft_mcore.bridge import BridgeError
-    from srft_mcore.checkpoint import CheckpointError
+    from srft_mcore.models.bridge import BridgeError
+    from srft_mcore.training.checkpoint import CheckpointError
     from srft_mcore.data import DataError, TemplateError
     from srft_mcore.models import UnsupportedArchitecture
     from srft_mcore.reward import RewardError
@@ -834,7 +834,7 @@ def _input_errors() -> tuple:
 
 
 def main(argv=None) -> int:
-    from srft_mcore.lifecycle import watch_launcher
+    from srft_mcore.training.lifecycle import watch_launcher
 
     watch_launcher()  # under torchrun: this rank and its SGLang servers end with the launcher
     args = parse_args(argv)
@@ -856,7 +856,7 @@ def main(argv=None) -> int:
         trainer.setup()
         trainer.train()
     except _input_errors() as e:
-        from srft_mcore.checkpoint import CheckpointError
+        from srft_mcore.training.checkpoint import CheckpointError
 
         rank = os.environ.get("RANK", "0")
         # every rank meets a config error alike; a damaged file or a stop may hit one rank

@@ -15,7 +15,7 @@ sees the same prompts in the same order. The held-out splits are the config's
 problems for every method and seed.
 
 Each training run is one trainer launch (``torchrun --standalone --nproc_per_node=N -m
-srft_mcore.trainer --config FILE ...``) into ``DIR/runs/METHOD/seedK`` (SFT->RL: its ``sft``
+srft_mcore.training.trainer --config FILE ...``) into ``DIR/runs/METHOD/seedK`` (SFT->RL: its ``sft``
 and ``rl`` subdirectories). Then the final policy is scored on every held-out split:
 
 - ``--final-eval srft-eval`` (default): one ``srft-eval`` pass per run on the exported
@@ -264,13 +264,13 @@ class Job:
 
 def train_command(plan: Plan, phase: Phase, resume: bool) -> list:
     return [plan.python, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={plan.nproc}", "-m", "srft_mcore.trainer",
+            f"--nproc_per_node={plan.nproc}", "-m", "srft_mcore.training.trainer",
             "--config", plan.config, *phase.overrides] + (["--resume"] if resume else [])
 
 
 def eval_command(plan: Plan, run: Run) -> list:
     e, d = plan.base.eval, plan.base.data
-    cmd = [plan.python, "-m", "srft_mcore.eval", "--model", run.final_dir]
+    cmd = [plan.python, "-m", "srft_mcore.evaluation.evaluate", "--model", run.final_dir]
     for name, path in plan.splits.items():
         cmd += ["--data", f"{name}={path}"]
     cmd += ["--seed", str(run.seed), "--temperature", str(e.temperature),
@@ -329,7 +329,7 @@ def has_checkpoint(run_dir: str) -> bool:
 
 def last_row(run_dir: str, step: int) -> Optional[dict]:
     """The metrics.jsonl record of ``step`` (None when there is none)."""
-    from srft_mcore.metrics import METRICS_FILE, read_metrics
+    from srft_mcore.training.metrics import METRICS_FILE, read_metrics
 
     path = os.path.join(run_dir, METRICS_FILE)
     rows = [r for r in read_metrics(path) if r["step"] == step] if os.path.isfile(path) else []
@@ -555,7 +555,7 @@ def run_curves(run: Run) -> list:
     """metrics.jsonl of the run as one series of steps (the RL run of SFT->RL continues the
     SFT run's step count; its step-0 evaluation repeats the SFT run's last one and is
     dropped)."""
-    from srft_mcore.metrics import METRICS_FILE, read_metrics
+    from srft_mcore.training.metrics import METRICS_FILE, read_metrics
 
     rows, offset = [], 0
     for i, ph in enumerate(run.phases):
@@ -569,7 +569,7 @@ def run_curves(run: Run) -> list:
 
 def mean_curve(runs_rows: list, key: str) -> tuple:
     """(steps, mean, std) over the runs at each step where any run has ``key``."""
-    from srft_mcore.plot import _series
+    from srft_mcore.training.plot import _series
 
     by_step = {}
     for rows in runs_rows:

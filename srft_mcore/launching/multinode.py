@@ -1,12 +1,12 @@
 """Multi-node launch helpers behind ``examples/multinode/``: node lists, which nodes train and
 which serve rollouts, and the flags of SGLang servers started outside the trainer.
 
-    python -m srft_mcore.multinode nodes                       # SLURM_JOB_NODELIST, one a line
-    python -m srft_mcore.multinode plan --config FILE --nodes n1 n2 n3 [--gpus-per-node 8]
+    python -m srft_mcore.launching.multinode nodes                       # SLURM_JOB_NODELIST, one a line
+    python -m srft_mcore.launching.multinode plan --config FILE --nodes n1 n2 n3 [--gpus-per-node 8]
         [--port 30000] [a.b=c ...]                             # shell assignments (eval them)
-    python -m srft_mcore.multinode server-args --config FILE model.hf_path=DIR [--shell]
+    python -m srft_mcore.launching.multinode server-args --config FILE model.hf_path=DIR [--shell]
         [a.b=c ...]                                            # SGLang flags of a run
-    python -m srft_mcore.multinode wait URL [URL ...] [--timeout 1800]
+    python -m srft_mcore.launching.multinode wait URL [URL ...] [--timeout 1800]
 
 Placement (:func:`cluster_plan`): the trainer takes the first nodes, ``parallel.tp * pp * dp``
 GPUs (``parallel.dp`` from the recipe, else every node not serving rollouts); SGLang servers
@@ -237,7 +237,7 @@ def _hf_config(cfg) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m srft_mcore.multinode",
+    ap = argparse.ArgumentParser(prog="python -m srft_mcore.launching.multinode",
                                  description="Helpers of the multi-node launch scripts.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("nodes", help="the SLURM job's nodes, one a line")

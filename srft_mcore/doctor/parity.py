@@ -2,7 +2,7 @@
 
 :func:`parity_check` computes the transformers logits of a fixed token batch, then runs
 ``tp * pp`` gloo ranks that build the Megatron model, load the HF weights with
-:func:`srft_mcore.bridge.load_hf_into_model` (each rank its own slices), run the forward
+:func:`srft_mcore.models.bridge.load_hf_into_model` (each rank its own slices), run the forward
 pass through the pipeline and compare the first ``vocab_size`` logits. Used by
 ``srft-doctor parity`` and by the bridge tests (which also check the HF round trip from
 the same ranks, see :func:`run_rank`).
@@ -68,9 +68,9 @@ def run_rank(tp: int, pp: int, cases: list, pp_layer_split: Optional[list] = Non
     """
     import torch.distributed as dist
 
-    from srft_mcore.bridge import HFCheckpoint, gather_hf_weights, load_hf_into_model
+    from srft_mcore.models.bridge import HFCheckpoint, gather_hf_weights, load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.distributed import init_distributed
+    from srft_mcore.launching.distributed import init_distributed
     from srft_mcore.models import build_model, load_hf_config
 
     layout = init_distributed(tp=tp, pp=pp)
@@ -145,8 +145,8 @@ def check_layout(hf: dict, hf_dir: str, tp: int, pp: int,
 def parity_check(hf_dir: str, tp: int = 1, pp: int = 1, batch: int = 2, seq_len: int = 16,
                  pp_layer_split: Optional[list] = None, timeout_s: float = 900.0) -> dict:
     """Max abs difference of Megatron (``tp`` x ``pp`` gloo ranks) vs transformers logits."""
-    from srft_mcore.bridge import check_tp
-    from srft_mcore.launch import spawn_ranks
+    from srft_mcore.models.bridge import check_tp
+    from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models import load_hf_config
 
     hf = load_hf_config(hf_dir)
@@ -182,7 +182,7 @@ def add_parity_subcommand(subparsers):
 def run_parity_command(args) -> int:
     import sys
 
-    from srft_mcore.bridge import BridgeError
+    from srft_mcore.models.bridge import BridgeError
     from srft_mcore.config import ConfigError
     from srft_mcore.models import UnsupportedArchitecture
 

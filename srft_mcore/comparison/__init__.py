@@ -1,0 +1,1 @@
+"""Comparison: ``srft-compare``, SRFT against its baselines and ablations on one budget."""

@@ -1,0 +1,1 @@
+"""``srft-doctor``: installation, parallel-layout and HF-parity self-checks."""

@@ -1,0 +1,1 @@
+"""Launching: process groups and seeding, local multi-rank spawn, multi-node helpers, CPU adaptation."""
