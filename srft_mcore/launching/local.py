@@ -1,9 +1,15 @@
-"""Run a function on N local ranks (fresh spawned processes, gloo or nccl) and collect results.
+"""Run a function on N local ranks (fresh processes, gloo or nccl) and collect results.
 
-Used by ``srft-doctor`` and by the multi-rank tests: each rank gets the torchrun
-environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), runs
-``fn(*args)`` and sends back its return value (which must pickle). A rank that raises makes
-:func:`spawn_ranks` raise with that rank's traceback; the others are terminated.
+Used by ``srft-doctor``, the converter and the multi-rank tests: each rank gets the torchrun
+environment variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and the
+caller's environment as it is at the call, runs ``fn(*args)`` and sends back its return
+value (which must pickle). A rank that raises makes :func:`spawn_ranks` raise with that
+rank's traceback; the others are terminated.
+
+On a machine without CUDA, ranks are forked from a fork server that has imported torch and
+megatron-core once: a rank then starts in milliseconds instead of the seconds each import
+costs, and it is still a fresh process (no process group, nothing run). With CUDA they are
+spawned.
 """
 from __future__ import annotations
 
@@ -22,7 +28,26 @@ class RankFailed(RuntimeError):
     pass
 
 
+# imported once by the fork server; a missing one is skipped (multiprocessing ignores it)
+PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state",
+           "megatron.core.models.gpt", "transformers"]
+
+
+def _context():
+    import torch
+
+    if torch.cuda.is_available():
+        # a preloaded import may touch the CUDA driver (capability probes), and a forked
+        # rank cannot use CUDA after that: GPU ranks start fresh (seconds next to CUDA's)
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
 def _rank_main(fn, args, rank, world_size, port, results, env, kwargs=None):
+    # the fork server holds the environment of its own start: take the caller's as it is now
+    os.environ.clear()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
@@ -47,10 +72,11 @@ def spawn_ranks(fn: Callable, world_size: int, args: tuple = (), timeout_s: floa
                 env: dict | None = None, kwargs: dict | None = None) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return the results by
     rank."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           **(env or {})}
     procs = [ctx.Process(target=_rank_main,
                          args=(fn, args, r, world_size, port, results, env, kwargs),
                          daemon=False) for r in range(world_size)]
