@@ -23,12 +23,12 @@ setup(
     entry_points={
         "console_scripts": [
             "srft-doctor=srft_mcore.doctor.cli:main",
-            "srft-train=srft_mcore.training.trainer:main",
+            "srft-train=srft_mcore.training.cli:main",
             "srft-plot=srft_mcore.training.plot:main",
             "srft-convert=tools.convert_ckpt.cli:main",
-            "srft-eval=srft_mcore.evaluation.evaluate:main",
-            "srft-plan=srft_mcore.planning.planner:main",
-            "srft-compare=srft_mcore.comparison.compare:main",
+            "srft-eval=srft_mcore.evaluation.cli:main",
+            "srft-plan=srft_mcore.planning.cli:main",
+            "srft-compare=srft_mcore.comparison.cli:main",
         ],
     },
 )

@@ -22,11 +22,11 @@ COMMANDS = {
     "load_config + validate": ("from srft_mcore.config import load_config, validate\n"
                                "validate(load_config(None, []))"),
     "srft-plan --help": "import sys; sys.argv = ['srft-plan', '--help']\n"
-                        "from srft_mcore.planning.planner import main; main()",
+                        "from srft_mcore.planning.cli import main; main()",
     "srft-eval --help": "import sys; sys.argv = ['srft-eval', '--help']\n"
-                        "from srft_mcore.evaluation.evaluate import main; main()",
+                        "from srft_mcore.evaluation.cli import main; main()",
     "srft-train --help": "import sys; sys.argv = ['srft-train', '--help']\n"
-                         "from srft_mcore.training.trainer import main; main()",
+                         "from srft_mcore.training.cli import main; main()",
     "srft-doctor --help": "import sys; sys.argv = ['srft-doctor', '--help']\n"
                           "from srft_mcore.doctor.cli import main; main()",
 }

@@ -39,7 +39,7 @@ def config(layers: int) -> dict:
 
 
 def write_random_hf(out: str, hf: dict) -> tuple[int, int, int]:
-    from srft_mcore.models.bridge import expected_hf_shapes
+    from srft_mcore.models.name_map import expected_hf_shapes
     from tools.convert_ckpt.safetensors_out import StreamingSafetensorsWriter
 
     os.makedirs(out, exist_ok=True)

@@ -3,7 +3,7 @@
 1. ``matmul_peak``: TFLOP/s of an 8192^3 bf16 matmul in this process after the clocks have
    settled (the MFU denominator), and the card's datasheet bf16 dense peak when known.
 2. ``train_step``: a ~1B random Qwen2-shaped model at TP1 in bf16 through the trainer's policy
-   API (``Trainer.init_policy`` + ``train_step``: Megatron schedule, linear-fused loss,
+   API (``Trainer.init_policy`` + ``Policy.train_on``: Megatron schedule, linear-fused loss,
    old-policy pass, one optimizer step): tokens/s, MFU against both peaks, and the measured
    peak of allocated memory against srft-plan's estimate of the same run (a ratio).
 3. ``packing``: the same model on long-tailed response lengths, packed micro-batches
@@ -295,13 +295,13 @@ def bench_train_step(device: torch.device, work: str, spec: dict, peak_tflops: f
                            max_response=spec["response_len"], recompute=False)
     seqs = synthetic_batch(spec["prompts"], spec["n_samples"], spec["prompt_len"],
                            spec["response_len"], shape["vocab_size"])
-    trainer.train_step(seqs)  # warm-up: optimizer state, kernels
+    trainer.train_on(seqs)  # warm-up: optimizer state, kernels
     probe = MemoryProbe(device)
     probe.reset_peak()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(spec["timed_steps"]):
-        metrics = trainer.train_step(seqs)
+        metrics = trainer.train_on(seqs)
     sync(device)
     step_s = (time.perf_counter() - t0) / spec["timed_steps"]
     peak = probe.peak()
@@ -332,16 +332,18 @@ def planner_vs_measured(shape: dict, spec: dict, measured: int) -> dict:
     """srft-plan's peak for the train-step run (bf16, local spec, torch Adam, TP1 DP1, no
     fixed overhead: the allocator's counters hold only tensors) against the measured peak of
     allocated bytes over the timed steps."""
-    from srft_mcore.planning import planner as pl
+    from srft_mcore.planning.memory_estimate import trainer_memory
+    from srft_mcore.planning.model_shape import shape_from_hf
+    from srft_mcore.planning.run_shape import Assumptions, Layout, RunShape
     from srft_mcore.models.tiny import tiny_hf_config
 
     hf = tiny_hf_config("qwen2", **shape).to_dict()
-    run = pl.RunShape(prompts_per_step=spec["prompts"], n_samples=spec["n_samples"],
-                      prompt_len=spec["prompt_len"], response_len=spec["response_len"],
-                      micro_batch=spec["micro_batch"], mini_batches=1)
-    a = pl.Assumptions(dtype="bfloat16", spec="local", fused_adam=False, overhead_gib=0.0)
-    est = pl.trainer_memory(pl.shape_from_hf(hf, "bench"), run,
-                            pl.Layout(tp=1, pp=1, dp=1, distributed_optimizer=False), a)
+    run = RunShape(prompts_per_step=spec["prompts"], n_samples=spec["n_samples"],
+                   prompt_len=spec["prompt_len"], response_len=spec["response_len"],
+                   micro_batch=spec["micro_batch"], mini_batches=1)
+    a = Assumptions(dtype="bfloat16", spec="local", fused_adam=False, overhead_gib=0.0)
+    est = trainer_memory(shape_from_hf(hf, "bench"), run,
+                         Layout(tp=1, pp=1, dp=1, distributed_optimizer=False), a)
     return {"measured_peak_gib": sig(measured / GIB), "planner_peak_gib": sig(est.peak / GIB),
             "ratio_planner_vs_measured": sig(est.peak / measured),
             "planner_terms_gib": {k: sig(v / GIB) for k, v in est.terms.items()},
@@ -371,12 +373,12 @@ def bench_packing(device: torch.device, work: str, spec: dict) -> dict:
         trainer = make_trainer(model_dir, os.path.join(work, f"pack_{name}"), prompts=prompts,
                                n_samples=n, micro_batch=spec["micro_batch"], max_prompt=PROMPT,
                                max_response=cap, recompute=False, extra=extra)
-        trainer.train_step(seqs)  # warm-up
+        trainer.train_on(seqs)  # warm-up
         best = math.inf
         for _ in range(spec["repeat"]):
             sync(device)
             t0 = time.perf_counter()
-            trainer.train_step(seqs)
+            trainer.train_on(seqs)
             sync(device)
             best = min(best, time.perf_counter() - t0)
         out[f"{name}_s_per_step"] = sig(best)
@@ -420,7 +422,7 @@ def _measure_steps(trainer, probe: MemoryProbe, spec: dict, shape: dict, layers:
         return synthetic_batch(1, 1, spec["prompt_len"], seq_len - spec["prompt_len"],
                                shape["vocab_size"])
 
-    trainer.train_step(batch(min(spec["seq_lens"])))
+    trainer.train_on(batch(min(spec["seq_lens"])))
     n_params = count_params(trainer)
     out = {"layers": layers, "params": n_params,
            "params_counted_matches": n_params == params_per_rank(shape, layers, 1),
@@ -430,7 +432,7 @@ def _measure_steps(trainer, probe: MemoryProbe, spec: dict, shape: dict, layers:
         peaks = {"static": probe.allocated()}
         probe.reset_peak()
         with split_at_optimizer_step(trainer, probe, peaks):
-            metrics = trainer.train_step(batch(seq_len))
+            metrics = trainer.train_on(batch(seq_len))
         peaks.setdefault("fwd_bwd", probe.peak())  # a skipped step has no optimizer step
         peaks.setdefault("optimizer", peaks["static"])
         peaks.update(loss=metrics.get("loss"), skipped=metrics.get("train/skipped"))

@@ -1,7 +1,7 @@
 """Measured peak memory of small trainer runs on CPU against srft-plan's estimate.
 
 Each case builds a small random Qwen2/Llama policy with the trainer's own path
-(``Trainer.init_policy`` + ``train_step``: Megatron's local layer spec, the
+(``Trainer.init_policy`` + ``Policy.train_on``: Megatron's local layer spec, the
 old-policy pass, the fused SRFT loss, the optimizer step) and runs two steps of
 equal-length sequences under ``torch.profiler`` with ``profile_memory=True``. The profiler
 reports the allocations and frees of torch's CPU allocator; the bytes they hold, tracked by
@@ -182,7 +182,7 @@ def _rank_measure(case: dict, model_dir: str, run_dir: str) -> dict:
     def steps():
         trainer = Trainer(load_config(None, overrides)).init_policy()
         for _ in range(2):  # the first step allocates Adam's state
-            metrics = trainer.train_step(seqs)
+            metrics = trainer.train_on(seqs)
         return trainer, metrics  # the trainer is alive at the end: "end" is what it holds
 
     out = tracked_peak(steps)
@@ -208,19 +208,21 @@ def measure(case: dict, work: str) -> dict:
 def estimate(case: dict) -> dict:
     """srft-plan's peak for the case: its dtype (fp32 unless it says), local spec, torch
     Adam, no fixed overhead."""
-    from srft_mcore.planning import planner as pl
+    from srft_mcore.planning.memory_estimate import trainer_memory
+    from srft_mcore.planning.model_shape import shape_from_hf, stage_params
+    from srft_mcore.planning.run_shape import Assumptions, Layout, RunShape
 
-    shape = pl.shape_from_hf(hf_config(case).to_dict(), "case")
+    shape = shape_from_hf(hf_config(case).to_dict(), "case")
     run = case["run"]
-    run_shape = pl.RunShape(prompts_per_step=run["prompts"], n_samples=run["n_samples"],
-                            prompt_len=run["prompt_len"], response_len=run["response_len"],
-                            micro_batch=run["micro_batch"], mini_batches=1)
-    a = pl.Assumptions(dtype=case.get("dtype", "float32"), spec="local", fused_adam=False,
-                       overhead_gib=0.0)
-    lay = pl.Layout(tp=case["tp"], pp=1, dp=case["dp"], distributed_optimizer=case["dp"] > 1)
-    mem = pl.trainer_memory(shape, run_shape, lay, a)
+    run_shape = RunShape(prompts_per_step=run["prompts"], n_samples=run["n_samples"],
+                         prompt_len=run["prompt_len"], response_len=run["response_len"],
+                         micro_batch=run["micro_batch"], mini_batches=1)
+    a = Assumptions(dtype=case.get("dtype", "float32"), spec="local", fused_adam=False,
+                    overhead_gib=0.0)
+    lay = Layout(tp=case["tp"], pp=1, dp=case["dp"], distributed_optimizer=case["dp"] > 1)
+    mem = trainer_memory(shape, run_shape, lay, a)
     return {"peak": mem.peak, "terms": mem.terms, "resident": mem.resident,
-            "params_per_rank": pl.stage_params(shape, case["tp"], 1, "last")}
+            "params_per_rank": stage_params(shape, case["tp"], 1, "last")}
 
 
 def compare(name: str, work: str, repeats: int = 2) -> dict:

@@ -1,6 +1,6 @@
 """Training-phase throughput: packed token-budget micro-batches vs padded ones, one process.
 
-Real (unpadded) tokens per second of ``Trainer.train_step`` (the old-policy pass plus one
+Real (unpadded) tokens per second of ``Policy.train_on`` (the old-policy pass plus one
 optimizer step, fp32 on CPU here) for two response-length distributions:
 - ``demo``: the embedded task's demonstrations, tokenized (the demo trains on these and on
   rollouts of similar length);
@@ -69,11 +69,11 @@ def time_steps(model_dir: str, seqs, cap: int, extra: list, repeat: int) -> floa
                              f"data.max_prompt_len={PROMPT}", f"data.max_response_len={cap}",
                              *extra])
     t = Trainer(cfg).init_policy()
-    t.train_step(seqs)  # warm-up
+    t.train_on(seqs)  # warm-up
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        t.train_step(seqs)
+        t.train_on(seqs)
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         model_dir = make_tiny_hf_model(
             os.path.join(tmp, "model"), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
             num_layers=args.layers, num_heads=4, num_kv_heads=2, max_position_embeddings=8192)
-        from srft_mcore.models import load_hf_config
+        from srft_mcore.config.hf_config import load_hf_config
 
         vocab = load_hf_config(model_dir)["vocab_size"]
         runs = (("demo", args.demo_cap, demo_lengths(k, args.seed)),

@@ -25,7 +25,8 @@ def _rank(args: dict, model_dir: str, work_dir: str) -> dict:
 
     from srft_mcore.config import ModelConfig, ParallelConfig, RolloutConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models.builder import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models.builder import build_model
     from srft_mcore.rollout.engine import RolloutEngine
 
     hf = load_hf_config(model_dir)

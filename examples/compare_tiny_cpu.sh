@@ -14,5 +14,5 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 cd "$ROOT"
 # one fixed directory (OUT=... for another), so that a second invocation continues the first
-exec "$PY" -m srft_mcore.comparison.compare --config examples/configs/srft_tiny_cpu.yaml \
+exec "$PY" -m srft_mcore.comparison --config examples/configs/srft_tiny_cpu.yaml \
   --out "${OUT:-runs/compare_tiny_cpu}" "$@"

@@ -116,9 +116,9 @@ for i in "${!NAMES[@]}"; do
   [[ -d "$dir" ]] && resume=(--resume)
   env_prefix=()
   [[ -n "$LOCAL_ROLLOUT_GPUS" ]] && env_prefix=(env "SRFT_ROLLOUT_GPUS=$LOCAL_ROLLOUT_GPUS")
-  cmd=("${env_prefix[@]}" "$PY" -m torch.distributed.run --standalone
-       "--nproc_per_node=$NPROC_PER_NODE" -m srft_mcore.training.trainer --config "$config"
-       "${resume[@]}" "${overrides[@]}")
+  # srft-train checks the run, then starts the ranks under torchrun
+  cmd=("${env_prefix[@]}" "$PY" -m srft_mcore.training.cli "--nproc_per_node=$NPROC_PER_NODE"
+       --config "$config" "${resume[@]}" "${overrides[@]}")
   echo "# $name: $NPROC_PER_NODE trainer rank(s)${LOCAL_ROLLOUT_GPUS:+, SGLang on GPUs $LOCAL_ROLLOUT_GPUS} -> $dir"
   if [[ "$DRY_RUN" == 1 ]]; then
     show "${cmd[@]}"

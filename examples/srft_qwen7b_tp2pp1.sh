@@ -30,6 +30,7 @@ TRAIN_GPUS=${TRAIN_GPUS:-$((NGPU - ROLLOUT_GPUS))}
 # trainer ranks on the first TRAIN_GPUS devices, SGLang servers on the rest
 export SRFT_ROLLOUT_GPUS=$(seq -s, "$TRAIN_GPUS" $((TRAIN_GPUS + ROLLOUT_GPUS - 1)))
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-exec torchrun --standalone --nproc_per_node="$TRAIN_GPUS" -m srft_mcore.training.trainer \
+# srft-train checks the run (config, model, layout) before it starts the ranks under torchrun
+exec "$PY" -m srft_mcore.training.cli --nproc-per-node "$TRAIN_GPUS" \
   --config "$ROOT/examples/configs/srft_qwen7b_tp2pp1.yaml" \
   model.hf_path="$MODEL_DIR" data.path="$DATA_PATH" rollout.num_servers=$((ROLLOUT_GPUS / 2)) "$@"

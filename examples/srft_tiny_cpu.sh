@@ -10,8 +10,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
 cd "$ROOT"
 # a new run directory each time, unless one is given (logging.run_dir=...; add --resume to continue)
 set -- "logging.run_dir=runs/srft_tiny_cpu/$(date +%Y%m%d-%H%M%S)" "$@"
-"$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m srft_mcore.training.trainer \
-  --config examples/configs/srft_tiny_cpu.yaml "$@"
+# srft-train checks the run, then starts 2 ranks under torchrun
+"$PY" -m srft_mcore.training.cli --nproc-per-node 2 --config examples/configs/srft_tiny_cpu.yaml "$@"
 RUN_DIR=$("$PY" - "$@" <<'PY'
 import sys
 from srft_mcore.config import load_config

@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 import pytest
@@ -9,9 +10,96 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # under pytest-xdist (pytest.ini: -n 2 --dist loadgroup) the tests of a module that
+        # share a module-scoped fixture (a reference run, a converted checkpoint) stay on one
+        # worker, so that fixture is built once; every other test goes where there is room
+        defs = item._fixtureinfo.name2fixturedefs.values()
+        if any(d[-1].scope == "module" for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    # the files with long tests first: the workers then end together instead of one running
+    # a long test alone at the end (whole files move, so module fixtures are built once)
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (NCCL / CUDA kernels); this machine has none")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- shared SGLang server
+class SharedServer:
+    """One SGLang CPU server of the embedded model for the whole session (a start costs ~25 s
+    of two cores). Started on first use; a test that kills it gets a new one. ``lease()``
+    hands out its URL and afterwards undoes what the user left behind (synced weights, a
+    weight version, a scheduler paused by a killed trainer): every user finds it as freshly
+    started."""
+
+    def __init__(self, log_dir, dtype: str = "float32"):
+        self.log_dir, self.dtype = log_dir, dtype
+        self.starts, self.server, self.initial_version = 0, None, None
+
+    def _server(self):
+        import requests
+
+        from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
+        from srft_mcore.rollout.server import SGLangServer
+
+        if self.server is None or not self.server.healthy():
+            if self.server is not None:
+                self.server.stop()
+            self.starts += 1
+            self.server = SGLangServer.launch(
+                EMBEDDED_MODEL_DIR, extra_args=["--dtype", self.dtype],
+                log_path=str(self.log_dir / f"sglang_{self.starts}.log"))
+            self.initial_version = requests.get(self.server.url + "/model_info",
+                                                timeout=30).json().get("weight_version")
+        return self.server
+
+    @contextlib.contextmanager
+    def lease(self):
+        import requests
+
+        from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
+
+        server = self._server()
+        try:
+            yield server.url
+        finally:
+            if server.healthy():  # else the next lease starts a new one
+                for path, body in (
+                        ("/continue_generation", {}),
+                        ("/update_weights_from_disk", {"model_path": EMBEDDED_MODEL_DIR}),
+                        ("/update_weight_version", {"new_version": self.initial_version,
+                                                    "abort_all_requests": False}),
+                        ("/flush_cache", {})):
+                    r = requests.post(server.url + path, json=body, timeout=120)
+                    assert r.status_code == 200, f"resetting the shared server: {path}: {r.text}"
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_sglang(tmp_path_factory):
+    shared = SharedServer(tmp_path_factory.mktemp("shared_sglang"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_sglang_bf16(tmp_path_factory):
+    """The same, serving bfloat16 (the bf16 end-to-end test's runs)."""
+    shared = SharedServer(tmp_path_factory.mktemp("shared_sglang_bf16"), dtype="bfloat16")
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def sglang_url(shared_sglang):
+    """The shared server's URL for one test (see :class:`SharedServer`)."""
+    with shared_sglang.lease() as url:
+        yield url

@@ -5,7 +5,7 @@ the TE spec fuses into its linears under ``linear_qkv.layer_norm_weight`` /
 ``linear_fc1.layer_norm_weight`` and keeps an ``_extra_state`` per TE norm (final, q and k
 norms), which the local spec's torch norms do not have. TE does not run on CPU, so its
 checkpoint is made from the tiny local-spec model: keys renamed through the bridge's own map
-(``bridge.checkpoint_renames``) and the TE norms' ``_extra_state`` given to the norms TE builds
+(``name_map.checkpoint_renames``) and the TE norms' ``_extra_state`` given to the norms TE builds
 as its own modules, saved by the trainer's ``save_checkpoint`` (model + Adam state) and by
 ``dist_checkpointing.save`` (model only, as ``srft-convert hf-to-mcore`` writes). A checkpoint
 under the local spec's module names (``input_layernorm.weight``) is made the same way.
@@ -72,10 +72,12 @@ def _write_and_load(root, hf_dir):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from srft_mcore.training import checkpoint as ckpt
-    from srft_mcore.models.bridge import checkpoint_renames, load_hf_into_model
+    from srft_mcore.models.bridge import load_hf_into_model
+    from srft_mcore.models.name_map import checkpoint_renames
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
 
     init_distributed(1, 1)
     hf = load_hf_config(hf_dir)
@@ -168,7 +170,7 @@ def test_the_checkpoints_use_the_names_under_test(written):
 
 
 def test_eval_and_convert_give_the_local_checkpoints_hf_tensors(written, tmp_path, capsys):
-    from srft_mcore.evaluation.evaluate import ModelSource, materialize
+    from srft_mcore.evaluation.models import ModelSource, materialize
     from tools.convert_ckpt.cli import main
 
     root, hf_dir, res = written

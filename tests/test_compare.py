@@ -12,7 +12,9 @@ import shlex
 
 import pytest
 
-from srft_mcore.comparison import compare
+from srft_mcore.comparison.cli import main, parse_args
+from srft_mcore.comparison.results import mean_curve, mean_std, pct, run_curves
+from srft_mcore.comparison.run_plan import build_plan
 from srft_mcore.training.checkpoint import step_dir_name
 from srft_mcore.data.embedded import embedded_eval_splits
 
@@ -24,8 +26,8 @@ ACC = {("srft", 1): (0.5, 0.1), ("srft", 2): (0.6, 0.2), ("srft", 3): (0.7, 0.6)
 
 
 class FakeLauncher:
-    """Stands in for :func:`compare.launch`: records each job and writes the files of a
-    finished trainer run / srft-eval pass. ``fail``: {(run key, part): exit status};
+    """Stands in for :func:`srft_mcore.comparison.jobs.launch`: records each job and writes
+    the files of a finished trainer run / srft-eval pass. ``fail``: {(run key, part): exit status};
     ``interrupt``: {(run key, part): "checkpoint" | "no-checkpoint"}: write a partial run
     (with or without a checkpoint) and raise KeyboardInterrupt, as a Ctrl-C would."""
 
@@ -103,8 +105,8 @@ class FakeLauncher:
 
 def _main(tmp_path, capsys, *argv, fake=None, steps="4"):
     fake = fake if fake is not None else FakeLauncher()
-    rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", steps,
-                       *argv], job_fn=fake)
+    rc = main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", steps,
+               *argv], job_fn=fake)
     out = capsys.readouterr().out
     return rc, out, json.loads(out.strip().splitlines()[-1]), fake
 
@@ -117,8 +119,8 @@ def test_dry_run_commands(tmp_path, capsys):
     assert not (tmp_path / "cmp").exists()  # nothing written
     cmds = [shlex.split(line) for line in out.splitlines()
             if line and not line.startswith(("#", "{"))]
-    train = [c for c in cmds if "srft_mcore.training.trainer" in c]
-    evals = [c for c in cmds if "srft_mcore.evaluation.evaluate" in c]
+    train = [c for c in cmds if "srft_mcore.training.cli" in c]
+    evals = [c for c in cmds if "srft_mcore.evaluation.cli" in c]
     assert len(train) == 2 * (1 + 2 + 1) and len(evals) == 2 * 3
     assert summary["commands"] == len(cmds)
 
@@ -190,11 +192,11 @@ def test_runs_report_and_rerun_skips(tmp_path, capsys):
 
 
 def test_aggregation_mean_std_by_hand(tmp_path, capsys):
-    assert compare.mean_std([]) == {"n": 0, "mean": None, "std": None}
-    assert compare.mean_std([0.25]) == {"n": 1, "mean": 0.25, "std": None}
-    s = compare.mean_std([0.1, 0.2, 0.6])
+    assert mean_std([]) == {"n": 0, "mean": None, "std": None}
+    assert mean_std([0.25]) == {"n": 1, "mean": 0.25, "std": None}
+    s = mean_std([0.1, 0.2, 0.6])
     assert s["mean"] == pytest.approx(0.3) and s["std"] == pytest.approx(math.sqrt(0.07))
-    assert compare.pct(s) == "30.0 ± 26.5" and compare.pct(compare.mean_std([0.25])) == "25.0"
+    assert pct(s) == "30.0 ± 26.5" and pct(mean_std([0.25])) == "25.0"
     rc, out, summary, _ = _main(tmp_path, capsys, "--methods", "srft", "grpo")
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     srft, grpo = results["methods"]["srft"]["splits"], results["methods"]["grpo"]["splits"]
@@ -303,12 +305,12 @@ def test_trainer_final_eval_and_sft_rl_curves(tmp_path, capsys):
     assert summary["acc"]["srft"] == {"id": pytest.approx(0.45), "ood": pytest.approx(0.1)}
     assert "the trainer's evaluation at the final step" in out
     # SFT->RL's curve: the RL run continues the SFT run's steps, its step-0 eval dropped
-    plan = compare.build_plan(compare.parse_args(["--config", CONFIG, "--out",
-                                                  str(tmp_path / "cmp"), "--steps", "4",
-                                                  "--methods", "sft_rl", "--seeds", "1"]))
-    rows = compare.run_curves(plan.runs[0])
+    plan = build_plan(parse_args(["--config", CONFIG, "--out",
+                                  str(tmp_path / "cmp"), "--steps", "4",
+                                  "--methods", "sft_rl", "--seeds", "1"]))
+    rows = run_curves(plan.runs[0])
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    steps, mean, std = compare.mean_curve([rows, rows], "eval/id/acc")
+    steps, mean, std = mean_curve([rows, rows], "eval/id/acc")
     assert steps == [0, 2, 4] and std == [0.0, 0.0, 0.0]
 
 
@@ -320,8 +322,8 @@ def test_trainer_final_eval_and_sft_rl_curves(tmp_path, capsys):
     (["data.path=x.jsonl"], "no held-out splits"),
 ])
 def test_bad_input(tmp_path, capsys, argv, message):
-    rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), *argv],
-                      job_fn=FakeLauncher())
+    rc = main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), *argv],
+              job_fn=FakeLauncher())
     captured = capsys.readouterr()
     assert rc == 2 and message in captured.err
     assert json.loads(captured.out.splitlines()[-1])["ok"] is False
@@ -332,8 +334,8 @@ def test_other_settings_refused(tmp_path, capsys):
                  "eval.limit=8")[0] == 0
     for argv in (["--steps", "6", "optimizer.lr=1e-3", "eval.limit=8"],
                  ["--steps", "4", "optimizer.lr=2e-3", "eval.limit=8"]):
-        rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--methods",
-                           "grpo", "--seeds", "1", *argv], job_fn=FakeLauncher())
+        rc = main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--methods",
+                   "grpo", "--seeds", "1", *argv], job_fn=FakeLauncher())
         err = capsys.readouterr().err
         assert rc == 2 and "holds a comparison made with other settings" in err
     # the same values (overrides in another order), more seeds: the comparison is extended
@@ -354,21 +356,22 @@ def _generations(run_dir, step):
 
 
 @pytest.mark.slow
-def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys):
-    """SFT->RL through srft-compare with real trainer launches (one rank and one SGLang CPU
-    server each), 2 SFT steps then 2 GRPO steps, greedy evaluation of 4 problems per split at each
+def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys, sglang_url):
+    """SFT->RL through srft-compare with real trainer launches (one rank each, on the
+    session's SGLang CPU server), 2 SFT steps then 2 GRPO steps, greedy evaluation of 4 problems per split at each
     run's start and end. The GRPO run must start from the SFT run's final weights: its
     step-0 generations are the SFT run's step-2 generations, not the base model's (the SFT
     run's step 0). Its steps also check the real training-inference path: unseeded rollouts
     with SGLang's log-probs against the trainer's, and TIS on them."""
-    rc = compare.main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", "4",
-                       "--methods", "sft_rl", "--seeds", "1", "--final-eval", "trainer",
-                       "train.prompts_per_step=2", "rollout.n_samples=2",
-                       "train.micro_batch_size=8", "data.max_response_len=32",
-                       "eval.every=2", "eval.limit=4", "eval.temperature=0.0",
-                       "logging.tensorboard=false", "checkpoint.export_hf=false",
-                       "rollout.seeded=false", "algorithm.tis_cap=2.0",
-                       "--nproc-per-node", "1", "parallel.tp=1"])
+    rc = main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", "4",
+               "--methods", "sft_rl", "--seeds", "1", "--final-eval", "trainer",
+               "train.prompts_per_step=2", "rollout.n_samples=2",
+               "train.micro_batch_size=8", "data.max_response_len=32",
+               "eval.every=2", "eval.limit=4", "eval.temperature=0.0",
+               "logging.tensorboard=false", "checkpoint.export_hf=false",
+               "rollout.seeded=false", "algorithm.tis_cap=2.0",
+               f'rollout.urls=["{sglang_url}"]', "rollout.weight_sync=disk",
+               "--nproc-per-node", "1", "parallel.tp=1"])
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
     logs = tmp_path / "cmp" / "logs"

@@ -165,3 +165,16 @@ def test_loading_and_validating_a_config_imports_no_torch():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout[-500:]
+
+
+def test_doctor_help_imports_no_torch():
+    """``srft-doctor --help`` parses its arguments without torch: each sub-command imports
+    what it needs when it runs."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "srft_mcore.doctor.cli",
+                          "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "srft-doctor" in out.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()
+                if line.startswith("import time:")]
+    assert "srft_mcore.doctor" in imported  # the import log was read
+    assert not [m for m in imported if m == "torch" or m.startswith("torch.")], imported

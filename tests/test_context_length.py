@@ -10,7 +10,7 @@ import requests
 import torch
 
 from srft_mcore.config import ConfigError, load_config, validate
-from srft_mcore.models.builder import context_limit, with_overrides
+from srft_mcore.config.hf_config import context_limit, with_overrides
 from srft_mcore.rollout.server import (SGLangServer, context_server_args, model_override_args)
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -95,7 +95,7 @@ def test_trainer_and_server_read_the_same_values():
     """The Megatron side (with_overrides -> GPTModel kwargs) and the SGLang side
     (model_override_args) give the same theta and positions for every config format."""
     from srft_mcore.config import ModelConfig
-    from srft_mcore.models.builder import rope_theta
+    from srft_mcore.config.hf_config import rope_theta
 
     m = ModelConfig(rope_theta=40000, max_position_embeddings=16384)
     for hf in (QWEN25_MATH_7B,

@@ -20,7 +20,8 @@ TOL = 1e-4
 def _build(hf_dir, tp):
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
 
     layout = init_distributed(tp=tp, pp=1)
     hf = load_hf_config(hf_dir)

@@ -9,10 +9,13 @@ import time
 
 import pytest
 
-from srft_mcore.evaluation.evaluate import (LETTERS, EvalError, answer_text, detect_layout, evaluate_splits,
-                             extract_choice, load_eval_set, math_score, metric_name,
-                             paper_sampling, resolve_model, run_eval, sample_accuracy,
-                             score_item, shuffle_options)
+from srft_mcore.evaluation.errors import EvalError
+from srft_mcore.evaluation.models import resolve_model
+from srft_mcore.evaluation.records import (LETTERS, answer_text, detect_layout, load_eval_set,
+                                           shuffle_options)
+from srft_mcore.evaluation.runner import evaluate_splits, paper_sampling, run_eval
+from srft_mcore.evaluation.scoring import (extract_choice, math_score, metric_name,
+                                           sample_accuracy, score_item)
 from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +67,7 @@ def test_reference_answers_as_text(value, text):
 
 
 def test_a_training_reward_can_score_math_answers():
-    from srft_mcore.evaluation.evaluate import EvalItem
+    from srft_mcore.evaluation.records import EvalItem
     from srft_mcore.reward import math_reward
 
     item = EvalItem(index=0, id=None, question="q", prompt="q", answer="0.5")
@@ -148,7 +151,7 @@ def test_option_shuffle_is_seeded_and_stable_across_processes():
     for shuffled, gold in first:
         assert shuffled[gold] == "option 7"
     # another interpreter with another hash seed draws the same orders
-    code = ("import json; from srft_mcore.evaluation.evaluate import shuffle_options as s; "
+    code = ("import json; from srft_mcore.evaluation.records import shuffle_options as s; "
             "print(json.dumps([s([f'option {k}' for k in range(10)], 7, seed=11, index=i) "
             "for i in range(20)]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -233,7 +236,7 @@ def test_run_eval_counts_avg_at_k_over_samples(tmp_path):
 
 
 def test_budget_is_capped_by_the_served_context(tmp_path):
-    from srft_mcore.evaluation.evaluate import prompt_ids
+    from srft_mcore.evaluation.runner import prompt_ids
     from srft_mcore.models.tiny import load_tokenizer
 
     tok = load_tokenizer(EMBEDDED_MODEL_DIR)
@@ -299,7 +302,7 @@ def test_unknown_fields_error_lists_found_and_expected(tmp_path):
 def test_cli_bad_file_fails_before_any_server(tmp_path):
     bad = write_jsonl(tmp_path / "odd.jsonl", [{"text": "p", "label_x": "1"}])
     out_dir = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "srft_mcore.evaluation.evaluate", "--model", EMBEDDED_MODEL_DIR,
+    res = subprocess.run([sys.executable, "-m", "srft_mcore.evaluation", "--model", EMBEDDED_MODEL_DIR,
                           "--data", bad, "--out", str(out_dir)], capture_output=True, text=True,
                          timeout=300, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert res.returncode == 2, res.stderr[-3000:]
@@ -351,7 +354,7 @@ def embedded_files(tmp_path_factory):
 
 
 def run_cli(*args, timeout=900):
-    res = subprocess.run([sys.executable, "-m", "srft_mcore.evaluation.evaluate", *args], capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "srft_mcore.evaluation.cli", *args], capture_output=True,
                          text=True, timeout=timeout, cwd=ROOT,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
     return res
@@ -398,14 +401,13 @@ def test_cli_on_a_math500_style_file(hf_dir_run):
     assert not [n for n in os.listdir(out) if n.startswith(".hf_model")]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture
+def server(shared_sglang):
+    """The session's SGLang server of the embedded model (tests/conftest.py)."""
     from srft_mcore.rollout.server import SGLangServer
 
-    log = tmp_path_factory.mktemp("eval_server") / "sglang.log"
-    s = SGLangServer.launch(EMBEDDED_MODEL_DIR, log_path=str(log))
-    yield s
-    s.stop()
+    with shared_sglang.lease() as url:
+        yield SGLangServer.attach(url)
 
 
 @pytest.mark.slow
@@ -414,8 +416,8 @@ def test_evaluate_splits_through_a_live_server(server, embedded_files, tmp_path)
     from srft_mcore.rollout.client import SGLangClient
 
     math_path, mc_path = embedded_files
-    from srft_mcore.evaluation.evaluate import server_context_length
-    from srft_mcore.models import load_hf_config
+    from srft_mcore.evaluation.runner import server_context_length
+    from srft_mcore.config.hf_config import load_hf_config
 
     client = SGLangClient([server.url])  # what the trainer holds as engine.client
     assert server_context_length(server.url) == \
@@ -463,7 +465,8 @@ def _save_trainer_checkpoint(root):
     from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
 
     layout = init_distributed(1, 1)
     hf = load_hf_config(EMBEDDED_MODEL_DIR)

@@ -148,7 +148,9 @@ def checkpoint_tensors(step_dir):
 
 
 @pytest.mark.slow
-def test_nonfinite_gradients_skip_the_step_and_stop_after_k_in_a_row(tmp_path):
+def test_nonfinite_gradients_skip_the_step_and_stop_after_k_in_a_row(tmp_path, sglang_url):
+    from test_trainer import attached
+
     driver = tmp_path / "nan_driver.py"
     driver.write_text(NAN_DRIVER)
     run_dir = tmp_path / "run"
@@ -159,7 +161,7 @@ def test_nonfinite_gradients_skip_the_step_and_stop_after_k_in_a_row(tmp_path):
          "rollout.n_samples=2", "train.micro_batch_size=4", "data.max_response_len=32",
          "optimizer.max_consecutive_skips=3", "checkpoint.every=1", "checkpoint.keep=20",
          "checkpoint.export_hf=false", "logging.tensorboard=false",
-         "logging.progress_bar=false"],
+         "logging.progress_bar=false", *attached(sglang_url)],
         capture_output=True, text=True, timeout=900, env=clean_env(PYTHONPATH=ROOT))
     log = out.stdout + out.stderr
     assert out.returncode != 0, log[-4000:]

@@ -59,7 +59,7 @@ def _fp16_rank(ckpt_dir):
            "grad_scale_func": t.model.module.config.grad_scale_func is not None}
     # (a) a few ordinary steps
     start = _params(t)
-    out["trained"] = [t.train_step(seqs) for _ in range(2)]
+    out["trained"] = [t.train_on(seqs) for _ in range(2)]
     out["moved"] = max((p - start[n]).abs().max().item() for n, p in _params(t).items())
     # (b) two overflowing steps: skipped; the scale halves at the second (hysteresis 2) and
     # the run goes on, since the scale is above optimizer.min_loss_scale
@@ -67,12 +67,12 @@ def _fp16_rank(ckpt_dir):
     restore = _overflowing(t)
     out["overflow"] = []
     for _ in range(2):
-        rec = t.train_step(seqs)
+        rec = t.train_on(seqs)
         out["overflow"].append((rec, _scaler(t)))
     restore()
     out["unchanged"] = all(torch.equal(p, before[n]) for n, p in _params(t).items())
     out["lr_steps"] = (lr_steps, t.scheduler.num_steps)
-    out["after"] = t.train_step(seqs)
+    out["after"] = t.train_on(seqs)
     out["counters"] = (t.overflow_steps, t.skipped_total, t.skipped_in_a_row)
     # (c) the scaler's state (scale, growth and hysteresis trackers) through a checkpoint
     out["saved"] = _scaler(t)
@@ -84,13 +84,13 @@ def _fp16_rank(ckpt_dir):
     out["loaded"] = _scaler(t2)
     out["main_equal"] = all(torch.equal(a, b) for a, b in zip(main, _main_params(t2)))
     # both continue alike: the same next step, the same scale
-    out["next"] = (t.train_step(seqs), t2.train_step(seqs))
+    out["next"] = (t.train_on(seqs), t2.train_on(seqs))
     # at the smallest scale an overflow is a non-finite step: K in a row stop the run
     t.cfg.optimizer.min_loss_scale = _scaler(t)["scale"]
     _overflowing(t)
     try:
         for _ in range(3):
-            t.train_step(seqs)
+            t.train_on(seqs)
         out["stopped"] = None
     except Exception as e:  # noqa: BLE001
         out["stopped"] = f"{type(e).__name__}: {e}"

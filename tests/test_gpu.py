@@ -152,7 +152,8 @@ def test_bf16_forward_backward_matches_fp32(layout, tiny_dir):
     """The same weights in bf16 and fp32 on the device: log-probs and gradients agree."""
     from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
     from srft_mcore.models.policy import policy_forward
 
     hf = load_hf_config(tiny_dir)
@@ -187,7 +188,7 @@ def test_twenty_bf16_steps_lower_the_loss_with_fp32_main_grad(layout, tiny_dir, 
     seqs = synthetic_rollouts(trainer.hf["vocab_size"])
     losses = []
     for _ in range(20):
-        metrics = trainer.train_step(seqs)
+        metrics = trainer.train_on(seqs)
         assert metrics["train/skipped"] == 0
         assert math.isfinite(metrics["optim/grad_norm"]) and metrics["optim/grad_norm"] > 0
         losses.append(metrics["loss"])
@@ -246,8 +247,8 @@ def test_no_host_syncs_per_chunk_or_per_micro_batch(layout, tiny_dir, tmp_path):
     for mbs in (1, 4):
         trainer = make_trainer(tiny_dir, tmp_path / f"mbs{mbs}", f"train.micro_batch_size={mbs}")
         seqs = synthetic_rollouts(trainer.hf["vocab_size"])
-        trainer.train_step(seqs)  # warm-up (allocations, lazy initialisation)
-        step = _host_syncs(lambda: trainer.train_step(seqs))
+        trainer.train_on(seqs)  # warm-up (allocations, lazy initialisation)
+        step = _host_syncs(lambda: trainer.train_on(seqs))
         counts[mbs] = len(step)
         sites[f"step_micro_batch_size_{mbs}"] = dict(Counter(step))
     record_figure("host_syncs_per_step", {**{f"micro_batch_size_{k}": v
@@ -334,7 +335,7 @@ def test_checkpoint_round_trip_restores_params_and_optimizer(layout, tiny_dir, t
     trained = make_trainer(tiny_dir, tmp_path / "a")
     seqs = synthetic_rollouts(trained.hf["vocab_size"])
     for _ in range(2):
-        trained.train_step(seqs)
+        trained.train_on(seqs)
     path = ckpt.save_checkpoint(str(tmp_path / "ckpt"), 2, trained.model.module,
                                 trained.optimizer, {"note": "gpu check"})
     fresh = make_trainer(tiny_dir, tmp_path / "b")
@@ -362,7 +363,7 @@ def test_hf_export_import_gives_identical_logprobs(layout, tiny_dir, tmp_path):
     from srft_mcore.models import build_model
 
     trainer = make_trainer(tiny_dir, tmp_path / "run")
-    trainer.train_step(synthetic_rollouts(trainer.hf["vocab_size"]))  # leave the HF weights
+    trainer.train_on(synthetic_rollouts(trainer.hf["vocab_size"]))  # leave the HF weights
     out = trainer.export_hf()
     reloaded = build_model(trainer.hf, trainer.cfg.model, trainer.cfg.parallel)
     load_hf_into_model(reloaded, out, trainer.hf)
@@ -383,7 +384,7 @@ def test_load_mcore_then_lr0_step_keeps_the_loaded_weights(layout, tiny_dir, tmp
     trained = make_trainer(tiny_dir, tmp_path / "a")
     seqs = synthetic_rollouts(trained.hf["vocab_size"])
     for _ in range(2):
-        trained.train_step(seqs)
+        trained.train_on(seqs)
     weights = tmp_path / "mcore"  # a model-only checkpoint, as srft-convert hf-to-mcore writes
     weights.mkdir()
     dist_checkpointing.save(trained.model.module.sharded_state_dict(), str(weights))
@@ -392,7 +393,7 @@ def test_load_mcore_then_lr0_step_keeps_the_loaded_weights(layout, tiny_dir, tmp
     loaded = make_trainer(tiny_dir, tmp_path / "b", f"model.load_mcore={weights}",
                           "optimizer.lr=0.0")
     assert_same_params(expected, loaded.model.module)
-    metrics = loaded.train_step(seqs)
+    metrics = loaded.train_on(seqs)
     assert metrics["train/skipped"] == 0 and metrics["optim/grad_norm"] > 0
     assert_same_params(expected, loaded.model.module)
 

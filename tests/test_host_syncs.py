@@ -72,9 +72,9 @@ def _steps_rank(item_in_loss: bool):
                                  "train.mini_batches=1", "logging.tensorboard=false"])
         trainer = Trainer(cfg).init_policy()
         seqs = _synthetic_step(trainer.hf["vocab_size"])
-        trainer.train_step(seqs)  # warm-up: optimizer state, lazy initialisation
+        trainer.train_on(seqs)  # warm-up: optimizer state, lazy initialisation
         # this file too: the negative control's .item() is made here
-        counter = count_host_syncs(lambda: trainer.train_step(seqs), PROJECT + (__file__,))
+        counter = count_host_syncs(lambda: trainer.train_on(seqs), PROJECT + (__file__,))
         out[16 // mbs] = {"count": counter.count, "by_site": counter.by_site()}
     return out
 

@@ -273,9 +273,11 @@ def test_sigkill_on_the_launcher_stops_every_rank_and_server(tmp_path):
 
 
 @pytest.mark.slow
-def test_second_trainer_on_a_locked_run_dir_is_refused(tmp_path):
+def test_second_trainer_on_a_locked_run_dir_is_refused(tmp_path, sglang_url):
+    from test_trainer import attached
+
     run_dir, log = str(tmp_path / "run"), str(tmp_path / "first.log")
-    first = start_trainer(run_dir, log, torchrun=False)
+    first = start_trainer(run_dir, log, *attached(sglang_url), torchrun=False)
     procs = []
     try:
         wait_training(first, run_dir, log)

@@ -129,7 +129,7 @@ def test_torchrun_script_dry_run(tmp_path):
     assert out.split() == [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1",
         "--nproc_per_node=4", "--rdzv_backend=static", "--rdzv_endpoint=node0:29555",
-        "-m", "srft_mcore.training.trainer", "--config",
+        "-m", "srft_mcore.training", "--config",
         os.path.join(ROOT, "examples/configs/srft_tiny_cpu.yaml"), "train.steps=3"]
     bad = _run(["bash", os.path.join(MULTI, "srft_torchrun_multinode.sh")],
                {**env, "NODE_RANK": "2"}, ok=False)

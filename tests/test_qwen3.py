@@ -17,7 +17,7 @@ import requests
 import torch
 from safetensors.torch import load_file
 
-from srft_mcore.models import bridge
+from srft_mcore.models import bridge, name_map
 from srft_mcore.launching.local import spawn_ranks
 from srft_mcore.models import get_architecture, padded_vocab_size
 from srft_mcore.models.tiny import make_tiny_hf_model
@@ -40,18 +40,18 @@ def test_registry_and_name_map():
     assert arch.hf_class == "Qwen3ForCausalLM" and arch.qk_norm
     assert not arch.qkv_bias(QWEN3) and arch.qkv_bias(dict(QWEN3, attention_bias=True))
     assert not get_architecture(dict(QWEN3, model_type="qwen2")).qk_norm
-    names = bridge.mcore_names(QWEN3)
+    names = name_map.mcore_names(QWEN3)
     assert "decoder.layers.1.self_attention.q_layernorm.weight" in names
     assert "decoder.layers.1.self_attention.k_layernorm.weight" in names
     assert not any(n.endswith("linear_qkv.bias") for n in names)
     # the q/k norm names are the same under the Transformer Engine spec
-    te = bridge.mcore_names(QWEN3, te=True)
+    te = name_map.mcore_names(QWEN3, te=True)
     assert "decoder.layers.0.self_attention.q_layernorm.weight" in te
     assert "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight" in te
-    tm, layer = bridge.lookup(QWEN3, "decoder.layers.1.self_attention.k_layernorm.weight")
+    tm, layer = name_map.lookup(QWEN3, "decoder.layers.1.self_attention.k_layernorm.weight")
     assert tm.layout == "replicated"
-    assert bridge.hf_names(tm, layer) == ["model.layers.1.self_attn.k_norm.weight"]
-    shapes = bridge.expected_hf_shapes(QWEN3)
+    assert name_map.hf_names(tm, layer) == ["model.layers.1.self_attn.k_norm.weight"]
+    shapes = name_map.expected_hf_shapes(QWEN3)
     assert shapes["model.layers.0.self_attn.q_norm.weight"] == (HEAD_DIM,)
     assert shapes["model.layers.0.self_attn.k_norm.weight"] == (HEAD_DIM,)
     assert shapes["model.layers.0.input_layernorm.weight"] == (64,)
@@ -59,22 +59,24 @@ def test_registry_and_name_map():
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (2 * HEAD_DIM, 64)
     assert shapes["model.layers.0.self_attn.o_proj.weight"] == (64, 4 * HEAD_DIM)
     assert "lm_head.weight" in shapes
-    assert "lm_head.weight" not in bridge.expected_hf_shapes(dict(QWEN3, tie_word_embeddings=True))
+    assert "lm_head.weight" not in name_map.expected_hf_shapes(dict(QWEN3,
+                                                                    tie_word_embeddings=True))
     # the Qwen2 map has no q/k norms
-    with pytest.raises(bridge.BridgeError, match="no HF counterpart"):
-        bridge.lookup(dict(QWEN3, model_type="qwen2"),
-                      "decoder.layers.0.self_attention.q_layernorm.weight")
+    with pytest.raises(name_map.BridgeError, match="no HF counterpart"):
+        name_map.lookup(dict(QWEN3, model_type="qwen2"),
+                        "decoder.layers.0.self_attention.q_layernorm.weight")
 
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_slices_and_export_invert(tp):
     g = torch.Generator().manual_seed(0)
-    tensors = {n: torch.randn(s, generator=g) for n, s in bridge.expected_hf_shapes(QWEN3).items()}
-    src, dims = bridge.TensorSource(tensors), bridge.Dims.from_hf(QWEN3)
+    tensors = {n: torch.randn(s, generator=g)
+               for n, s in name_map.expected_hf_shapes(QWEN3).items()}
+    src, dims = bridge.TensorSource(tensors), name_map.Dims.from_hf(QWEN3)
     assert dims.head_dim == HEAD_DIM
     padded = padded_vocab_size(QWEN3["vocab_size"], 128, tp)
-    for name in bridge.mcore_names(QWEN3):
-        tm, layer = bridge.lookup(QWEN3, name)
+    for name in name_map.mcore_names(QWEN3):
+        tm, layer = name_map.lookup(QWEN3, name)
         full = bridge.hf_slice_for_rank(tm, layer, src, dims, padded, 1, 0)
         if tm.layout == "replicated":  # every rank reads the whole norm
             assert torch.equal(bridge.hf_slice_for_rank(tm, layer, src, dims, padded, tp, tp - 1),
@@ -115,7 +117,8 @@ def _built_norms_rank(hf_dir):
     """The q/k norm modules of a model built through the builder (local spec)."""
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
 
     init_distributed(tp=1, pp=1)
     model = build_model(load_hf_config(hf_dir), ModelConfig(dtype="float32",

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from srft_mcore.planning import planner as P
+from srft_mcore.planning.model_shape import PRESETS
 from srft_mcore.config import load_config, validate
 from tools import make_recipes as mr
 
@@ -15,7 +15,7 @@ SPECS = {s.preset: s for s in mr.RECIPES}
 
 
 def test_one_recipe_per_preset_and_no_strays():
-    assert sorted(SPECS) == sorted(P.PRESETS)
+    assert sorted(SPECS) == sorted(PRESETS)
     shipped = sorted(f[:-len(".yaml")] for f in os.listdir(mr.OUT_DIR) if f.endswith(".yaml"))
     assert shipped == sorted(SPECS)
 
@@ -28,7 +28,7 @@ def test_recipe_loads_validates_and_matches_the_planner(preset):
     cfg = load_config(path)
     lay, r = plan.layout, plan.rollout
     # the checks of a real launch: world size = the trainer's GPUs, heads / layers of the model
-    validate(cfg, world_size=plan.trainer_gpus, hf_config=P.PRESETS[preset])
+    validate(cfg, world_size=plan.trainer_gpus, hf_config=PRESETS[preset])
     got = dict(tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=cfg.parallel.dp,
                split=cfg.parallel.pp_layer_split, sp=cfg.parallel.sequence_parallel,
                dist_opt=cfg.parallel.use_distributed_optimizer,

@@ -17,8 +17,11 @@ from fake_http import (ALL_TAGS, ROUTES, SESSION_ROUTES, FakeSGLang, JsonHandler
                        fake_state, open_entry, start_fake)
 from srft_mcore.launching.distributed import free_port
 from srft_mcore.rollout.client import GenerateError, SamplingParams, SGLangClient, parse_completion
+from srft_mcore.rollout import sync_buckets, tensor_transport
 from srft_mcore.rollout import weight_sync as ws
-from srft_mcore.rollout.weight_sync import flatten_bucket, _bucket_metadata
+from srft_mcore.rollout.errors import WeightSyncError
+from srft_mcore.rollout.sync_buckets import bucket_metadata as _bucket_metadata, flatten_bucket
+from srft_mcore.rollout.sync_types import SourceInfo
 
 
 # --------------------------------------------------------------------------- fake server
@@ -134,20 +137,20 @@ def shm_sharing():
     """The tensor mode's CPU sharing strategy, restored afterwards."""
     before = torch.multiprocessing.get_sharing_strategy()
     torch.multiprocessing.set_sharing_strategy("file_system")
-    ws._detach_shm_manager_from_stdio()
+    tensor_transport._detach_shm_manager_from_stdio()
     yield
     torch.multiprocessing.set_sharing_strategy(before)
 
 
 def test_colocated_plan_puts_each_server_rank_on_its_trainer_rank():
-    assert ws.colocated_plan(2, 2, 4, on_gpu=True) == [[0, 1], [2, 3]]
-    assert ws.colocated_plan(1, 2, 8, on_gpu=True) == [[0, 1]]
-    with pytest.raises(ws.WeightSyncError, match="2 servers x server_tp 2 need 4 GPUs"):
-        ws.colocated_plan(2, 2, 2, on_gpu=True)
+    assert tensor_transport.colocated_plan(2, 2, 4, on_gpu=True) == [[0, 1], [2, 3]]
+    assert tensor_transport.colocated_plan(1, 2, 8, on_gpu=True) == [[0, 1]]
+    with pytest.raises(WeightSyncError, match="2 servers x server_tp 2 need 4 GPUs"):
+        tensor_transport.colocated_plan(2, 2, 2, on_gpu=True)
     # shared memory opens anywhere: CPU ranks wrap around a small world
-    assert ws.colocated_plan(2, 1, 1, on_gpu=False) == [[0], [0]]
+    assert tensor_transport.colocated_plan(2, 1, 1, on_gpu=False) == [[0], [0]]
     # a re-sync of the second server alone (after its restart) still finds its GPUs
-    transport = ws.TensorTransport(server_tp=2, placement=["http://a", "http://b"])
+    transport = tensor_transport.TensorTransport(server_tp=2, placement=["http://a", "http://b"])
     assert transport.plan(["http://b"], world=4, on_gpu=True) == [[2, 3]]
 
 
@@ -158,17 +161,17 @@ def test_payload_has_one_entry_per_server_tp_rank_from_its_own_rank(shm_sharing)
     meta = _bucket_metadata(names, dtypes, shapes)
     copies = [torch.full_like(flat0.view(torch.float32), g + 1.0).view(torch.uint8)
               for g in range(4)]
-    handles = [ws.serialize_bucket(c, meta) for c in copies]
-    plan = ws.colocated_plan(2, 2, 4, on_gpu=True)
-    payloads = ws.server_payloads(handles, plan)
+    handles = [tensor_transport.serialize_bucket(c, meta) for c in copies]
+    plan = tensor_transport.colocated_plan(2, 2, 4, on_gpu=True)
+    payloads = tensor_transport.server_payloads(handles, plan)
     assert [len(p) for p in payloads] == [2, 2]
     for s, entries in enumerate(payloads):
         for r, entry in enumerate(entries):
             opened = open_entry(entry)
             assert opened["tensors"] == {"a.weight": plan[s][r] + 1.0,
                                          "b.bias": plan[s][r] + 1.0}, (s, r)
-    with pytest.raises(ws.WeightSyncError, match=r"server 1: trainer ranks \[3\]"):
-        ws.server_payloads(handles[:3] + [None], plan)
+    with pytest.raises(WeightSyncError, match=r"server 1: trainer ranks \[3\]"):
+        tensor_transport.server_payloads(handles[:3] + [None], plan)
 
 
 def test_colocated_gpu_servers_start_at_their_trainer_ranks_gpus(monkeypatch):
@@ -200,14 +203,14 @@ def test_buffers_live_until_the_server_answers_then_are_freed(shm_sharing, monke
         refs.append(weakref.ref(out[0]))
         return out
 
-    monkeypatch.setattr(ws, "flatten_bucket", recording)
+    monkeypatch.setattr(sync_buckets, "flatten_bucket", recording)
     state = fake_state()
     alive_during_post = []
     state["probe"] = lambda: alive_during_post.append(refs[-1]() is not None)
     httpd, url = start_fake(state)
     try:
-        src = ws.SourceInfo(rank=0, pp_rank=0, exports=True, sends=True)
-        stats = ws.sync_weights(ws.TensorTransport(server_tp=2), [url], src, "v1",
+        src = SourceInfo(rank=0, pp_rank=0, exports=True, sends=True)
+        stats = ws.sync_weights(tensor_transport.TensorTransport(server_tp=2), [url], src, "v1",
                                 lambda: _stream(5), bucket_bytes=512)
     finally:
         httpd.shutdown()
@@ -230,7 +233,7 @@ def _fake_engine(url: str, tmp_path, mode: str = "tensor"):
 
 
 def test_memory_is_released_for_training_and_resumed_around_the_sync(shm_sharing, tmp_path):
-    from srft_mcore.rollout.engine import RolloutError
+    from srft_mcore.rollout.errors import RolloutError
 
     state = fake_state(busy=2)  # the first two releases find a batch still finishing
     httpd, url = start_fake(state)
@@ -340,7 +343,7 @@ def test_each_step_syncs_with_the_protocol_the_server_has(shm_sharing, tmp_path,
 
 @pytest.mark.parametrize("openapi", [True, False], ids=["openapi", "probed"])
 def test_a_server_without_the_modes_update_route_is_refused_before_any_sync(tmp_path, openapi):
-    from srft_mcore.rollout.weight_sync import UnsupportedServer
+    from srft_mcore.rollout.errors import UnsupportedServer
 
     state = fake_state(routes=ROUTES - set(SESSION_ROUTES) - {"/update_weights_from_distributed"},
                        openapi=openapi, sglang_version="0.5.19")
@@ -362,8 +365,7 @@ def test_a_server_without_the_modes_update_route_is_refused_before_any_sync(tmp_
 
 
 def test_a_sync_that_keeps_failing_is_retried_then_names_server_and_route(tmp_path):
-    from srft_mcore.rollout.engine import RolloutError
-    from srft_mcore.rollout.weight_sync import WeightSyncError
+    from srft_mcore.rollout.errors import RolloutError
 
     state = fake_state(routes=ROUTES - set(SESSION_ROUTES), fail={"/update_weights_from_disk"})
     httpd, url = start_fake(state)
@@ -404,7 +406,7 @@ def _colocated_job(url: str, device: str, phases: tuple) -> dict:
     # the life of each tensor this rank hands out, against the moment rank 0 says that the
     # servers have answered (its status broadcast); and whether any copy outlives the sync
     refs, events = [], []
-    real_flatten, real_serialize = ws.flatten_bucket, ws.serialize_bucket
+    real_flatten, real_serialize = sync_buckets.flatten_bucket, tensor_transport.serialize_bucket
     real_broadcast = sd.broadcast_object
 
     def flattening(bucket):
@@ -423,13 +425,13 @@ def _colocated_job(url: str, device: str, phases: tuple) -> dict:
         events.append("told")
         return out
 
-    ws.flatten_bucket, ws.serialize_bucket = flattening, serializing
+    sync_buckets.flatten_bucket, tensor_transport.serialize_bucket = flattening, serializing
     sd.broadcast_object = told
-    transport = ws.TensorTransport(server_tp=2)
+    transport = tensor_transport.TensorTransport(server_tp=2)
     stats = {}
     if "pp1" in phases:
         # rank-specific values (fault injection): an entry shows which rank it came from
-        src = ws.SourceInfo(rank=rank, pp_rank=0, exports=True, sends=rank == 0)
+        src = SourceInfo(rank=rank, pp_rank=0, exports=True, sends=rank == 0)
         s = ws.sync_weights(transport, [url], src, "pp1",
                             lambda: [(n, t.to(dev)) for n, t in _stream(4, 10.0 * rank)],
                             bucket_bytes=512, group=group)
@@ -438,7 +440,7 @@ def _colocated_job(url: str, device: str, phases: tuple) -> dict:
     if "pp2" in phases:
         # PP2 over the world: each rank is a stage with its own layers; both TP ranks of the
         # server need both stages' buckets
-        src = ws.SourceInfo(rank=rank, pp_rank=rank, exports=True, sends=True, pp=2)
+        src = SourceInfo(rank=rank, pp_rank=rank, exports=True, sends=True, pp=2)
         s = ws.sync_weights(transport, [url], src, "pp2",
                             lambda: _stream(3, 100.0 * (rank + 1), prefix=f"s{rank}.w"),
                             bucket_bytes=512, group=group)

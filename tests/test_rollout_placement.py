@@ -1,7 +1,8 @@
 """Rollout server GPU placement from SRFT_ROLLOUT_GPUS (set by the 7B recipe)."""
 import pytest
 
-from srft_mcore.rollout.engine import RolloutError, server_gpu_env
+from srft_mcore.rollout.engine import server_gpu_env
+from srft_mcore.rollout.errors import RolloutError
 
 
 def test_servers_get_disjoint_gpu_slices(monkeypatch):

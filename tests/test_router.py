@@ -17,9 +17,11 @@ import torch
 
 from fake_http import JsonHandler
 from srft_mcore.config import ConfigError, load_config, validate
-from srft_mcore.rollout.engine import RolloutEngine, RolloutError, resolve_sync_address
+from srft_mcore.rollout.engine import RolloutEngine
+from srft_mcore.rollout.errors import RolloutError
 from srft_mcore.rollout.router import SGLangRouter
 from srft_mcore.rollout.server import SGLangServer
+from srft_mcore.rollout.sync_address import resolve_sync_address
 
 URLS = '["http://node3:30000","http://node4:30000"]'
 

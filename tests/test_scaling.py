@@ -113,9 +113,9 @@ def test_cpu_dry_run_runs_each_size_then_the_table_and_resumes(tmp_path):
     (out / "tiny-tp2").mkdir()           # started: resumed
     lines = _study(tmp_path, "optimizer.lr=1e-3", CPU="1", STEPS="3")
     assert lines[0] == "# tiny-tp1: finished (%s/tiny-tp1/DONE), skipped" % out
-    cmd = [ln for ln in lines if "srft_mcore.training.trainer" in ln]
+    cmd = [ln for ln in lines if "srft_mcore.training.cli" in ln]
     assert len(cmd) == 1
-    assert ("--nproc_per_node=2 -m srft_mcore.training.trainer --config examples/configs/srft_tiny_cpu.yaml "
+    assert ("-m srft_mcore.training.cli --nproc_per_node=2 --config examples/configs/srft_tiny_cpu.yaml "
             "--resume" in cmd[0])
     for part in ("parallel.tp=2", "model.hf_path=null", "train.steps=3", "eval.every=3",
                  "eval.limit=50", f"logging.run_dir={out}/tiny-tp2", "optimizer.lr=1e-3"):
@@ -124,7 +124,7 @@ def test_cpu_dry_run_runs_each_size_then_the_table_and_resumes(tmp_path):
     assert lines[-1].endswith(f"-m srft_mcore.planning.scaling_table {out}/tiny-tp1 {out}/tiny-tp2")
     assert not (out / "scaling_table.md").exists()
     fresh = _study(tmp_path, CPU="1", STEPS="3", OUT=str(tmp_path / "fresh"))
-    cmd = [ln for ln in fresh if "srft_mcore.training.trainer" in ln]
+    cmd = [ln for ln in fresh if "srft_mcore.training.cli" in ln]
     assert [c.split("--nproc_per_node=")[1].split()[0] for c in cmd] == ["1", "2"]
     assert not any("--resume" in c for c in cmd)
     assert not (tmp_path / "fresh").exists()  # a dry run writes nothing
@@ -134,7 +134,7 @@ def test_recipe_dry_run_shares_data_steps_and_eval_and_skips_multi_node(tmp_path
     lines = _study(tmp_path, MODELS="qwen2.5-0.5b=/m/q05 qwen2.5-32b=/m/q32",
                    DATA_PATH="/d/train.parquet", STEPS="10",
                    EVAL_SPLITS="math500=/d/math.jsonl aime=/d/aime.parquet")
-    cmd = [ln for ln in lines if "srft_mcore.training.trainer" in ln]
+    cmd = [ln for ln in lines if "srft_mcore.training.cli" in ln]
     assert len(cmd) == 1 and "--nproc_per_node=8" in cmd[0]
     assert "--config examples/configs/recipes/qwen2.5-0.5b.yaml" in cmd[0]
     assert " data.path=/d/train.parquet" in cmd[0] and " train.steps=10" in cmd[0]

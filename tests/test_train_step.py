@@ -122,9 +122,9 @@ def _two_mini_batches_rank():
                approx_kl_hand=(r.double() - r.double().log() - 1).mean().item(),  # k3
                old_equals_start=all(torch.equal(a[0].float(), mb["old_logprobs"])
                                     for a, mb in zip(h0, [mb for mi in minis for mb in mi])))
-    # train_step composes exactly these pieces
+    # train_on composes exactly these pieces
     t2 = _trainer(over)
-    out["step"] = t2.train_step(_synthetic_step(t2.hf["vocab_size"]))
+    out["step"] = t2.train_on(_synthetic_step(t2.hf["vocab_size"]))
     return out
 
 
@@ -229,7 +229,7 @@ def test_tis_scales_the_step_loss_and_gradient():
 def _split_rank(micro_batch_size):
     t = _trainer([f"train.micro_batch_size={micro_batch_size}", "optimizer.lr=1e-3"])
     start = _weights(t) if t.layout.dp_rank == 0 else None
-    rec = t.train_step(_synthetic_step(t.hf["vocab_size"]))
+    rec = t.train_on(_synthetic_step(t.hf["vocab_size"]))
     if t.layout.dp_rank:
         return None
     return {"record": rec, "grads": _grads(t), "start": start, "weights": _weights(t)}
@@ -381,7 +381,7 @@ def _packed_rank(tp, pp, budget):
         out[name] = {"logp": _per_sequence_logprobs(t, micro),
                      "rows": sum(mb["tokens"].shape[0] for mb in micro),
                      "width": micro[0]["tokens"].shape[1],
-                     "record": t.train_step(seqs), "grads": _grads(t)}
+                     "record": t.train_on(seqs), "grads": _grads(t)}
     return out
 
 
@@ -404,12 +404,13 @@ def test_packed_equals_padded(world, tp, pp):
 
 # --------------------------------------------------------------------------- overlap
 @pytest.mark.slow
-def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path):
-    from test_trainer import final_weights, kill_after_checkpoint, metrics, run, stable
+def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path, shared_sglang):
+    from test_trainer import attached, final_weights, kill_after_checkpoint, metrics, run, stable
 
     over = ("train.steps=4", "rollout.overlap=true")
     ref = str(tmp_path / "uninterrupted")
-    run(ref, *over)
+    with shared_sglang.lease() as url:  # each run finds the shared server as freshly started
+        run(ref, *over, *attached(url))
     rows = metrics(ref)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # step 1 has no earlier weights; every later sample comes from the step before
@@ -418,8 +419,10 @@ def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path):
         assert r["rollout/policy_lag_min"] == r["rollout/policy_lag_max"] == 1, r["step"]
 
     killed = str(tmp_path / "killed")
-    kill_after_checkpoint(killed, 2, *over)
-    run(killed, *over, "--resume")
+    with shared_sglang.lease() as url:
+        kill_after_checkpoint(killed, 2, *over, *attached(url))
+    with shared_sglang.lease() as url:
+        run(killed, *over, *attached(url), "--resume")
     got = metrics(killed)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(rows, got):

@@ -30,6 +30,12 @@ def launch(run_dir, *overrides, nproc=2, **popen):
                             text=True, start_new_session=True, **popen)
 
 
+def attached(url):
+    """Overrides that roll out on the session's shared server (tests/conftest.py) instead of
+    launching one: disk sync, which leaves no process group behind on the server."""
+    return [f'rollout.urls=["{url}"]', "rollout.weight_sync=disk"]
+
+
 def run(run_dir, *overrides, timeout=900):
     p = launch(run_dir, *overrides)
     out, _ = p.communicate(timeout=timeout)
@@ -72,10 +78,12 @@ def final_weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted 4-step run (TP2, one SGLang server, seeded rollouts)."""
+def reference_run(tmp_path_factory, shared_sglang):
+    """An uninterrupted 4-step run (TP2, the shared SGLang server, seeded rollouts),
+    checkpointed every step: the run the resume tests compare against and start from."""
     run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    run(run_dir, "train.steps=4")
+    with shared_sglang.lease() as url:
+        run(run_dir, "train.steps=4", *attached(url))
     return run_dir
 
 
@@ -111,11 +119,14 @@ def test_tp2_run_with_sglang_trains_and_exports(reference_run):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference_run, tmp_path):
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference_run, tmp_path,
+                                                              shared_sglang):
     run_dir = str(tmp_path / "killed")
-    kill_after_checkpoint(run_dir, 2, "train.steps=4")
+    with shared_sglang.lease() as url:  # as a fresh server for each run, as in the reference
+        kill_after_checkpoint(run_dir, 2, "train.steps=4", *attached(url))
     assert len(metrics(run_dir)) >= 2
-    run(run_dir, "train.steps=4", "--resume")
+    with shared_sglang.lease() as url:
+        run(run_dir, "train.steps=4", *attached(url), "--resume")
     want, got = metrics(reference_run), metrics(run_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     for a, b in zip(want, got):
@@ -284,14 +295,15 @@ def test_bad_input_fails_before_any_rollout(tmp_path, case):
 
 
 @pytest.mark.slow
-def test_bf16_run_checkpoints_exports_and_resumes_exactly(tmp_path):
+def test_bf16_run_checkpoints_exports_and_resumes_exactly(tmp_path, shared_sglang_bf16):
     """bf16 Megatron params with fp32 master weights, a bf16 SGLang CPU server and bf16
     weight sync, end to end; a SIGKILLed bf16 run resumes into the uninterrupted one."""
     # one request in flight per server: a bf16 CPU server's logits depend on which
     # sequences share its decode batch, so only a fixed batching reproduces them exactly
     over = ("train.steps=3", "model.dtype=bfloat16", "rollout.max_concurrency=1")
     ref = str(tmp_path / "bf16")
-    run(ref, *over)
+    with shared_sglang_bf16.lease() as url:  # each run finds it as freshly started
+        run(ref, *over, *attached(url))
     rows = metrics(ref)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss"] is not None and abs(r["loss"]) < 100 for r in rows)
@@ -299,8 +311,10 @@ def test_bf16_run_checkpoints_exports_and_resumes_exactly(tmp_path):
     weights = final_weights(ref)
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     killed = str(tmp_path / "killed")
-    kill_after_checkpoint(killed, 1, *over)
-    run(killed, *over, "--resume")
+    with shared_sglang_bf16.lease() as url:
+        kill_after_checkpoint(killed, 1, *over, *attached(url))
+    with shared_sglang_bf16.lease() as url:
+        run(killed, *over, *attached(url), "--resume")
     for a, b in zip(rows, metrics(killed)):
         a, b = stable(a), stable(b)
         for k in a:
@@ -312,11 +326,12 @@ def test_bf16_run_checkpoints_exports_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_from_a_damaged_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path):
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error_and_changes_nothing(
+        reference_run, tmp_path, sglang_url):
     run_dir = str(tmp_path / "damaged")
-    run(run_dir, "train.steps=2", "checkpoint.export_hf=false")
+    shutil.copytree(reference_run, run_dir)  # 4 steps, a checkpoint after each
     ckpts = os.path.join(run_dir, "checkpoints")
-    step2 = os.path.join(ckpts, "step_000002")
+    latest = os.path.join(ckpts, "step_000004")  # damaged below
 
     def snapshot():
         out = {}
@@ -327,10 +342,10 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error_and_changes_nothing(t
                     out[p] = open(p, "rb").read()
         return out
 
-    tensor_files = [os.path.join(step2, "mcore", n) for n in os.listdir(os.path.join(step2,
+    tensor_files = [os.path.join(latest, "mcore", n) for n in os.listdir(os.path.join(latest,
                                                                                      "mcore"))
                     if n.endswith(".distcp")]
-    state_file = os.path.join(step2, "trainer_state.json")
+    state_file = os.path.join(latest, "trainer_state.json")
     state = open(state_file).read()
     damages = [("trainer_state.json", lambda: open(state_file, "w").write("{not json")),
                ("mcore/", lambda: [os.truncate(f, os.path.getsize(f) // 2)
@@ -340,9 +355,10 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error_and_changes_nothing(t
             f.write(state)
         damage()
         before = snapshot()
-        p = launch(run_dir, "train.steps=3", "checkpoint.export_hf=false", "--resume")
+        p = launch(run_dir, "train.steps=5", "checkpoint.export_hf=false",
+                   *attached(sglang_url), "--resume")
         out, _ = p.communicate(timeout=600)
         assert p.returncode != 0
-        assert f"checkpoint {step2} is damaged: reading {what}" in out, out[-3000:]
-        assert "step_000001" in out and "Traceback" not in out.split("is damaged")[0][-200:]
+        assert f"checkpoint {latest} is damaged: reading {what}" in out, out[-3000:]
+        assert "step_000003" in out and "Traceback" not in out.split("is damaged")[0][-200:]
         assert snapshot() == before  # metrics, other checkpoints, latest: untouched

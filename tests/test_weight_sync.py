@@ -87,7 +87,8 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
     from srft_mcore.models.bridge import load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig, RolloutConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models.builder import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models.builder import build_model
     from srft_mcore.rollout.client import SamplingParams
     from srft_mcore.rollout.engine import RolloutEngine
 
@@ -105,7 +106,7 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
             engine = RolloutEngine.launch(cfg, model_path=model_dir, layout=layout, hf_config=hf,
                                           work_dir=work_dir)
             if layout.rank == 0:  # what the engine read of the server's routes at start-up
-                from srft_mcore.rollout.weight_sync import routes_of_interest, probe_routes
+                from srft_mcore.rollout.server_routes import routes_of_interest, probe_routes
 
                 url = engine.urls[0]
                 r = engine.routes[url]
@@ -157,8 +158,10 @@ def _rank_job(model_dir: str, work_dir: str) -> dict:
                         sync_retries=0)  # the bad sync below fails at once
     # ---- a sync the server rejects (a tensor of the wrong shape) fails on every rank, blocks
     # rollouts, and the retry with the right tensors works
-    from srft_mcore.rollout.engine import RolloutError
-    from srft_mcore.rollout.weight_sync import WeightSyncError, export_stream, source_info
+    from srft_mcore.rollout.errors import RolloutError
+    from srft_mcore.rollout.sync_types import source_info
+    from srft_mcore.rollout.errors import WeightSyncError
+    from srft_mcore.rollout.weight_sync import export_stream
 
     seed += 1
     _perturb(model, layout, seed)
@@ -264,7 +267,7 @@ def test_real_server_gets_the_protocol_its_routes_allow(job):
     session. Every mode's update route is there either way."""
     import sglang
 
-    from srft_mcore.rollout.weight_sync import SESSION_ROUTES, routes_of_interest
+    from srft_mcore.rollout.server_routes import SESSION_ROUTES, routes_of_interest
 
     r = job["routes"]
     assert r["version"] == sglang.__version__ and not r["probed"]  # read from /openapi.json

@@ -22,7 +22,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
-from srft_mcore.planning import planner as P
+from srft_mcore.planning.layout_search import search
+from srft_mcore.planning.model_shape import hf_param_count, load_model
+from srft_mcore.planning.run_shape import Assumptions, GB, Hardware, RunShape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT_DIR = os.path.join(ROOT, "examples", "configs", "recipes")
@@ -31,7 +33,7 @@ OUT_DIR = os.path.join(ROOT, "examples", "configs", "recipes")
 @dataclass(frozen=True)
 class RecipeSpec:
     preset: str
-    """srft-plan preset name (srft_mcore/planner.py PRESETS)."""
+    """srft-plan preset name (srft_mcore/planning/model_shape.py PRESETS)."""
     title: str
     """The model family and size as published."""
     gpus: int
@@ -66,8 +68,8 @@ RECIPES = (
     RecipeSpec("llama3-8b", "Llama-3-8B", 8, note=_LLAMA_NOTE),
     RecipeSpec("llama3-70b", "Llama-3-70B", 64, note=_LLAMA_NOTE),
 )
-RUN = P.RunShape()  # the paper's step: the planner's defaults
-ASSUMPTIONS = P.Assumptions()
+RUN = RunShape()  # the paper's step: the planner's defaults
+ASSUMPTIONS = Assumptions()
 
 
 def recipe_path(spec: RecipeSpec, out_dir: str = OUT_DIR) -> str:
@@ -77,10 +79,10 @@ def recipe_path(spec: RecipeSpec, out_dir: str = OUT_DIR) -> str:
 def top_plan(spec: RecipeSpec) -> tuple:
     """(the planner's first fitting plan, how many fit) for ``spec``; multi-node runs
     with dedicated rollout GPUs only (see the module docstring)."""
-    model = P.load_model(spec.preset)
-    hw = P.Hardware(gpus=spec.gpus, gpu_mem_gb=spec.gpu_mem_gb, gpus_per_node=spec.gpus_per_node)
-    plans = [p for p in P.search(model, RUN, hw, ASSUMPTIONS, None,
-                                 False if spec.multi_node else None) if p.fits]
+    model = load_model(spec.preset)
+    hw = Hardware(gpus=spec.gpus, gpu_mem_gb=spec.gpu_mem_gb, gpus_per_node=spec.gpus_per_node)
+    plans = [p for p in search(model, RUN, hw, ASSUMPTIONS, None,
+                               False if spec.multi_node else None) if p.fits]
     if not plans:
         raise SystemExit(f"make_recipes: no layout of {spec.preset} fits {spec.gpus} x "
                          f"{spec.gpu_mem_gb:g} GB (srft-plan --model {spec.preset} --gpus "
@@ -108,20 +110,20 @@ def _launch_lines(spec: RecipeSpec, plan, rel: str) -> list[str]:
                 f"#   CONFIG={rel} MODEL_DIR=DIR DATA_PATH=FILE \\",
                 f"#   sbatch --nodes={nodes} examples/multinode/srft_slurm.sbatch"]
     if r.mode == "colocated":
-        return ["# Launch (one node):",
-                f"#   torchrun --nproc_per_node={lay.gpus} -m srft_mcore.training.trainer \\",
+        return ["# Launch (one node; srft-train checks the run, then starts torchrun):",
+                f"#   srft-train --nproc-per-node {lay.gpus} \\",
                 f"#     {args}"]
     gpus = ",".join(str(g) for g in range(plan.trainer_gpus, plan.trainer_gpus + r.gpus))
     return ["# Launch (one node; the servers on the GPUs after the trainer's):",
-            f"#   SRFT_ROLLOUT_GPUS={gpus} torchrun --nproc_per_node={lay.gpus} \\",
-            f"#     -m srft_mcore.training.trainer {args}"]
+            f"#   SRFT_ROLLOUT_GPUS={gpus} srft-train --nproc-per-node {lay.gpus} \\",
+            f"#     {args}"]
 
 
 def recipe_text(spec: RecipeSpec) -> str:
     """The whole YAML file of ``spec``, header comment included."""
     plan, fitting = top_plan(spec)
     lay, r, t = plan.layout, plan.rollout, plan.times
-    model = P.load_model(spec.preset)
+    model = load_model(spec.preset)
     rel = os.path.relpath(recipe_path(spec), ROOT)
     colocated = r.mode == "colocated"
     placement = (f"{r.servers} SGLang server(s) x TP{r.server_tp} colocated on the trainer's "
@@ -142,7 +144,7 @@ def recipe_text(spec: RecipeSpec) -> str:
                     + (f" --rollout-gpus {r.gpus}" if spec.multi_node else ""))
     lines = _comment(
         f"SRFT recipe: {spec.title} (srft-plan preset {spec.preset}, "
-        f"{P.hf_param_count(model) / 1e9:.2f}B parameters). Written by tools/make_recipes.py "
+        f"{hf_param_count(model) / 1e9:.2f}B parameters). Written by tools/make_recipes.py "
         f"from srft-plan's top plan: edit the generator, not this file (python "
         f"tools/make_recipes.py; tests/test_recipes.py checks that the planner still agrees).")
     lines += _comment(
@@ -155,7 +157,7 @@ def recipe_text(spec: RecipeSpec) -> str:
         f"Layout (plan 1 of the {fitting} that fit{searched}): trainer TP{lay.tp} PP{lay.pp} "
         f"DP{lay.dp} on {plan.trainer_gpus} GPUs{split}, {flags}; rollout: {placement}.")
     lines += _comment(
-        f"Estimate: {plan.memory.peak / P.GB:.1f} GB peak per trainer GPU; step "
+        f"Estimate: {plan.memory.peak / GB:.1f} GB peak per trainer GPU; step "
         f"{t['step_s']:.0f} s (rollout {t['rollout_s']:.0f} + reward {t['reward_s']:.0f} + "
         f"train {t['train_s']:.0f} + sync {t['sync_s']:.0f}), {plan.tokens_per_s:,.0f} "
         f"tokens/s (assumed MFU and bandwidths: read it as relative; README, Scaling).")

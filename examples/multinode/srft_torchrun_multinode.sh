@@ -13,7 +13,8 @@
 #   given by URL (rollout.urls, started by examples/multinode/sglang_node.sh or by hand); they
 #   dial this node for the weight sync at rollout.sync_address (auto: the interface that
 #   reaches them; export SRFT_SYNC_ADDR=<this node's address> to choose it per node).
-# DRY_RUN=1 prints the command instead of running it. PYTHON: the interpreter (python).
+# The run is checked first (srft-train --check). DRY_RUN=1 prints the command instead of
+# running it. PYTHON: the interpreter (python).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-python}
@@ -39,10 +40,13 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 cmd=("$PY" -m torch.distributed.run --nnodes="$NNODES" --node_rank="$NODE_RANK"
      --nproc_per_node="$GPUS_PER_NODE" --rdzv_backend=static
      --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
-     -m srft_mcore.training.trainer --config "$CONFIG" "$@")
+     -m srft_mcore.training --config "$CONFIG" "$@")
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   printf '%q ' "${cmd[@]}" | sed 's/ $//'
   echo
   exit 0
 fi
+# bad input ends here in one paragraph (exit 2), not in a traceback from torchrun
+"$PY" -m srft_mcore.training.cli --check --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
+  --config "$CONFIG" "$@" || exit
 exec "${cmd[@]}"

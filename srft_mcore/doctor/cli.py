@@ -21,7 +21,6 @@ import tempfile
 import time
 
 
-
 def _print_json(obj: dict) -> None:
     print(json.dumps(obj, sort_keys=True), flush=True)
 
@@ -57,7 +56,7 @@ def cmd_env(args) -> int:
 
 def cmd_config(args) -> int:
     from srft_mcore.config import ConfigError, load_config, validate
-    from srft_mcore.models import load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
     from srft_mcore.models.tiny import tiny_hf_config
 
     try:
@@ -150,6 +149,25 @@ def cmd_sglang(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def cmd_parity(args) -> int:
+    from srft_mcore.config import ConfigError
+    from srft_mcore.doctor.parity import parity_check
+    from srft_mcore.models.name_map import BridgeError
+    from srft_mcore.models.registry import UnsupportedArchitecture
+
+    try:  # bad input: one paragraph and exit 2, before any rank starts
+        res = parity_check(args.hf, tp=args.tp, pp=args.pp, batch=args.batch,
+                           seq_len=args.seq_len)
+    except (ConfigError, BridgeError, UnsupportedArchitecture, FileNotFoundError) as e:
+        print(f"srft-doctor parity: {e}", file=sys.stderr, flush=True)
+        print(json.dumps({"check": "parity", "ok": False, "error": str(e)}), flush=True)
+        return 2
+    res["tol"] = args.tol
+    res["ok"] = res["max_abs_diff"] <= args.tol
+    print(json.dumps(res), flush=True)
+    return 0 if res["ok"] else 1
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -188,9 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=300.0, help="start-up timeout (s)")
     s.set_defaults(fn=cmd_sglang)
 
-    from srft_mcore.doctor.parity import add_parity_subcommand
-
-    add_parity_subcommand(sub)
+    q = sub.add_parser(
+        "parity", help="logits of the Megatron model loaded from a HF checkpoint vs transformers")
+    q.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors)")
+    q.add_argument("--tp", type=int, default=1)
+    q.add_argument("--pp", type=int, default=1)
+    q.add_argument("--seq-len", type=int, default=16)
+    q.add_argument("--batch", type=int, default=2)
+    q.add_argument("--tol", type=float, default=1e-4,
+                   help="fail (exit 1) when the max abs logit difference exceeds this")
+    q.set_defaults(fn=cmd_parity)
     return p
 
 

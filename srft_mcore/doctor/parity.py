@@ -9,7 +9,6 @@ the same ranks, see :func:`run_rank`).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -71,7 +70,8 @@ def run_rank(tp: int, pp: int, cases: list, pp_layer_split: Optional[list] = Non
     from srft_mcore.models.bridge import HFCheckpoint, gather_hf_weights, load_hf_into_model
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
 
     layout = init_distributed(tp=tp, pp=pp)
     results = []
@@ -145,9 +145,9 @@ def check_layout(hf: dict, hf_dir: str, tp: int, pp: int,
 def parity_check(hf_dir: str, tp: int = 1, pp: int = 1, batch: int = 2, seq_len: int = 16,
                  pp_layer_split: Optional[list] = None, timeout_s: float = 900.0) -> dict:
     """Max abs difference of Megatron (``tp`` x ``pp`` gloo ranks) vs transformers logits."""
-    from srft_mcore.models.bridge import check_tp
+    from srft_mcore.models.name_map import check_tp
     from srft_mcore.launching.local import spawn_ranks
-    from srft_mcore.models import load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
 
     hf = load_hf_config(hf_dir)
     check_layout(hf, hf_dir, tp, pp, pp_layer_split)
@@ -162,38 +162,3 @@ def parity_check(hf_dir: str, tp: int = 1, pp: int = 1, batch: int = 2, seq_len:
     res = out[0][0]
     res.update(model_type=hf.get("model_type"), batch=batch, seq_len=seq_len)
     return res
-
-
-# --------------------------------------------------------------------------- doctor
-def add_parity_subcommand(subparsers):
-    p = subparsers.add_parser(
-        "parity", help="logits of the Megatron model loaded from a HF checkpoint vs transformers")
-    p.add_argument("--hf", required=True, help="HF model directory (config.json, safetensors)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="fail (exit 1) when the max abs logit difference exceeds this")
-    p.set_defaults(fn=run_parity_command)
-    return p
-
-
-def run_parity_command(args) -> int:
-    import sys
-
-    from srft_mcore.models.bridge import BridgeError
-    from srft_mcore.config import ConfigError
-    from srft_mcore.models import UnsupportedArchitecture
-
-    try:  # bad input: one paragraph and exit 2, before any rank starts
-        res = parity_check(args.hf, tp=args.tp, pp=args.pp, batch=args.batch,
-                           seq_len=args.seq_len)
-    except (ConfigError, BridgeError, UnsupportedArchitecture, FileNotFoundError) as e:
-        print(f"srft-doctor parity: {e}", file=sys.stderr, flush=True)
-        print(json.dumps({"check": "parity", "ok": False, "error": str(e)}), flush=True)
-        return 2
-    res["tol"] = args.tol
-    res["ok"] = res["max_abs_diff"] <= args.tol
-    print(json.dumps(res), flush=True)
-    return 0 if res["ok"] else 1

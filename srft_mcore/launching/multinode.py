@@ -226,7 +226,7 @@ def _config(args):
 
 
 def _hf_config(cfg) -> dict:
-    from srft_mcore.models import load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
     from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
 
     path = cfg.model.hf_path or EMBEDDED_MODEL_DIR

@@ -1,22 +1,14 @@
-"""Architecture registry: HF ``model_type`` -> how to build the Megatron model.
+"""Architecture descriptions: how a HF model family maps onto the Megatron model.
 
-Each supported family (``qwen2.py``, ``qwen3.py``, ``llama.py``) registers one
-:class:`Architecture`, chosen by the exact ``model_type`` of the HF ``config.json`` (never by
-substring). The HF
-<-> Megatron tensor-name table of a family lives beside it and is used by the bridge
-(conversion, start-up loading and weight sync alike).
+Each supported family (``qwen2.py``, ``qwen3.py``, ``llama.py``) defines one
+:class:`Architecture`; ``registry.py`` chooses it by the exact ``model_type`` of the HF
+``config.json`` (never by substring). The HF <-> Megatron tensor-name table of a family lives
+beside it and is used by the bridge (conversion, start-up loading and weight sync alike).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
-
-ARCHITECTURES: dict = {}
-
-
-class UnsupportedArchitecture(ValueError):
-    pass
-
 
 LAYOUTS = ("replicated", "vocab", "row", "qkv", "gate_up")
 """How a Megatron tensor is made from its HF tensor(s) and split over TP ranks:
@@ -47,7 +39,7 @@ class TensorMap:
     when: Optional[str] = None
     """Present only if this HF-config condition holds: ``qkv_bias`` | ``untied``."""
     size: str = "hidden"
-    """``replicated`` tensors: the ``bridge.Dims`` field giving their length (``hidden`` |
+    """``replicated`` tensors: the ``name_map.Dims`` field giving their length (``hidden`` |
     ``head_dim``)."""
 
     def __post_init__(self):
@@ -80,20 +72,3 @@ class Architecture:
         if name == "untied":
             return not hf_config.get("tie_word_embeddings", False)
         raise ValueError(f"unknown tensor-map condition {name!r}")
-
-
-def register(arch: Architecture) -> Architecture:
-    ARCHITECTURES[arch.model_type] = arch
-    return arch
-
-
-def get_architecture(hf_config: dict) -> Architecture:
-    from srft_mcore.models import llama, qwen2, qwen3  # noqa: F401  (registers the families)
-
-    model_type = hf_config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitecture(
-            f"model_type {model_type!r} (architectures={hf_config.get('architectures')}) is not "
-            f"supported. Supported model types: {', '.join(sorted(ARCHITECTURES))} "
-            f"(Qwen2/Qwen2.5, Qwen3 dense and Llama families)")
-    return ARCHITECTURES[model_type]

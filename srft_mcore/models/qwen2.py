@@ -1,5 +1,5 @@
 """Qwen2 / Qwen2.5 family: qkv bias, GQA, RoPE, RMSNorm, SwiGLU, tied or untied embeddings."""
-from srft_mcore.models.arch import Architecture, TensorMap, register
+from srft_mcore.models.arch import Architecture, TensorMap
 
 _L = "decoder.layers.{i}."
 _H = "model.layers.{i}."
@@ -24,5 +24,5 @@ TENSORS = (
     TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
 )
 
-QWEN2 = register(Architecture(model_type="qwen2", hf_class="Qwen2ForCausalLM",
-                              qkv_bias=lambda cfg: True, tensors=TENSORS))
+QWEN2 = Architecture(model_type="qwen2", hf_class="Qwen2ForCausalLM",
+                     qkv_bias=lambda cfg: True, tensors=TENSORS)

@@ -7,7 +7,7 @@ Megatron builds the q/k norms with ``qk_layernorm=True`` (``Architecture.qk_norm
 ``attention_bias=True`` adds the q/k/v bias rows (an ``o_proj`` bias is not supported and is
 reported as an unmapped tensor, as for Llama).
 """
-from srft_mcore.models.arch import Architecture, TensorMap, register
+from srft_mcore.models.arch import Architecture, TensorMap
 
 _L = "decoder.layers.{i}."
 _H = "model.layers.{i}."
@@ -36,6 +36,6 @@ TENSORS = (
     TensorMap("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
 )
 
-QWEN3 = register(Architecture(model_type="qwen3", hf_class="Qwen3ForCausalLM",
-                              qkv_bias=lambda cfg: bool(cfg.get("attention_bias", False)),
-                              tensors=TENSORS, qk_norm=True))
+QWEN3 = Architecture(model_type="qwen3", hf_class="Qwen3ForCausalLM",
+                     qkv_bias=lambda cfg: bool(cfg.get("attention_bias", False)),
+                     tensors=TENSORS, qk_norm=True)

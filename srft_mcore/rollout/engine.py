@@ -28,8 +28,9 @@ a server, so recovery then checks all of them (and restarts a launched router th
 Servers on other nodes dial the trainer for the distributed weight sync: at the address
 :func:`resolve_sync_address` gives (``rollout.sync_address`` / ``SRFT_SYNC_ADDR``).
 
-At construction rank 0 reads the routes every server serves (:func:`check_servers`): a
-server that cannot take the sync mode is refused there (:class:`UnsupportedServer`), before
+At construction rank 0 reads the routes every server serves
+(:func:`~srft_mcore.rollout.server_routes.check_servers`): a server that cannot take the sync
+mode is refused there (:class:`~srft_mcore.rollout.errors.UnsupportedServer`), before
 any training step, and each server gets the protocol it supports (the begin/end weight-update
 session where it has one). A sync that fails is retried ``sync_retries`` times (restarting
 dead servers in between) before :class:`WeightSyncError` reaches the caller.
@@ -42,44 +43,24 @@ trainer's and the server's peaks never add up.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import tempfile
 import time
 from typing import Callable, Optional, Sequence
-from urllib.parse import urlparse
-
-import requests
-import torch
 
 from srft_mcore.config import sglang_mem_fraction
 from srft_mcore.launching.distributed import broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
+from srft_mcore.rollout.errors import RolloutError, WeightSyncError
+from srft_mcore.rollout.recovery import ServerRecovery
 from srft_mcore.rollout.router import SGLangRouter, router_for
 from srft_mcore.rollout.server import SGLangServer, cuda_available
-from srft_mcore.rollout.weight_sync import (MODES, NamedTensors, ServerRoutes, SourceInfo,
-                                            SyncStats, UnsupportedServer, WeightSyncError,
-                                            _world, check_servers, export_stream,
-                                            make_transport, source_info, sync_weights)
-
-
-MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
-"""What ``/release_memory_occupation`` frees on a GPU server (SGLang's memory-saver tags)."""
-
-
-class RolloutError(RuntimeError):
-    """Generation failed and could not be recovered (e.g. an attached server is down)."""
-
-
-def resolve_mode(mode: str) -> str:
-    """``auto`` -> ``distributed`` (works on GPU and CPU; ``tensor`` needs colocation and
-    ``disk`` a shared file system, so both are chosen explicitly)."""
-    if mode == "auto":
-        return "distributed"
-    if mode not in MODES:
-        raise ValueError(f"rollout.weight_sync={mode!r}: expected auto or one of {MODES}")
-    return mode
+from srft_mcore.rollout.server_memory import MEMORY_TAGS, ServerMemory
+from srft_mcore.rollout.server_routes import ServerRoutes, check_routes
+from srft_mcore.rollout.sync_address import resolve_sync_address
+from srft_mcore.rollout.sync_types import (NamedTensors, SourceInfo, SyncStats, rank_and_size,
+                                           resolve_mode, source_info)
+from srft_mcore.rollout.weight_sync import export_stream, make_transport, sync_weights
 
 
 class RolloutEngine:
@@ -102,7 +83,8 @@ class RolloutEngine:
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
         self.group = group
         self.max_recoveries = max_recoveries
-        self.health_timeout_s = health_timeout_s
+        self.recovery = ServerRecovery(self.servers, router, health_timeout_s)
+        """Rank 0's restart policy for the servers and the router."""
         if router is not None:  # one URL: the router balances, up to the same total in flight
             self.client = SGLangClient([router.url], max_concurrency=max_concurrency * max(
                 1, len(self.servers)), request_timeout_s=request_timeout_s, retries=retries)
@@ -122,9 +104,9 @@ class RolloutEngine:
         self.version: Optional[str] = None
         self.last_sync: Optional[SyncStats] = None
         self._tensors: Optional[Callable[[], NamedTensors]] = None
-        self._released: dict[str, set] = {}  # url -> memory tags it has released
+        self.memory = ServerMemory(self.urls, group)
+        """What the servers have released of their GPU memory (colocated)."""
         self._weights_dropped = False  # released weights come back empty: sync before use
-        self.memory_calls = 0  # release/resume requests rank 0 made (all servers together)
         self._sync_failed = False
         self._syncs = 0
 
@@ -136,30 +118,7 @@ class RolloutEngine:
         """Launch ``cfg.num_servers`` servers for ``model_path`` on rank 0 (or attach to
         ``cfg.urls``), and the router ``cfg`` asks for (launched on rank 0, or attached to
         ``cfg.router_url``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
-        rank, _ = _world(group)
-        if resolve_mode(cfg.weight_sync) == "tensor" and cuda_available():
-            # colocated: before_train() needs SGLang's memory saver
-            server_args = [*server_args, "--enable-memory-saver"]
-        servers: list[SGLangServer] = []
-        router = None
-        error = None
-        if rank == 0:
-            try:
-                servers = launch_servers(cfg, model_path, work_dir, server_args)
-                router = router_for(cfg, [s.url for s in servers], work_dir)
-            except Exception as e:  # noqa: BLE001 - every rank raises below
-                error = e
-                for s in servers:
-                    if s.owned:
-                        s.stop()
-        info = broadcast_object(None if error else ([s.url for s in servers],
-                                                    router.url if router else None), group)
-        if info is None:
-            raise error if error is not None else RolloutError("rank 0 failed to start SGLang")
-        urls, router_url = info
-        if rank != 0:
-            servers = [SGLangServer.attach(u) for u in urls]
-            router = SGLangRouter.attach(router_url) if router_url else None
+        servers, router = start_servers(cfg, model_path, work_dir, server_args, group)
         try:
             return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
                        bucket_mb=cfg.bucket_mb, work_dir=work_dir,
@@ -178,7 +137,7 @@ class RolloutEngine:
 
     @property
     def rank(self) -> int:
-        return _world(self.group)[0]
+        return rank_and_size(self.group)[0]
 
     @property
     def colocated(self) -> bool:
@@ -186,9 +145,24 @@ class RolloutEngine:
         return self.mode == "tensor"
 
     @property
+    def health_timeout_s(self) -> float:
+        """How long a server that failed a request may take to answer /health_generate
+        before it counts as hung (and is restarted)."""
+        return self.recovery.health_timeout_s
+
+    @health_timeout_s.setter
+    def health_timeout_s(self, value: float) -> None:
+        self.recovery.health_timeout_s = value
+
+    @property
     def released(self) -> dict[str, list[str]]:
         """The memory tags each server has released (empty when all is resident)."""
-        return {u: sorted(t) for u, t in self._released.items() if t}
+        return self.memory.released
+
+    @property
+    def memory_calls(self) -> int:
+        """Release/resume requests rank 0 made (all servers together)."""
+        return self.memory.calls
 
     def _check_routes(self) -> dict[str, ServerRoutes]:
         routes = check_routes(self.urls, self.mode, self.group)
@@ -233,7 +207,7 @@ class RolloutEngine:
             self._restart_dead()
             # after before_train(): the weights' memory first, so the update has somewhere to
             # go, and the KV cache only once the buckets are freed (peak = weights + 1 bucket)
-            self._resume(["weights"])
+            self.memory.resume(["weights"])
             self._sync_failed = True  # until a sync succeeds, no rollout may use the servers
             try:
                 stats = self._sync(self.urls, version)
@@ -249,7 +223,7 @@ class RolloutEngine:
         self._sync_failed = False
         self._weights_dropped = False
         self.version = version
-        self._resume(MEMORY_TAGS)
+        self.memory.resume(MEMORY_TAGS)
         return stats
 
     def _restart_dead(self) -> None:
@@ -257,11 +231,7 @@ class RolloutEngine:
         status = ("ok", [])
         if self.rank == 0:
             try:
-                # process liveness only: an HTTP health probe costs ~1 s per step on CPU, and
-                # a hung server is caught by the request timeouts of generate and sync
-                dead = [s.url for s in self.servers if s.owned and not s.is_alive()]
-                self._restart_router_if_dead(probe_attached=False)
-                status = ("ok", self._recover(dead) if dead else [])
+                status = ("ok", self.recovery.restart_dead())
             except Exception as e:  # noqa: BLE001 - every rank raises below
                 status = ("error", f"{type(e).__name__}: {e}")
         status = broadcast_object(status, self.group)
@@ -271,8 +241,7 @@ class RolloutEngine:
 
     def _restarted(self, urls: Sequence[str]) -> None:
         """A restarted server starts with nothing released and no weight-update state."""
-        for url in urls:
-            self._released.pop(url, None)
+        self.memory.forget(urls)
         self.transport.failed(urls)
 
     def _sync(self, urls: Sequence[str], version: str) -> SyncStats:
@@ -295,7 +264,7 @@ class RolloutEngine:
         if self._weights_dropped:
             raise RolloutError("before_train() released the servers' weights: call "
                                "sync_weights before generating")
-        self._resume(MEMORY_TAGS)
+        self.memory.resume(MEMORY_TAGS)
         rank = self.rank
         for attempt in range(self.max_recoveries + 1):
             status, out = ("ok", None), None
@@ -306,7 +275,7 @@ class RolloutEngine:
                     self._check_versions(out)
                 except GenerateError as e:
                     try:
-                        status = ("restarted", self._recover(e.failed_urls))
+                        status = ("restarted", self.recovery.recover(e.failed_urls))
                     except Exception as e2:  # noqa: BLE001 - every rank raises below
                         status = ("error", f"{e}; recovery failed: {e2}")
                 except Exception as e:  # noqa: BLE001
@@ -330,52 +299,6 @@ class RolloutEngine:
             raise RolloutError(f"completions carry weight versions {sorted(bad)}, expected "
                                f"{self.version!r}: a server serves stale weights")
 
-    def _responsive(self, server: SGLangServer) -> bool:
-        try:
-            r = requests.get(server.url + "/health_generate", timeout=self.health_timeout_s)
-            return r.status_code == 200
-        except requests.RequestException:
-            return False
-
-    def _restart_router_if_dead(self, probe_attached: bool = True) -> bool:
-        """Rank 0: restart a launched router whose process has exited; an attached one that
-        does not answer /health (probed only with ``probe_attached``) is an error: it is not
-        ours to restart."""
-        router = self.router
-        if router is None:
-            return False
-        if router.owned:
-            if router.proc is not None and router.is_alive():
-                return False
-            router.restart()
-            return True
-        if probe_attached and not router.healthy(timeout_s=self.health_timeout_s):
-            raise RolloutError(f"the router {router.url} does not answer /health and was "
-                               f"attached (rollout.router_url), not launched here: restart it "
-                               f"yourself")
-        return False
-
-    def _recover(self, failed_urls: Sequence[str]) -> list[str]:
-        """Rank 0: restart the failed servers that are dead or hung; return their URLs.
-        A failure through the router does not say which server failed: the router is
-        checked (restarted if it was launched here and has exited), then every server."""
-        via_router = self.router is not None and self.router.url in failed_urls
-        if via_router:
-            self._restart_router_if_dead()
-            failed_urls = self.urls
-        restarted = []
-        for server in self.servers:
-            if server.url not in failed_urls:
-                continue
-            if server.is_alive() and self._responsive(server):
-                continue  # a transient failure: just retry
-            if not server.owned:
-                raise RolloutError(f"server {server.url} does not answer and was attached "
-                                   f"(rollout.urls), not launched here: restart it yourself")
-            server.restart()
-            restarted.append(server.url)
-        return restarted
-
     # ------------------------------------------------------------------ memory (colocated)
     def before_train(self) -> None:
         """Collective; call before each training step. Colocated: every server frees its
@@ -387,52 +310,14 @@ class RolloutEngine:
         On CPU the servers free nothing, but the calls are made all the same."""
         if not self.colocated:
             return
-        self._memory_op("/release_memory_occupation", self._todo(MEMORY_TAGS, released=False))
+        self.memory.release(MEMORY_TAGS)
         self._weights_dropped = True
 
     def after_train(self) -> None:
         """Collective: bring back whatever :meth:`before_train` released and
         :meth:`sync_weights` has not (a no-op after a sync). The weights' contents are only
         valid again after a sync."""
-        self._resume(MEMORY_TAGS)
-
-    def _todo(self, tags: Sequence[str], released: bool) -> dict[str, list[str]]:
-        """Per server, the ``tags`` that are (``released``) or are not released."""
-        out = {}
-        for url in self.urls:
-            have = self._released.get(url, set())
-            todo = [t for t in tags if (t in have) == released]
-            if todo:
-                out[url] = todo
-        return out
-
-    def _resume(self, tags: Sequence[str]) -> None:
-        todo = self._todo(tags, released=True)
-        if todo and torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the trainer's cached blocks are what the server maps
-        self._memory_op("/resume_memory_occupation", todo)
-
-    def _memory_op(self, path: str, todo: dict[str, list[str]]) -> None:
-        """Rank 0 posts ``path`` with each server's tags; every rank records the outcome."""
-        if not todo:
-            return
-        status = None
-        if self.rank == 0:
-            try:
-                for url, tags in todo.items():
-                    _control(url, path, {"tags": tags})
-                    self.memory_calls += 1
-            except Exception as e:  # noqa: BLE001 - every rank raises below
-                status = f"{type(e).__name__}: {e}"
-        status = broadcast_object(status, self.group)
-        if status is not None:
-            raise RolloutError(status)
-        for url, tags in todo.items():
-            have = self._released.setdefault(url, set())
-            if path == "/release_memory_occupation":
-                have.update(tags)
-            else:
-                have.difference_update(tags)
+        self.memory.resume(MEMORY_TAGS)
 
     # ------------------------------------------------------------------ metrics, shutdown
     def metrics(self) -> dict:
@@ -464,81 +349,37 @@ class RolloutEngine:
         self.shutdown()
 
 
-def check_routes(urls: Sequence[str], mode: str, group=None) -> dict[str, ServerRoutes]:
-    """Collective: rank 0 reads the routes of every server in ``urls``
-    (:func:`~srft_mcore.rollout.weight_sync.check_servers`); every rank gets them, or every
-    rank raises :class:`UnsupportedServer` alike when one cannot take ``mode``'s sync."""
-    found, error = {}, None
-    if _world(group)[0] == 0:
+def start_servers(cfg, model_path: Optional[str], work_dir: Optional[str],
+                  server_args: Sequence[str], group=None
+                  ) -> tuple[list[SGLangServer], Optional[SGLangRouter]]:
+    """Collective: rank 0 launches (or attaches to) the servers and the router of
+    :meth:`RolloutEngine.launch`; the other ranks attach to the URLs it broadcasts. Every
+    rank raises when rank 0 failed."""
+    rank, _ = rank_and_size(group)
+    if resolve_mode(cfg.weight_sync) == "tensor" and cuda_available():
+        # colocated: before_train() needs SGLang's memory saver
+        server_args = [*server_args, "--enable-memory-saver"]
+    servers: list[SGLangServer] = []
+    router = None
+    error = None
+    if rank == 0:
         try:
-            found = check_servers(urls, resolve_mode(mode))
-        except UnsupportedServer as e:
-            error = str(e)
+            servers = launch_servers(cfg, model_path, work_dir, server_args)
+            router = router_for(cfg, [s.url for s in servers], work_dir)
         except Exception as e:  # noqa: BLE001 - every rank raises below
-            error = f"reading the routes of the SGLang servers {list(urls)} failed: " \
-                    f"{type(e).__name__}: {e}"
-    found, error = broadcast_object((found, error), group)
-    if error is not None:
-        raise UnsupportedServer(error)
-    return found
-
-
-def check_attached_servers(cfg, group=None) -> None:
-    """Collective, for the trainer's start-up before any heavy work: refuse servers given by
-    URL (``rollout.urls``, a ``RolloutConfig``) that cannot take the sync mode. Servers
-    launched here are checked once they are up, by the engine."""
-    if cfg.urls:
-        check_routes([u.rstrip("/") for u in cfg.urls], cfg.weight_sync, group)
-
-
-def _is_loopback(host: Optional[str]) -> bool:
-    """``host`` names this machine's loopback interface (a literal address or localhost)."""
-    if not host or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def resolve_sync_address(value: Optional[str], urls: Sequence[str]) -> str:
-    """The address of this node that the servers ``urls`` dial for the distributed weight
-    sync (``rollout.sync_address``; see :mod:`srft_mcore.config`). The environment variable
-    SRFT_SYNC_ADDR wins (one value per node); null means 127.0.0.1 when every server is on
-    loopback, else ``auto``; ``auto`` is the address of the interface this node reaches the
-    first remote server through (no packet is sent), else its host name's address."""
-    env = os.environ.get("SRFT_SYNC_ADDR", "").strip()
-    if env:
-        return env
-    hosts = [(urlparse(u).hostname, urlparse(u).port or 80) for u in urls]
-    remote = [(h, p) for h, p in hosts if not _is_loopback(h)]
-    if value is None:
-        if not remote:
-            return "127.0.0.1"
-        value = "auto"
-    if value != "auto":
-        return value
-    if not remote:
-        return "127.0.0.1"
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(remote[0])  # UDP: picks the route, sends nothing
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostbyname(socket.gethostname())
-
-
-def _control(url: str, path: str, payload: dict, idle_wait_s: float = 10.0) -> None:
-    """POST a memory request. SGLang refuses a release until its scheduler has noticed that
-    the last batch is done (it asserts "only when server is idle"); that is retried."""
-    deadline = time.monotonic() + idle_wait_s
-    while True:
-        r = requests.post(url + path, json=payload, timeout=120)
-        if r.status_code == 200:
-            return
-        if "idle" not in r.text or time.monotonic() > deadline:
-            raise RolloutError(f"{url}{path}: HTTP {r.status_code}: {r.text[:300]}")
-        time.sleep(0.1)
+            error = e
+            for s in servers:
+                if s.owned:
+                    s.stop()
+    info = broadcast_object(None if error else ([s.url for s in servers],
+                                                router.url if router else None), group)
+    if info is None:
+        raise error if error is not None else RolloutError("rank 0 failed to start SGLang")
+    urls, router_url = info
+    if rank != 0:
+        servers = [SGLangServer.attach(u) for u in urls]
+        router = SGLangRouter.attach(router_url) if router_url else None
+    return servers, router
 
 
 def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:

@@ -29,6 +29,7 @@ interpreter exit.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Optional, Sequence
@@ -46,8 +47,10 @@ class RouterError(ServerStartError):
 
 
 def router_available() -> bool:
+    """Whether ``sglang_router`` imports here (imported, not just found: a broken install
+    counts as absent)."""
     try:
-        import sglang_router  # noqa: F401
+        importlib.import_module("sglang_router")
     except ImportError:
         return False
     return True

@@ -125,8 +125,8 @@ def context_server_args(cfg, hf_config: dict, hf_major: Optional[int] = None) ->
     run's Config): ``--context-length`` for data.max_prompt_len + data.max_response_len
     (SGLang refuses longer requests), and model.rope_theta / model.max_position_embeddings
     through ``--json-model-override-args`` (the trainer's GPTModel gets the same values,
-    models/builder.py:with_overrides). ``config.validate`` has checked that the lengths fit."""
-    from srft_mcore.models.builder import context_limit, with_overrides
+    config/hf_config.py:with_overrides). ``config.validate`` has checked that the lengths fit."""
+    from srft_mcore.config.hf_config import context_limit, with_overrides
 
     m, d = cfg.model, cfg.data
     # SGLang generates at most context_length - prompt - 2 tokens (its scheduler keeps a

@@ -1,1 +1,1 @@
-"""Training: the SRFT loop (trainer), micro-batches, checkpoints, a rank's lifecycle, metrics and plots."""
+"""Training: srft-train (cli, run_inputs), the SRFT loop (trainer) with its policy and rollout sides, micro-batches, checkpoints, a rank's lifecycle, metrics and plots."""

@@ -198,9 +198,9 @@ def model_weights_request(sharded_state_dict: dict, stored: set, renames: dict
                           ) -> tuple[dict, set]:
     """The load request for a model's sharded state dict against a checkpoint holding the keys
     ``stored``: tensors asked for under the checkpoint's own names (``renames``: model key ->
-    stored key, from :func:`srft_mcore.models.bridge.checkpoint_renames`), and the ``_extra_state``
-    objects the checkpoint lacks left out (a TE model's norms keep one, the local spec's do
-    not). Returns the request and the state-dict names left out."""
+    stored key, from :func:`srft_mcore.models.name_map.checkpoint_renames`), and the
+    ``_extra_state`` objects the checkpoint lacks left out (a TE model's norms keep one, the
+    local spec's do not). Returns the request and the state-dict names left out."""
     import copy
 
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -225,12 +225,12 @@ def load_model_weights(path: str, model, hf: Optional[dict] = None) -> str:
 
     A checkpoint of either layer spec loads into a model of either spec: with ``hf`` (the
     model's HF config) the checkpoint's tensor names are checked against the bridge's map
-    (:func:`srft_mcore.models.bridge.checkpoint_naming`, one error naming the keys that do not fit)
-    and asked for under the names it stores; ``_extra_state`` entries only one side has
-    are left alone."""
+    (:func:`srft_mcore.models.name_map.checkpoint_naming`, one error naming the keys that do
+    not fit) and asked for under the names it stores; ``_extra_state`` entries only one side
+    has are left alone."""
     from megatron.core import dist_checkpointing
 
-    from srft_mcore.models.bridge import BridgeError, checkpoint_naming, checkpoint_renames
+    from srft_mcore.models.name_map import BridgeError, checkpoint_naming, checkpoint_renames
     from srft_mcore.models.builder import unwrap_gpt
 
     if os.path.isdir(os.path.join(path, "mcore")):  # a trainer checkpoint

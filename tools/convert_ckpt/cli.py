@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     args = build_parser().parse_args(argv)
-    from srft_mcore.models.bridge import BridgeError
+    from srft_mcore.models.name_map import BridgeError
     from srft_mcore.launching.local import RankFailed
     from srft_mcore.models import UnsupportedArchitecture
     from tools.convert_ckpt.hf_to_mcore import hf_to_mcore

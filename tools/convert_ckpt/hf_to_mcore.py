@@ -32,10 +32,12 @@ def source_dtype(hf: dict) -> str:
 def _rank_main(hf_dir: str, out: str, tp: int, pp: int, dtype: str) -> dict:
     import torch
 
-    from srft_mcore.models.bridge import Dims, HFCheckpoint, hf_param_shard
+    from srft_mcore.models.bridge import HFCheckpoint, hf_param_shard
+    from srft_mcore.models.name_map import Dims
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
     from tools.convert_ckpt.dcp_stream import save_streaming
 
     layout = init_distributed(tp=tp, pp=pp)
@@ -62,9 +64,11 @@ def _rank_main(hf_dir: str, out: str, tp: int, pp: int, dtype: str) -> dict:
 def hf_to_mcore(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
                 overwrite: bool = False, timeout_s: float = 24 * 3600.0) -> dict:
     """Convert; returns a summary dict. Validates everything it can before any rank starts."""
-    from srft_mcore.models.bridge import BridgeError, HFCheckpoint, check_tp
+    from srft_mcore.models.bridge import HFCheckpoint
+    from srft_mcore.models.name_map import BridgeError, check_tp
     from srft_mcore.launching.local import spawn_ranks
-    from srft_mcore.models import get_architecture, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import get_architecture
 
     check_output_dir(out, overwrite)
     hf = load_hf_config(hf_dir)

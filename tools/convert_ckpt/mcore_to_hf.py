@@ -6,7 +6,7 @@ to its HF tensors by :func:`srft_mcore.models.bridge.mcore_to_hf` and written st
 place in the output safetensors shards. Peak memory is about one layer, not the model.
 
 The checkpoint may come from a model of either layer spec (local or transformer-engine): its
-tensor names are checked against the bridge's map first (:func:`srft_mcore.models.bridge.
+tensor names are checked against the bridge's map first (:func:`srft_mcore.models.name_map.
 checkpoint_naming`) and each tensor is read under the name it is stored under.
 """
 from __future__ import annotations
@@ -107,11 +107,11 @@ class _RegionReader:
 
 
 def _layer_groups(model) -> list:
-    from srft_mcore.models.bridge import _layer_template
+    from srft_mcore.models.name_map import layer_template
 
     groups, order = {}, []
     for name, _ in model.named_parameters():
-        _, layer = _layer_template(name)
+        _, layer = layer_template(name)
         if layer not in groups:
             groups[layer] = []
             order.append(layer)
@@ -123,11 +123,12 @@ def _rank_main(ckpt: str, out: str, dtype: str, max_shard_bytes: int, naming: st
     import torch
     from tqdm import tqdm
 
-    from srft_mcore.models.bridge import (Dims, checkpoint_renames, expected_hf_shapes, lookup,
-                                   mcore_to_hf)
+    from srft_mcore.models.bridge import mcore_to_hf
+    from srft_mcore.models.name_map import Dims, checkpoint_renames, expected_hf_shapes, lookup
     from srft_mcore.config import ModelConfig, ParallelConfig
     from srft_mcore.launching.distributed import init_distributed
-    from srft_mcore.models import build_model, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import build_model
     from srft_mcore.models.builder import DTYPES
     from tools.convert_ckpt.safetensors_out import StreamingSafetensorsWriter
 
@@ -190,11 +191,13 @@ def mcore_to_hf(ckpt: str, out: str, dtype: Optional[str] = None, overwrite: boo
                 timeout_s: float = 24 * 3600.0) -> dict:
     """Convert; ``dtype`` defaults to the dtype of the original HF checkpoint. The checkpoint
     may name its tensors as either layer spec writes them (see
-    :func:`srft_mcore.models.bridge.checkpoint_naming`); other names fail here, before any rank."""
-    from srft_mcore.models.bridge import checkpoint_naming
+    :func:`srft_mcore.models.name_map.checkpoint_naming`); other names fail here, before any
+    rank."""
+    from srft_mcore.models.name_map import checkpoint_naming
     from srft_mcore.training.checkpoint import stored_keys
     from srft_mcore.launching.local import spawn_ranks
-    from srft_mcore.models import get_architecture, load_hf_config
+    from srft_mcore.config.hf_config import load_hf_config
+    from srft_mcore.models import get_architecture
     from srft_mcore.models.builder import DTYPES
 
     check_output_dir(out, overwrite)

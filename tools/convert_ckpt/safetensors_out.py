@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from srft_mcore.models.bridge import BridgeError
+from srft_mcore.models.name_map import BridgeError
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
              torch.float64: "F64"}

@@ -1,0 +1,82 @@
+"""A comparison's bookkeeping: ``out/state.json``, what each trainer launch needs on a
+re-run (skip, resume, restart, fresh), and the final accuracies of a finished run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from srft_mcore.comparison.run_plan import CompareError, Phase, Plan, Run
+
+STATE_FILE = "state.json"
+
+
+class State:
+    """``out/state.json``: settings and, per run, the status of its launches and its result.
+    Written atomically after every change."""
+
+    def __init__(self, path: str, settings: dict):
+        self.path = path
+        self.data = {"settings": settings, "runs": {}}
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("settings") != settings:
+                diff = {k: (old.get("settings", {}).get(k), v) for k, v in settings.items()
+                        if old.get("settings", {}).get(k) != v}
+                raise CompareError(
+                    f"{os.path.dirname(path)} holds a comparison made with other settings "
+                    f"(then, now: {diff}); its runs cannot be mixed with these. Fix: use "
+                    f"another --out, or the settings it was started with")
+            self.data["runs"] = old.get("runs", {})
+
+    def run(self, key: str) -> dict:
+        return self.data["runs"].setdefault(key, {"status": "pending", "phases": {}})
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "checkpoints", "latest"))
+
+
+def last_row(run_dir: str, step: int) -> Optional[dict]:
+    """The metrics.jsonl record of ``step`` (None when there is none)."""
+    from srft_mcore.training.metrics import METRICS_FILE, read_metrics
+
+    path = os.path.join(run_dir, METRICS_FILE)
+    rows = [r for r in read_metrics(path) if r["step"] == step] if os.path.isfile(path) else []
+    return rows[-1] if rows else None
+
+
+def final_accuracies(plan: Plan, run: Run) -> dict:
+    """split -> accuracy of the run's final policy; raises RuntimeError when missing."""
+    if plan.final_eval == "srft-eval":
+        path = os.path.join(run.eval_dir, "results.json")
+        if not os.path.isfile(path):
+            raise RuntimeError(f"srft-eval wrote no {path}")
+        with open(path) as f:
+            results = json.load(f)["results"]
+        return {name: float(results[name]["acc"]) for name in plan.splits}
+    last = run.phases[-1]
+    row = last_row(last.run_dir, last.steps) or {}
+    missing = [s for s in plan.splits if f"eval/{s}/acc" not in row]
+    if missing:
+        raise RuntimeError(f"{last.run_dir}/metrics.jsonl has no eval/<split>/acc for "
+                           f"{missing} at the final step {last.steps}")
+    return {s: float(row[f"eval/{s}/acc"]) for s in plan.splits}
+
+
+def phase_action(ph: Phase, entry: dict) -> str:
+    """What a phase needs now: skip (finished) | resume | restart (earlier attempt without a
+    checkpoint: its directory is cleared) | fresh."""
+    if entry.get("status") == "done":
+        return "skip"
+    if has_checkpoint(ph.run_dir):
+        return "resume"
+    return "restart" if os.path.exists(ph.run_dir) else "fresh"

@@ -1,0 +1,206 @@
+"""``srft-compare``: the paper's comparison of SRFT with its baselines and ablations.
+
+  srft-compare --config FILE --out DIR [--methods M ...] [--seeds K ...] [--steps N]
+               [--final-eval srft-eval|trainer] [--dry-run] [a.b.c=value ...]
+
+Methods (arXiv 2506.19767, Table 1 and the ablation): ``sft``, ``grpo``, ``sft_rl`` (SFT for
+half the steps, then GRPO from the SFT run's final checkpoint for the other half),
+``luffy``, ``srft``, ``srft_no_wsft``, ``srft_no_wrl``; each for every seed, all with the same
+base model, steps, prompts per step and rollouts per prompt (SFT->RL spends the same total
+budget over its two runs). A seed sets ``train.seed`` (rollout and evaluation sampling; with
+the embedded task also the drawing of its training set) and the prompt order
+(``data.shuffle_seed``, derived from the config's and the seed): for one seed every method
+sees the same prompts in the same order. The held-out splits are the config's
+``eval.splits``, else the embedded task's shipped ``id`` and ``ood`` splits, the same
+problems for every method and seed.
+
+Each training run is one trainer launch (``srft-train --nproc-per-node N --config FILE
+...``, torchrun after its checks) into ``DIR/runs/METHOD/seedK`` (SFT->RL: its ``sft``
+and ``rl`` subdirectories). Then the final policy is scored on every held-out split:
+
+- ``--final-eval srft-eval`` (default): one ``srft-eval`` pass per run on the exported
+  policy with the same decoding for every method (``eval.temperature``, ``eval.n_samples``,
+  ``eval.max_new_tokens`` or ``data.max_response_len``, sampling seed = the run's seed) on
+  the whole splits (``--eval-limit N``: the first N problems), into ``RUN/final_eval``;
+- ``--final-eval trainer``: the trainer's own last evaluation (``eval/SPLIT/acc`` at the final
+  step of ``metrics.jsonl``; needs ``eval.every > 0``), no extra server start.
+
+Bookkeeping (``DIR/state.json``): re-running the same command skips finished runs, resumes
+an interrupted run with ``--resume`` when it has a checkpoint and restarts one that has none.
+A failed run is reported with its log (``DIR/logs``) and the others go on; the exit status is
+then 1. ``DIR`` keeps the settings it was started with: another ``--steps``, config or
+overrides need another ``--out``.
+
+Output: a Markdown table of the final accuracies, mean +- sample std over seeds, per method
+and split (stdout and ``DIR/table.md``), ``DIR/results.json`` (every seed's value), plots in
+``DIR/plots`` (held-out accuracy per split and the policy entropy over the steps, one line per
+method, mean over seeds, a band of +- one std), and one JSON summary as the last line.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import signal
+import sys
+from typing import Callable, Optional
+
+from srft_mcore.comparison.bookkeeping import STATE_FILE, phase_action
+from srft_mcore.comparison.execution import execute, say
+from srft_mcore.comparison.jobs import eval_command, launch, train_command
+from srft_mcore.comparison.results import report
+from srft_mcore.comparison.run_plan import (FINAL_EVALS, METHODS, CompareError, Plan,
+                                            build_plan, check_configs)
+from srft_mcore.config import ConfigError
+
+
+def dry_run(plan: Plan) -> dict:
+    """Print the commands the next real invocation would run (reads the state, if any)."""
+    path = os.path.join(plan.out, STATE_FILE)
+    runs = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            runs = json.load(f).get("runs", {})
+    count = 0
+    for k, run in enumerate(plan.runs, 1):
+        entry = runs.get(run.key, {})
+        print(f"# {k}/{len(plan.runs)} {run.key} ({run.label})", flush=True)
+        if entry.get("status") == "done" and "acc" in entry:
+            print("#   finished: skipped", flush=True)
+            continue
+        relaunched = False
+        for ph in run.phases:
+            action = "fresh" if relaunched else phase_action(
+                ph, entry.get("phases", {}).get(ph.name, {}))
+            if action == "skip":
+                continue
+            relaunched = True
+            if action == "restart":
+                print(f"rm -rf {shlex.quote(ph.run_dir)}")
+            print(shlex.join(train_command(plan, ph, action == "resume")), flush=True)
+            count += 1
+        if plan.final_eval == "srft-eval":
+            print(shlex.join(eval_command(plan, run)), flush=True)
+            count += 1
+    return {"dry_run": True, "out": plan.out, "runs": len(plan.runs), "commands": count}
+
+
+def _split_words(values: Optional[list], overrides: list, kind=str) -> Optional[list]:
+    """--methods / --seeds words: comma lists allowed; ``a.b=c`` words (swallowed by the
+    option's nargs) go back to the overrides."""
+    if values is None:
+        return None
+    out = []
+    for word in values:
+        if "=" in word:
+            overrides.append(word)
+            continue
+        out += [kind(w) for w in word.split(",") if w]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="srft-compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", required=True, help="the trainer's YAML config (every run's "
+                                                   "base, e.g. examples/configs/FILE.yaml)")
+    p.add_argument("--out", required=True, help="comparison directory (re-use it to resume)")
+    p.add_argument("--methods", nargs="+", metavar="M",
+                   help=f"methods (default all): {', '.join(METHODS)}")
+    p.add_argument("--seeds", nargs="+", metavar="K", help="seeds (default 1 2 3)")
+    p.add_argument("--steps", type=int, help="optimizer steps per method (default: the "
+                                             "config's train.steps)")
+    p.add_argument("--final-eval", choices=FINAL_EVALS, default="srft-eval",
+                   help="score the final policies with an srft-eval pass (default) or take "
+                        "the trainer's last evaluation")
+    p.add_argument("--eval-limit", type=int, help="srft-eval: first N problems of each split "
+                                                  "(default: all)")
+    p.add_argument("--nproc-per-node", type=int, help="trainer ranks (default: tp*pp*cp*dp "
+                                                      "of the config, dp unset = 1)")
+    p.add_argument("--python", help="interpreter for the launches (default: this one)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("overrides", nargs="*", help="a.b.c=value overrides for every run")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_intermixed_args(argv)
+    args.overrides = list(args.overrides)
+    args.methods = _split_words(args.methods, args.overrides)
+    try:
+        args.seeds = _split_words(args.seeds, args.overrides, int)
+    except ValueError:
+        raise CompareError(f"--seeds {args.seeds}: seeds are integers. Fix: e.g. --seeds 1 2 3")
+    unknown = [m for m in args.methods or [] if m not in METHODS]
+    if unknown:
+        raise CompareError(f"--methods: unknown {unknown}. Fix: choose from "
+                           f"{', '.join(METHODS)}")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        raise CompareError(f"--eval-limit {args.eval_limit}: must be >= 1. Fix: drop it")
+    return args
+
+
+class _DriverLock:
+    """One driver per comparison directory (``out/compare.lock``)."""
+
+    def __init__(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        self.fd = os.open(os.path.join(out, "compare.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise CompareError(f"another srft-compare works in {out}. Fix: wait for it, or "
+                               f"use another --out") from None
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def _refused(e: Exception) -> int:
+    print(f"srft-compare: {e}", file=sys.stderr, flush=True)
+    print(json.dumps({"ok": False, "error": str(e).splitlines()[0]}), flush=True)
+    return 2
+
+
+def _stop(signum, frame):
+    """SIGTERM as Ctrl-C: the running launch is ended and the state kept for a re-run."""
+    raise KeyboardInterrupt
+
+
+def main(argv=None, job_fn: Callable = launch) -> int:
+    try:
+        args = parse_args(argv)
+        plan = build_plan(args)
+        if args.dry_run:
+            print(json.dumps(dry_run(plan), sort_keys=True), flush=True)
+            return 0
+        check_configs(plan)
+        lock = _DriverLock(plan.out)
+    except (CompareError, ConfigError) as e:
+        return _refused(e)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        say(f"{len(plan.runs)} runs ({', '.join(plan.methods)} x seeds "
+            f"{', '.join(map(str, plan.seeds))}), {plan.steps} steps each, into {plan.out}")
+        state = execute(plan, job_fn)
+        summary = report(plan, state)
+    except CompareError as e:
+        return _refused(e)
+    except KeyboardInterrupt:
+        print(f"srft-compare: interrupted; run the same command again to resume "
+              f"({plan.out}/{STATE_FILE})", file=sys.stderr, flush=True)
+        print(json.dumps({"ok": False, "interrupted": True, "out": plan.out}), flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        lock.release()
+    print(json.dumps(summary, sort_keys=True), flush=True)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""``validate``: the combinations of a loaded configuration (value ranges, parallel sizes
+against the model and the world size, batch arithmetic, rollout endpoints, context length),
+checked before any process group or model is created."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from srft_mcore.config.errors import ConfigError, _err
+from srft_mcore.config.hf_config import context_limit, with_overrides
+from srft_mcore.config.schema import CHOICES, Config, OptimizerConfig, RolloutConfig
+
+
+def _divides(key: str, value: int, what: str, total: int, fix: str) -> None:
+    if total % value != 0:
+        raise _err(key, value, f"does not divide {what} ({total})", fix)
+
+
+def check_context_length(cfg: Config, hf_config: Optional[dict]) -> None:
+    """Prompt + response tokens must fit the model's context: config.json's (with RoPE
+    scaling), or the model.rope_theta / model.max_position_embeddings overrides, which the
+    trainer's model and the SGLang servers both get."""
+    m, d = cfg.model, cfg.data
+    if m.rope_theta is not None and m.rope_theta <= 0:
+        raise _err("model.rope_theta", m.rope_theta, "must be > 0",
+                   "give a RoPE base such as 40000, or null for the checkpoint's")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < 1:
+        raise _err("model.max_position_embeddings", m.max_position_embeddings, "must be >= 1",
+                   "give a context length such as 16384, or null for the checkpoint's")
+    if hf_config is None:
+        return
+    limit = context_limit(with_overrides(hf_config, m))
+    need = d.max_prompt_len + d.max_response_len
+    if limit is None or need <= limit:
+        return
+    source = (f"model.max_position_embeddings={m.max_position_embeddings}"
+              if m.max_position_embeddings is not None else
+              f"max_position_embeddings={hf_config.get('max_position_embeddings')} in the "
+              f"model's config.json")
+    raise ConfigError(
+        f"config error: data.max_prompt_len + data.max_response_len = {d.max_prompt_len} + "
+        f"{d.max_response_len} = {need} tokens, but the model's context is {limit} tokens "
+        f"({source}). Fix: raise it with model.max_position_embeddings (>= {need}; trainer "
+        f"and SGLang servers both get it), usually with a larger model.rope_theta (the "
+        f"paper's Qwen2.5-Math-7B setup: model.rope_theta=40000 "
+        f"model.max_position_embeddings=16384), or shorten data.max_prompt_len / "
+        f"data.max_response_len")
+
+
+def _is_http_url(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://")) and \
+        len(value.split("://", 1)[1].strip("/")) > 0
+
+
+def _check_rollout_endpoints(r: RolloutConfig) -> None:
+    """Servers by URL, the router and the weight-sync address: the combinations that work."""
+    if r.urls is not None:
+        if not r.urls:
+            raise _err("rollout.urls", r.urls, "is an empty list",
+                       "list the running servers (e.g. [\"http://node3:30000\"]), or null to "
+                       "launch rollout.num_servers servers here")
+        bad = [u for u in r.urls if not _is_http_url(u)]
+        if bad:
+            raise _err("rollout.urls", r.urls, f"{bad[0]!r} is not an http(s) URL",
+                       "give each server as http://HOST:PORT")
+        if len(set(u.rstrip("/") for u in r.urls)) != len(r.urls):
+            raise _err("rollout.urls", r.urls, "lists a server twice",
+                       "give each server once (it would get every weight update twice)")
+    if r.router and r.router_url is not None:
+        raise _err("rollout.router_url", r.router_url, "rollout.router=true launches a router "
+                   "and rollout.router_url attaches to a running one",
+                   "set only one of them (router_url=null, or router=false)")
+    if r.router_url is not None:
+        if not _is_http_url(r.router_url):
+            raise _err("rollout.router_url", r.router_url, "is not an http(s) URL",
+                       "give the router as http://HOST:PORT")
+        if not r.urls:
+            raise _err("rollout.router_url", r.router_url, "needs rollout.urls: the weight sync "
+                       "goes to every server directly, not through the router",
+                       "list the servers behind the router in rollout.urls")
+        if r.router_url.rstrip("/") in [u.rstrip("/") for u in r.urls]:
+            raise _err("rollout.router_url", r.router_url, "is also listed in rollout.urls",
+                       "rollout.urls lists the SGLang servers behind the router, not the router")
+    if (r.router or r.router_url is not None) and r.seeded:
+        key, value = ("rollout.router", True) if r.router else ("rollout.router_url",
+                                                                 r.router_url)
+        raise _err(key, value, "the router drops sampling_params.custom_params, which carry "
+                   "the per-sample seeds of rollout.seeded=true (a server then fails on them)",
+                   "set rollout.seeded=false, or send /generate to the servers directly "
+                   "(rollout.router=false, rollout.router_url=null)")
+    if r.sync_address is not None and not r.sync_address.strip():
+        raise _err("rollout.sync_address", r.sync_address, "is empty",
+                   "give this node's address as the servers reach it, auto, or null")
+    if r.mem_fraction is not None and not 0 < r.mem_fraction < 1:
+        raise _err("rollout.mem_fraction", r.mem_fraction, "must be in (0, 1)",
+                   "use e.g. 0.85 on dedicated GPUs, 0.6 colocated, or null for these defaults")
+
+
+def _check_loss_scale(o: OptimizerConfig) -> None:
+    """The float16 dynamic loss scaler's settings (Megatron asserts the same ranges)."""
+    if not o.min_loss_scale > 0:
+        raise _err("optimizer.min_loss_scale", o.min_loss_scale, "must be > 0", "use e.g. 1.0")
+    if not o.initial_loss_scale >= o.min_loss_scale:
+        raise _err("optimizer.initial_loss_scale", o.initial_loss_scale,
+                   f"is below optimizer.min_loss_scale ({o.min_loss_scale})",
+                   "use a power of two such as 65536")
+    for key in ("loss_scale_window", "hysteresis"):
+        if getattr(o, key) < 1:
+            raise _err(f"optimizer.{key}", getattr(o, key), "must be >= 1",
+                       f"set optimizer.{key} to a positive integer")
+
+
+def validate(cfg: Config, world_size: Optional[int] = None,
+             hf_config: Optional[dict] = None) -> Config:
+    """Check value ranges and combinations; fill ``parallel.dp`` from the world size.
+
+    ``hf_config`` is the model's HF ``config.json`` as a dict (checks against heads and
+    layers are skipped without it). Raises ConfigError naming key, value and fix.
+    """
+    flat = {}
+    for sec in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, sec.name)):
+            flat[f"{sec.name}.{f.name}"] = getattr(getattr(cfg, sec.name), f.name)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise _err(key, flat[key], "not a supported choice",
+                       f"use one of: {', '.join(str(a) for a in allowed)}")
+    from srft_mcore.algo.defaults import resolve
+
+    cfg.algorithm = resolve(cfg.algorithm)
+    for key in ("parallel.tp", "parallel.pp", "parallel.cp", "rollout.n_samples",
+                "train.steps", "train.prompts_per_step", "train.micro_batch_size",
+                "train.mini_batches", "eval.n_samples",
+                "checkpoint.every", "rollout.num_servers", "rollout.server_tp",
+                "rollout.bucket_mb", "model.make_vocab_size_divisible_by"):
+        if flat[key] < 1:
+            raise _err(key, flat[key], "must be >= 1", f"set {key} to a positive integer")
+    p = cfg.parallel
+    if p.sequence_parallel and p.tp == 1:
+        raise _err("parallel.sequence_parallel", True, "needs tensor parallelism",
+                   "set parallel.tp > 1 or parallel.sequence_parallel=false")
+    if cfg.rollout.seeded and cfg.rollout.top_p < 1.0:
+        raise _err("rollout.top_p", cfg.rollout.top_p, "seeded rollouts sample the full "
+                   "distribution", "set rollout.top_p=1.0 or rollout.seeded=false")
+    if p.cp > 1:
+        raise _err("parallel.cp", p.cp, "context parallelism is not supported yet (sequences "
+                   "are not split across CP ranks)", "set parallel.cp=1; use tp/pp for long "
+                   "sequences")
+    _check_loss_scale(cfg.optimizer)
+    a = cfg.algorithm
+    if a.tis_cap is not None and a.tis_cap <= 0:
+        raise _err("algorithm.tis_cap", a.tis_cap, "must be > 0", "use e.g. 2.0, or null (off)")
+    if a.tis_cap is not None and cfg.rollout.seeded:
+        raise _err("algorithm.tis_cap", a.tis_cap, "seeded rollouts report the log-probs of "
+                   "the Gumbel-perturbed logits, not the sampling policy's",
+                   "set rollout.seeded=false, or algorithm.tis_cap=null")
+    if a.kl_coef < 0:
+        raise _err("algorithm.kl_coef", a.kl_coef, "must be >= 0", "use 0 (off) or e.g. 0.001")
+    if a.token_weight_cap <= 0:
+        raise _err("algorithm.token_weight_cap", a.token_weight_cap, "must be > 0",
+                   "use e.g. 1.0")
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget is not None and budget < cfg.data.max_prompt_len + cfg.data.max_response_len:
+        raise _err("train.max_tokens_per_micro_batch", budget, "is below the longest sequence "
+                   f"(data.max_prompt_len + data.max_response_len = "
+                   f"{cfg.data.max_prompt_len + cfg.data.max_response_len})",
+                   "raise it (a few times the longest sequence packs well), or null to pad")
+    if cfg.train.prompts_per_step % cfg.train.mini_batches != 0:
+        raise _err("train.mini_batches", cfg.train.mini_batches,
+                   f"does not divide train.prompts_per_step ({cfg.train.prompts_per_step})",
+                   "choose a divisor: each mini-batch holds whole prompt groups")
+    if cfg.eval.every < 0:
+        raise _err("eval.every", cfg.eval.every, "must be >= 0", "use 0 (off) or a step count")
+    if cfg.eval.every and cfg.eval.splits is None and cfg.data.path is not None:
+        raise _err("eval.splits", None, "eval.every is set but no held-out files are given",
+                   "add eval.splits: {name: FILE.jsonl, ...} (srft-eval layouts)")
+    if cfg.rollout.overlap and cfg.rollout.weight_sync == "tensor":
+        raise _err("rollout.overlap", True, "colocated servers (weight_sync=tensor) release "
+                   "their GPU memory while the trainer runs, so they cannot generate then",
+                   "use dedicated rollout GPUs (weight_sync=distributed) or rollout.overlap=false")
+    _check_rollout_endpoints(cfg.rollout)
+    if cfg.rollout.temperature <= 0:
+        raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
+                   "use a positive temperature (the paper uses 1.0)")
+
+    check_context_length(cfg, hf_config)
+    if hf_config is not None:
+        heads = hf_config["num_attention_heads"]
+        kv = hf_config.get("num_key_value_heads") or heads
+        layers = hf_config["num_hidden_layers"]
+        _divides("parallel.tp", p.tp, "num_attention_heads", heads,
+                 f"choose parallel.tp from the divisors of {heads}")
+        _divides("parallel.tp", p.tp, "num_key_value_heads", kv,
+                 f"choose parallel.tp from the divisors of {kv} (GQA key/value heads)")
+        if p.pp_layer_split is not None:
+            split = p.pp_layer_split
+            if len(split) != p.pp or sum(split) != layers or min(split) < 1:
+                raise _err("parallel.pp_layer_split", split,
+                           f"needs {p.pp} positive entries summing to num_hidden_layers={layers}",
+                           "give one layer count per pipeline stage")
+        elif layers % p.pp != 0:
+            raise _err("parallel.pp", p.pp, f"does not divide num_hidden_layers ({layers})",
+                       f"choose a divisor of {layers}, or give parallel.pp_layer_split "
+                       f"(e.g. an uneven split summing to {layers})")
+    elif p.pp_layer_split is not None and len(p.pp_layer_split) != p.pp:
+        raise _err("parallel.pp_layer_split", p.pp_layer_split,
+                   f"needs one entry per pipeline stage (pp={p.pp})", "give pp entries")
+
+    if world_size is not None:
+        mp = p.tp * p.pp * p.cp
+        if world_size % mp != 0:
+            raise _err("parallel", f"tp={p.tp} pp={p.pp} cp={p.cp}",
+                       f"tp*pp*cp={mp} does not divide the world size {world_size}",
+                       f"launch a multiple of {mp} ranks or change tp/pp")
+        dp = world_size // mp
+        if p.dp is not None and p.dp != dp:
+            raise _err("parallel.dp", p.dp,
+                       f"tp*pp*cp*dp={mp * p.dp} != world size {world_size}",
+                       f"set parallel.dp={dp}, leave it unset, or launch {mp * p.dp} ranks")
+        p.dp = dp
+    if p.dp is not None:
+        # (the sequence count needs no check: micro-batches are padded with masked sequences)
+        mini = cfg.train.prompts_per_step // cfg.train.mini_batches
+        if mini % p.dp != 0:
+            raise _err("train.prompts_per_step", cfg.train.prompts_per_step,
+                       f"{mini} prompts per mini-batch are not divisible by the data-parallel "
+                       f"size {p.dp}", f"use a multiple of {p.dp * cfg.train.mini_batches}")
+    return cfg
+

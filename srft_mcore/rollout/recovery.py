@@ -1,0 +1,81 @@
+"""Rank 0's restart policy for the rollout servers and the router: which of those a failed
+request points at are really down (dead or hung, not a transient failure), and restarting
+the ones launched here. The engine makes the outcome collective and re-syncs the weights."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import requests
+
+from srft_mcore.rollout.errors import RolloutError
+from srft_mcore.rollout.router import SGLangRouter
+from srft_mcore.rollout.server import SGLangServer
+
+
+class ServerRecovery:
+    """Restarts, on rank 0, the servers (and router) of one engine that stopped serving."""
+
+    def __init__(self, servers: Sequence[SGLangServer], router: Optional[SGLangRouter],
+                 health_timeout_s: float = 60.0):
+        self.servers = servers
+        self.router = router
+        self.health_timeout_s = health_timeout_s
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def restart_dead(self) -> list[str]:
+        """Restart owned servers (and a launched router) whose process has exited; return
+        the restarted servers' URLs."""
+        # process liveness only: an HTTP health probe costs ~1 s per step on CPU, and
+        # a hung server is caught by the request timeouts of generate and sync
+        dead = [s.url for s in self.servers if s.owned and not s.is_alive()]
+        self.restart_router_if_dead(probe_attached=False)
+        return self.recover(dead) if dead else []
+
+    def responsive(self, server: SGLangServer) -> bool:
+        try:
+            r = requests.get(server.url + "/health_generate", timeout=self.health_timeout_s)
+            return r.status_code == 200
+        except requests.RequestException:
+            return False
+
+    def restart_router_if_dead(self, probe_attached: bool = True) -> bool:
+        """Restart a launched router whose process has exited; an attached one that does not
+        answer /health (probed only with ``probe_attached``) is an error: it is not ours to
+        restart."""
+        router = self.router
+        if router is None:
+            return False
+        if router.owned:
+            if router.proc is not None and router.is_alive():
+                return False
+            router.restart()
+            return True
+        if probe_attached and not router.healthy(timeout_s=self.health_timeout_s):
+            raise RolloutError(f"the router {router.url} does not answer /health and was "
+                               f"attached (rollout.router_url), not launched here: restart it "
+                               f"yourself")
+        return False
+
+    def recover(self, failed_urls: Sequence[str]) -> list[str]:
+        """Restart the failed servers that are dead or hung; return their URLs. A failure
+        through the router does not say which server failed: the router is checked
+        (restarted if it was launched here and has exited), then every server."""
+        via_router = self.router is not None and self.router.url in failed_urls
+        if via_router:
+            self.restart_router_if_dead()
+            failed_urls = self.urls
+        restarted = []
+        for server in self.servers:
+            if server.url not in failed_urls:
+                continue
+            if server.is_alive() and self.responsive(server):
+                continue  # a transient failure: just retry
+            if not server.owned:
+                raise RolloutError(f"server {server.url} does not answer and was attached "
+                                   f"(rollout.urls), not launched here: restart it yourself")
+            server.restart()
+            restarted.append(server.url)
+        return restarted

@@ -1,0 +1,194 @@
+"""The rollout side of a step: draw the prompts, sample ``rollout.n_samples`` continuations of
+each through the SGLang servers, score them; and with ``rollout.overlap``, the next step's
+rollout in a background thread while this step trains (one step off-policy).
+
+Rank 0 talks to the servers and runs the reward; the prompts' indices, completions and
+rewards are broadcast so that every rank builds the same sequences. The overlapped batch
+(made by weights a checkpoint no longer holds) is saved as JSON with the checkpoint, so a
+resumed run trains on exactly the batch an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from srft_mcore.config import Config
+from srft_mcore.launching.distributed import broadcast_object
+from srft_mcore.training.messages import log0
+
+
+class RolloutSide:
+    """Prompts -> completions -> rewards for the trainer's steps.
+
+    ``engine`` (the :class:`RolloutEngine`) is given once the servers run; the state saved
+    with a checkpoint (:meth:`state_dict`) is the sampler's position, the count of rollout
+    calls (each call's sampling seed) and the overlapped batch.
+    """
+
+    def __init__(self, cfg: Config, layout, tokenizer, dataset, sampler, reward_fn):
+        self.cfg, self.layout, self.tokenizer = cfg, layout, tokenizer
+        self.dataset, self.sampler, self.reward_fn = dataset, sampler, reward_fn
+        self.engine = None
+        self.rollout_calls = 0
+        self.pending = None  # rollout.overlap: the next step's batch, made during this step
+        self.ahead = None  # the background generation of that batch, while it runs
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        return {"rollout_calls": self.rollout_calls, "sampler": self.sampler.state_dict(),
+                "pending": pending_to_json(self.pending)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rollout_calls = state["rollout_calls"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.pending = pending_from_json(state.get("pending"))
+
+    # ------------------------------------------------------------------ one batch
+    def next_batch(self, step: int) -> tuple:
+        """Step ``step + 1``'s prompt indices, completion groups and rewards (every rank
+        gets them): made while the last step trained (rollout.overlap), else now. With
+        overlap, the following step's rollout starts here too (:meth:`finish_ahead` joins it)."""
+        cfg = self.cfg
+        overlap = cfg.rollout.overlap
+        if overlap and self.pending is not None:  # made while the last step trained
+            batch, self.pending = self.pending, None
+        else:
+            batch = self.batch_now()
+        if overlap and step + 1 < cfg.train.steps:
+            self.start_ahead()
+        return batch
+
+    def sampling(self):
+        """The next rollout call's sampling parameters (a fresh seed per call)."""
+        from srft_mcore.rollout.client import SamplingParams
+        from srft_mcore.rollout.seeded import mix_seed
+
+        cfg = self.cfg
+        seed = mix_seed(cfg.train.seed, self.rollout_calls) if cfg.rollout.seeded else None
+        self.rollout_calls += 1
+        return SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              max_new_tokens=cfg.data.max_response_len,
+                              stop_token_ids=[self.tokenizer.eos_token_id], seed=seed)
+
+    def rollout(self, examples, sampling=None):
+        """Rank 0 samples n continuations per prompt (collective; others get None)."""
+        # seeded sampling decodes Gumbel-perturbed logits: their log-probs are not the policy's
+        return self.engine.generate([ex.prompt_ids for ex in examples],
+                                    n=self.cfg.rollout.n_samples,
+                                    sampling=sampling or self.sampling(),
+                                    return_logprob=not self.cfg.rollout.seeded)
+
+    def score(self, examples, groups):
+        """Rank 0's rewards of each prompt's completions (others get None)."""
+        rewards = None
+        if self.layout.rank == 0:
+            from srft_mcore.reward import score_batch
+
+            rewards = [score_batch(self.reward_fn, [c.text for c in comps],
+                                   [ex.answer] * len(comps), [ex.prompt] * len(comps))
+                       for ex, comps in zip(examples, groups)]
+        return rewards
+
+    def batch_now(self):
+        """Draw the step's prompts, generate and score them now (every rank gets them)."""
+        indices = self.sampler.next_batch()
+        examples = self.dataset.batch(indices)
+        groups = self.rollout(examples)
+        rewards = self.score(examples, groups)
+        # the other ranks wait here, on the gloo group with the long timeout
+        groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
+        return indices, groups, rewards
+
+    # ------------------------------------------------------------------ overlapped rollout
+    def start_ahead(self):
+        """rollout.overlap: draw the next step's prompts and generate them in a background
+        thread on rank 0 with the weights the servers hold now, while this step trains."""
+        import threading
+
+        indices = self.sampler.next_batch()
+        examples = self.dataset.batch(indices)
+        sampling = self.sampling()
+        box = {"indices": indices, "sampling": sampling}
+
+        def work():
+            try:
+                groups = self.engine.client.generate(
+                    [ex.prompt_ids for ex in examples], n=self.cfg.rollout.n_samples,
+                    sampling=sampling, return_logprob=not self.cfg.rollout.seeded)
+                self.engine._check_versions(groups)
+                box["groups"], box["rewards"] = groups, self.score(examples, groups)
+            except Exception as e:  # noqa: BLE001 - regenerated collectively in finish_ahead
+                box["error"] = f"{type(e).__name__}: {e}"
+
+        if self.layout.rank == 0:
+            box["thread"] = threading.Thread(target=work, name="rollout-ahead", daemon=True)
+            box["thread"].start()
+        self.ahead = box
+
+    def finish_ahead(self):
+        """Join the background generation (collective) before the weights change and keep
+        its batch for the next step; if it failed, generate the same prompts now with the
+        same seed (the engine recovers dead servers), so the batch is the one an
+        uninterrupted run would have drawn."""
+        box, self.ahead = self.ahead, None
+        if self.layout.rank == 0:
+            box["thread"].join()
+        error = broadcast_object(box.get("error"), self.layout.cpu_group)
+        examples = self.dataset.batch(box["indices"])
+        if error is None:
+            groups, rewards = broadcast_object((box.get("groups"), box.get("rewards")),
+                                               self.layout.cpu_group)
+        else:
+            log0(f"background rollout failed ({error}); generating the batch again")
+            groups = self.rollout(examples, box["sampling"])
+            rewards = self.score(examples, groups)
+            groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
+        self.pending = (box["indices"], groups, rewards)
+
+
+# --------------------------------------------------------------------------- metrics and state
+def policy_lag(groups, trained_from: int) -> dict:
+    """How many optimizer steps behind the trained weights (version ``trained_from``) the
+    samples' policy is, from the weight version SGLang tagged each sample with."""
+    lags = [trained_from - int(c.weight_version) for g in groups for c in g
+            if c.weight_version is not None and str(c.weight_version).isdigit()]
+    if not lags:
+        return {}
+    return {"rollout/policy_lag_mean": sum(lags) / len(lags),
+            "rollout/policy_lag_max": float(max(lags)),
+            "rollout/policy_lag_min": float(min(lags))}
+
+
+def rollout_metrics(groups, rewards, seqs) -> dict:
+    """Reward, accuracy and length of the step's rollouts, and what was trained on."""
+    flat_r = [r for rs in rewards for r in rs]
+    lens = [len(c.token_ids) for g in groups for c in g]
+    out = {"reward/mean": sum(flat_r) / max(len(flat_r), 1),
+           "acc/mean": sum(r > 0 for r in flat_r) / max(len(flat_r), 1),
+           "len/response_mean": sum(lens) / max(len(lens), 1),
+           "len/response_max": max(lens, default=0),
+           "len/clipped_frac": sum(c.finish_reason == "length" for g in groups for c in g)
+           / max(len(lens), 1),
+           "train/sequences": len(seqs),
+           "train/demo_sequences": sum(s.is_demo for s in seqs)}
+    solved = [any(r > 0 for r in rs) for rs in rewards]
+    out["acc/any_of_n"] = sum(solved) / max(len(solved), 1)
+    return out
+
+
+def pending_to_json(pending):
+    """The overlapped next batch as plain JSON (kept in the checkpoint for exact resume:
+    it was generated by weights the checkpoint no longer holds)."""
+    if pending is None:
+        return None
+    indices, groups, rewards = pending
+    return {"indices": list(indices), "rewards": rewards,
+            "groups": [[dataclasses.asdict(c) for c in g] for g in groups]}
+
+
+def pending_from_json(data):
+    from srft_mcore.rollout.client import Completion
+
+    if not data:
+        return None
+    return (data["indices"], [[Completion(**c) for c in g] for g in data["groups"]],
+            data["rewards"])
