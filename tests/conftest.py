@@ -1,5 +1,7 @@
 import contextlib
+import fcntl
 import os
+import pickle
 
 import pytest
 import torch
@@ -10,15 +12,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        # under pytest-xdist (pytest.ini: -n 2 --dist loadgroup) the tests of a module that
-        # share a module-scoped fixture (a reference run, a converted checkpoint) stay on one
-        # worker, so that fixture is built once; every other test goes where there is room
-        defs = item._fixtureinfo.name2fixturedefs.values()
-        if any(d[-1].scope == "module" for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    # the files with long tests first: the workers then end together instead of one running
-    # a long test alone at the end (whole files move, so module fixtures are built once)
+    # the files with long tests first: the two workers (pytest.ini: -n 2) then end together
+    # instead of one running a long test alone at the end
     slow_files = {item.path for item in items if "slow" in item.keywords}
     items.sort(key=lambda item: item.path not in slow_files)
     if torch.cuda.is_available():
@@ -27,6 +22,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- built once per session
+@pytest.fixture(scope="session")
+def once(tmp_path_factory, worker_id):
+    """``once(name, build)``: ``build(directory)``'s result, built by the first worker that
+    asks and read back by every other (pytest-xdist workers share the session's temporary
+    root). For the costly references several tests compare against: a reference run, a
+    weight-sync job, an evaluation pass. ``build`` returns something that pickles."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker_id != "master" else root
+
+    def get(name: str, build):
+        directory, result = root / f"once_{name}", root / f"once_{name}.pkl"
+        with open(root / f"once_{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker waits for the first build
+            if result.exists():
+                return pickle.loads(result.read_bytes())
+            directory.mkdir(exist_ok=True)
+            value = build(directory)
+            result.write_bytes(pickle.dumps(value))
+            return value
+
+    return get
 
 
 # --------------------------------------------------------------------------- shared SGLang server

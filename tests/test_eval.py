@@ -368,15 +368,19 @@ GREEDY = ["--temperature", "0", "--max-new-tokens", "48"]
 
 
 @pytest.fixture(scope="module")
-def hf_dir_run(embedded_files, tmp_path_factory):
-    """`srft-eval --model EMBEDDED_MODEL_DIR --data FILE.jsonl`, greedy."""
-    out = tmp_path_factory.mktemp("eval_hf") / "out"
-    t0 = time.time()
-    res = run_cli("--model", EMBEDDED_MODEL_DIR, "--data", embedded_files[0], "--out", str(out),
-                  "--template", "tokenizer", *GREEDY)
-    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
-    print(f"srft-eval --model HF dir: {time.time() - t0:.1f}s")
-    return res, out
+def hf_dir_run(embedded_files, once):
+    """`srft-eval --model EMBEDDED_MODEL_DIR --data FILE.jsonl`, greedy; once per session
+    (tests/conftest.py ``once``)."""
+    def build(root):
+        out = root / "out"
+        t0 = time.time()
+        res = run_cli("--model", EMBEDDED_MODEL_DIR, "--data", embedded_files[0], "--out",
+                      str(out), "--template", "tokenizer", *GREEDY)
+        assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
+        print(f"srft-eval --model HF dir: {time.time() - t0:.1f}s")
+        return res, out
+
+    return once("eval_hf_dir_run", build)
 
 
 @pytest.mark.slow

@@ -60,3 +60,13 @@ def test_help_imports_no_torch():
                 if line.startswith("import time:")]
     assert "srft_mcore.training.run_inputs" in imported  # (cli itself runs as __main__)
     assert not [m for m in imported if m == "torch" or m.startswith("torch.")]
+
+
+def test_overrides_may_come_before_and_after_the_flags():
+    from srft_mcore.training import cli, trainer
+
+    want = ["a.b=1", "c.d=2"]
+    args = cli.parse_args(["a.b=1", "--resume", "--nproc-per-node", "2", "c.d=2"])
+    assert (args.overrides, args.resume, args.nproc_per_node) == (want, True, 2)
+    rank = trainer.parse_args(["--config", "x.yaml", "a.b=1", "--resume", "c.d=2"])
+    assert (rank.overrides, rank.resume, rank.config) == (want, True, "x.yaml")

@@ -437,15 +437,16 @@ def test_overlapped_rollout_is_one_step_behind_and_resumes_exactly(tmp_path, sha
 
 # --------------------------------------------------------------------------- eval
 @pytest.mark.slow
-def test_eval_during_training_logs_and_plots_held_out_accuracy(tmp_path):
+def test_eval_during_training_logs_and_plots_held_out_accuracy(tmp_path, sglang_url):
     import json
     import os
 
     from srft_mcore.training.plot import plot_run
-    from test_trainer import metrics, run
+    from test_trainer import attached, metrics, run
 
     run_dir = str(tmp_path / "eval")
-    run(run_dir, "train.steps=2", "eval.every=1", "eval.limit=6", "checkpoint.export_hf=false")
+    run(run_dir, "train.steps=2", "eval.every=1", "eval.limit=6", "checkpoint.export_hf=false",
+        *attached(sglang_url))
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]  # step 0: the start policy
     for r in rows:

@@ -241,14 +241,19 @@ def _alive(pid) -> bool:
 
 
 # --------------------------------------------------------------------------- fixture
-@pytest.fixture(scope="module")
-def job(tmp_path_factory):
+def _build_job(root):
     from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models.tiny import make_tiny_hf_model
 
-    root = tmp_path_factory.mktemp("wsync")
     model_dir = make_tiny_hf_model(str(root / "tiny-qwen2"), arch="qwen2", seed=3)
     return spawn_ranks(_rank_job, 2, (model_dir, str(root / "work")), timeout_s=900)[0]
+
+
+@pytest.fixture(scope="module")
+def job(once):
+    """The two-rank job every test here reads: run once per session, whichever worker asks
+    first (tests/conftest.py ``once``)."""
+    return once("weight_sync_job", _build_job)
 
 
 # --------------------------------------------------------------------------- tests

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after --resume
     if args.nnodes is not None and not args.check:
         parser.error("--nnodes goes with --check: a run on several nodes starts torchrun on "
                      "each of them (examples/multinode/srft_torchrun_multinode.sh)")

@@ -344,7 +344,7 @@ def parse_args(argv=None):
 
     return add_run_arguments(argparse.ArgumentParser(
         prog="srft-train", description="One trainer rank (srft-train --nproc-per-node N "
-        "launches N of them under torchrun)")).parse_args(argv)
+        "launches N of them under torchrun)")).parse_intermixed_args(argv)
 
 
 def _input_errors() -> tuple:
