@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    # the files with long tests first: the workers (pytest.ini: -n 3) then end together
+    # the files with long tests first: the workers (pytest.ini: -n 2) then end together
     # instead of one running a long test alone at the end
     slow_files = {item.path for item in items if "slow" in item.keywords}
     items.sort(key=lambda item: item.path not in slow_files)
