@@ -25,6 +25,15 @@ ACC = {("srft", 1): (0.5, 0.1), ("srft", 2): (0.6, 0.2), ("srft", 3): (0.7, 0.6)
        ("grpo", 1): (0.4, 0.0), ("grpo", 2): (0.2, 0.1), ("grpo", 3): (0.3, 0.2)}
 
 
+def val_acc(run):
+    """The stand-in's validation accuracy: with an lr grid, best at lr 2e-3 for SRFT and at
+    1e-3 for the others (the held-out accuracies do not depend on the lr at all)."""
+    if run.lr is None:
+        return 0.3
+    best = 2e-3 if run.method == "srft" else 1e-3
+    return 0.5 - abs(math.log10(run.lr / best))
+
+
 class FakeLauncher:
     """Stands in for :func:`srft_mcore.comparison.jobs.launch`: records each job and writes
     the files of a finished trainer run / srft-eval pass. ``fail``: {(run key, part): exit status};
@@ -68,9 +77,14 @@ class FakeLauncher:
         rows = [{"step": 0, "wall_time": 0.0, "eval/id/acc": 0.1, "eval/ood/acc": 0.0}]
         for s in range(1, steps + 1):
             row = {"step": s, "wall_time": float(s), "entropy/step": 1.0 / s + run.seed,
+                   "len/clipped_frac": 0.1,
                    "reward/mean": 0.1 * s, "acc/mean": 0.1 * s}
             if s == ph.steps:  # the trainer's evaluation at the last step
-                row.update({"eval/id/acc": acc[0] - 0.05, "eval/ood/acc": acc[1]})
+                row.update({"eval/id/acc": acc[0] - 0.05, "eval/ood/acc": acc[1],
+                            "eval/val/acc": val_acc(run), "eval/id/truncation_rate": 0.25,
+                            "eval/ood/truncation_rate": 0.5, "eval/val/truncation_rate": 0.0,
+                            "ledger/prompts": 4, "ledger/rollout_tokens": 100,
+                            "ledger/demo_tokens": 30, "ledger/trained_tokens": 130})
             rows.append(row)
         with open(os.path.join(ph.run_dir, "metrics.jsonl"), "a") as f:
             for r in rows:
@@ -90,11 +104,14 @@ class FakeLauncher:
         if key in self.fail:
             return self.fail[key]
         out = job.cmd[job.cmd.index("--out") + 1]
-        names = [a.split("=", 1)[0] for a in job.cmd[1:] if a.startswith(("id=", "ood="))]
-        acc = dict(zip(("id", "ood"), ACC.get((job.run.method, job.run.seed), (0.25, 0.05))))
+        names = [a.split("=", 1)[0] for a in job.cmd[1:]
+                 if a.startswith(("id=", "ood=", "val="))]
+        acc = dict(zip(("id", "ood"), ACC.get((job.run.method, job.run.seed), (0.25, 0.05))),
+                   val=val_acc(job.run))
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "results.json"), "w") as f:
-            json.dump({"results": {n: {"acc": acc[n], "n": 200, "metric": "pass@1"}
+            json.dump({"results": {n: {"acc": acc[n], "n": 200, "metric": "pass@1",
+                                       "truncation_rate": 0.1}
                                    for n in names}}, f)
         return 0
 
@@ -160,7 +177,7 @@ def test_dry_run_commands(tmp_path, capsys):
         run = c[c.index("--model") + 1].split("/runs/", 1)[1]
         assert c[c.index("--seed") + 1] == run.split("/")[1][4:5]
         assert c[c.index("--temperature") + 1] == "0.6"
-        assert c[c.index("--max-new-tokens") + 1] == "48"
+        assert c[c.index("--max-new-tokens") + 1] == "64"
         # the embedded task's shipped held-out splits, which the trainer evaluates too
         assert [a for a in c if a.startswith(("id=", "ood="))] == [
             f"{name}={path}" for name, path in embedded_eval_splits().items()]
@@ -177,7 +194,8 @@ def test_runs_report_and_rerun_skips(tmp_path, capsys):
                  "logs/grpo_seed3_eval.log"):
         assert (cmp / name).is_file(), name
     assert sorted(os.path.basename(p) for p in summary["plots"]) == [
-        "entropy.png", "eval_id_acc.png", "eval_ood_acc.png"]
+        "entropy.png", "eval_id_acc.png", "eval_ood_acc.png", "eval_val_acc.png",
+        "truncated.png"]
     assert all(os.path.getsize(p) > 1000 for p in summary["plots"])
     state = json.loads((cmp / "state.json").read_text())
     assert state["runs"]["srft/seed2"]["status"] == "done"
@@ -214,20 +232,32 @@ def test_table_and_json_format(tmp_path, capsys):
     table = (tmp_path / "cmp" / "table.md").read_text()
     assert table in out  # the same table on stdout
     lines = table.splitlines()
-    assert lines[0].startswith("Final held-out accuracy (%), mean ± sample std over seeds; "
+    assert lines[0].startswith("Final accuracy (%), mean ± 95 % t-interval over seeds; "
                                "srft-eval on the final policy (temperature 0.6")
-    assert "4 steps x 32 prompts x 4 rollouts (SFT->RL: 2 SFT + 2 GRPO steps)" in lines[0]
-    assert lines[2:] == ["| method | id | ood | seeds |", "|---|---|---|---|",
-                         "| SRFT | 60.0 ± 10.0 | 30.0 ± 26.5 | 3/3 |",
-                         "| GRPO | 30.0 ± 10.0 | 10.0 ± 10.0 | 3/3 |"]
+    assert "4 steps x 32 prompts x 4 rollouts (SFT->RL: 2 SFT + 2 GRPO steps" in lines[0]
+    # t(0.975, 2 df) = 4.303: SRFT id 0.5 0.6 0.7 -> 60.0 ± 4.303 * 0.1 / sqrt(3) = 24.8
+    assert lines[2:6] == ["| method | lr | val (validation) | id | ood | truncated | seeds |",
+                          "|---|---|---|---|---|---|---|",
+                          "| SRFT | 0.002 | 30.0 ± 0.0 | 60.0 ± 24.8 | 30.0 ± 65.7 | 10.0 | 3/3 |",
+                          "| GRPO | 0.002 | 30.0 ± 0.0 | 30.0 ± 24.8 | 10.0 ± 24.8 | 10.0 | 3/3 |"]
+    # paired by seed: SRFT - GRPO on id = 0.1, 0.4, 0.4 -> +30.0 ± 4.303 * 0.1732 / sqrt(3)
+    assert "| GRPO | +30.0 ± 43.0 | +20.0 ± 43.0 |" in lines
+    assert "| SRFT | 4 | 30 | 100 | 130 |" in table  # the ledger (FLOPs: 6N x 130 + 2N x 100)
     assert set(summary) == {"ok", "out", "runs", "finished", "failed", "table", "results",
-                            "plots", "acc"}
+                            "plots", "acc", "lr"}
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
-    assert set(results) == {"settings", "methods", "failed", "runs"}
+    assert set(results) == {"settings", "methods", "failed", "runs", "records", "selection",
+                            "wall_seconds"}
     assert results["settings"]["budget"]["rollouts_per_run"] == 4 * 32 * 4
     assert results["settings"]["seeds"] == [1, 2, 3]
+    assert results["settings"]["held_out"] == ["id", "ood"]
     assert results["methods"]["grpo"]["label"] == "GRPO"
-    assert results["runs"]["grpo/seed1"]["acc"] == {"id": 0.4, "ood": 0.0}
+    assert results["runs"]["grpo/seed1"]["acc"] == {"id": 0.4, "ood": 0.0, "val": 0.3}
+    n = results["settings"]["params"]
+    rec = next(r for r in results["records"] if r["method"] == "grpo" and r["seed"] == 1)
+    assert rec["lr"] == 2e-3 and rec["truncation_rate"] == {"id": 0.1, "ood": 0.1, "val": 0.1}
+    assert rec["ledger"]["flops"] == 6 * n * 130 + 2 * n * 100 and n > 100_000
+    assert len(results["records"]) == 6
 
 
 def test_resume_interrupted_run_with_checkpoint(tmp_path, capsys):
@@ -284,7 +314,7 @@ def test_failure_reported_others_continue(tmp_path, capsys):
     assert ("sft_rl/seed2", "rl", False) not in launched
     assert "[compare] 2/6 grpo seed 1: FAILED" in out and str(logs / "grpo_seed1_train.log") in out
     table = (tmp_path / "cmp" / "table.md").read_text()
-    assert "| GRPO | 20.0 | 10.0 | 1/2 |" in table
+    assert "| GRPO | 0.002 | 30.0 | 20.0 | 10.0 | 10.0 | 1/2 |" in table
     assert f"- grpo/seed1: train: trainer exit status 1 (log: {logs}/grpo_seed1_train.log)" \
         in table
     # a re-run retries only the failed ones: the failed eval alone, the failed trainings fresh
@@ -302,7 +332,8 @@ def test_trainer_final_eval_and_sft_rl_curves(tmp_path, capsys):
     rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "sft_rl", "--seeds",
                                    "1", "--final-eval", "trainer")
     assert rc == 0 and not fake.launched("eval")
-    assert summary["acc"]["srft"] == {"id": pytest.approx(0.45), "ood": pytest.approx(0.1)}
+    assert summary["acc"]["srft"] == {"id": pytest.approx(0.45), "ood": pytest.approx(0.1),
+                                      "val": pytest.approx(0.3)}
     assert "the trainer's evaluation at the final step" in out
     # SFT->RL's curve: the RL run continues the SFT run's steps, its step-0 eval dropped
     plan = build_plan(parse_args(["--config", CONFIG, "--out",
@@ -357,8 +388,8 @@ def _generations(run_dir, step):
 
 @pytest.mark.slow
 def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys, sglang_url):
-    """SFT->RL through srft-compare with real trainer launches (one rank each, on the
-    session's SGLang CPU server), 2 SFT steps then 2 GRPO steps, greedy evaluation of 4 problems per split at each
+    """SFT->RL through srft-compare with real trainer launches (one rank each, sharing the
+    session's SGLang CPU server through ``--shared-server URL``), 2 SFT steps then 2 GRPO steps, greedy evaluation of 4 problems per split at each
     run's start and end. The GRPO run must start from the SFT run's final weights: its
     step-0 generations are the SFT run's step-2 generations, not the base model's (the SFT
     run's step 0). Its steps also check the real training-inference path: unseeded rollouts
@@ -370,7 +401,7 @@ def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys, sglang_url):
                "eval.every=2", "eval.limit=4", "eval.temperature=0.0",
                "logging.tensorboard=false", "checkpoint.export_hf=false",
                "rollout.seeded=false", "algorithm.tis_cap=2.0",
-               f'rollout.urls=["{sglang_url}"]', "rollout.weight_sync=disk",
+               "--shared-server", sglang_url, "--sft-rl-carry-optimizer",
                "--nproc-per-node", "1", "parallel.tp=1"])
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -381,15 +412,16 @@ def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys, sglang_url):
     sft, rl = str(run / "sft"), str(run / "rl")
     start = os.path.join(sft, "checkpoints", "step_000002")
     assert open(os.path.join(sft, "checkpoints", "latest")).read().strip() == "step_000002"
-    assert f"loaded model weights from the trainer checkpoint {start}" in (
-        logs / "sft_rl_seed1_rl.log").read_text()
+    rl_log = (logs / "sft_rl_seed1_rl.log").read_text()
+    assert f"loaded model weights from the trainer checkpoint {start}" in rl_log
+    assert f"loaded the optimizer state of {start}" in rl_log  # --sft-rl-carry-optimizer
     base, after_sft, rl_start = _generations(sft, 0), _generations(sft, 2), _generations(rl, 0)
     assert rl_start == after_sft
     assert rl_start != base  # two SFT steps changed some greedy answer (else no evidence)
     # the comparison's result is the GRPO run's last evaluation
     rows = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert summary["acc"]["sft_rl"] == {s: rows[-1][f"eval/{s}/acc"] for s in ("id", "ood")}
+    assert summary["acc"]["sft_rl"] == {s: rows[-1][f"eval/{s}/acc"] for s in ("val", "id", "ood")}
     for r in rows[1:]:
         # SGLang's and Megatron's fp32 log-probs of the same tokens: close, not identical
         assert 0.0 < r["mismatch/logprob_abs_diff"] < 1e-3
@@ -397,3 +429,132 @@ def test_sft_then_grpo_hands_off_for_real(tmp_path, capsys, sglang_url):
         # TIS was applied, with weights exp(old - sglang) within the measured mismatch of 1
         bound = math.exp(r["mismatch/logprob_abs_diff_max"]) - 1
         assert r["tis/weight"] != 1.0 and abs(r["tis/weight"] - 1.0) <= bound
+
+
+# --------------------------------------------------------------------------- the protocol
+def test_lr_chosen_on_validation_then_seeds_at_the_choice(tmp_path, capsys):
+    """Selection runs (seed 1, every lr), the choice per method on val, then seeds 2 and 3
+    at the chosen lr; the result is made of the chosen lr's runs only."""
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft", "grpo",
+                                   "--lr-grid", "1e-3", "2e-3", "4e-3")
+    assert rc == 0 and summary["ok"]
+    # the stand-in's val accuracy peaks at 2e-3 for SRFT and at 1e-3 for GRPO
+    assert summary["lr"] == {"srft": 2e-3, "grpo": 1e-3}
+    launched = [k for k, _, _ in fake.launched()]
+    assert launched[:6] == [f"{m}/lr{lr}/seed1" for lr in ("1e-03", "2e-03", "4e-03")
+                            for m in ("srft", "grpo")]
+    assert launched[6:] == ["srft/lr2e-03/seed2", "grpo/lr1e-03/seed2", "srft/lr2e-03/seed3",
+                            "grpo/lr1e-03/seed3"]
+    for job in fake.jobs:  # every launch trains at its run's lr
+        assert job.kind == "eval" or f"optimizer.lr={job.run.lr!r}" in job.cmd
+    results = json.loads((tmp_path / "cmp" / "results.json").read_text())
+    assert len(results["records"]) == 10
+    assert sum(r["chosen"] for r in results["records"]) == 6
+    sel = results["selection"]["srft"]
+    assert sel["lr"] == 2e-3 and sel["split"] == "val" and sel["grid"]["0.004"] == pytest.approx(
+        0.5 - math.log10(2))
+    assert results["methods"]["srft"]["splits"]["id"]["n"] == 3
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "| SRFT | **50.0** |" not in table and "| SRFT | 19.9 | **50.0** | 19.9 |" in table
+    # a re-run finds everything done, and launches nothing
+    rc, out, summary, fake2 = _main(tmp_path, capsys, "--methods", "srft", "grpo",
+                                    "--lr-grid", "1e-3", "2e-3", "4e-3")
+    assert rc == 0 and not fake2.jobs and summary["lr"] == {"srft": 2e-3, "grpo": 1e-3}
+
+
+class _OnlyValidation(dict):
+    """An accuracy record that fails the test when anything but the validation split is
+    read from it."""
+
+    def __getitem__(self, key):
+        assert key == "val", f"the lr choice read the {key!r} split"
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        assert key == "val", f"the lr choice read the {key!r} split"
+        return super().get(key, default)
+
+    def values(self):
+        raise AssertionError("the lr choice read every split")
+
+    items = values
+
+
+def test_lr_choice_never_reads_the_held_out_splits(tmp_path):
+    from srft_mcore.comparison.bookkeeping import State
+    from srft_mcore.comparison.protocol import choose_lr, select_lrs
+
+    plan = build_plan(parse_args(["--config", CONFIG, "--out", str(tmp_path / "cmp"),
+                                  "--methods", "srft", "--lr-grid", "1e-3", "2e-3", "4e-3"]))
+    state = State(str(tmp_path / "state.json"), plan.settings())
+    # held-out accuracies that would pick 4e-3; validation picks 1e-3
+    for run, (val, held_out) in zip(plan.runs, [(0.6, 0.1), (0.5, 0.2), (0.4, 0.9)]):
+        state.run(run.key).update(status="done", acc=_OnlyValidation(
+            val=val, id=held_out, ood=held_out))
+    sel = select_lrs(plan, state)
+    assert sel["srft"]["lr"] == 1e-3
+    assert sel["srft"]["grid"] == {"0.001": 0.6, "0.002": 0.5, "0.004": 0.4}
+    # ties go to the smaller lr; unfinished runs do not count
+    assert choose_lr({1e-3: 0.5, 3e-3: 0.5, 1e-2: None}) == 1e-3
+    assert choose_lr({1e-3: None}) is None
+
+
+def test_intervals_and_paired_differences_by_hand():
+    from srft_mcore.comparison.protocol import mean_ci, paired_difference, t975
+
+    assert t975(2) == 4.303 and t975(100) == 1.96
+    s = mean_ci([0.5, 0.6, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["ci95"] == pytest.approx(4.303 * 0.1 / 3 ** .5)
+    assert mean_ci([0.4])["ci95"] is None and mean_ci([])["mean"] is None
+    d = paired_difference({"1": 0.5, "2": 0.6, "3": 0.7, "4": 0.9}, {"1": 0.4, "2": 0.2,
+                                                                      "3": 0.3})
+    assert d["seeds"] == ["1", "2", "3"] and d["mean"] == pytest.approx(0.3)
+    assert d["ci95"] == pytest.approx(4.303 * math.sqrt(0.03) / 3 ** .5)
+
+
+def test_method_options_reach_the_launches(tmp_path, capsys):
+    rc, out, _, _ = _main(tmp_path, capsys, "--methods", "sft_rl", "luffy", "srft_adv",
+                          "--seeds", "1", "--sft-rl-carry-optimizer", "--luffy-demo-slot",
+                          "--dry-run", steps="20")
+    assert rc == 0
+    cmds = [shlex.split(line) for line in out.splitlines() if "srft_mcore.training" in line]
+    by_algo = {}
+    for c in cmds:
+        opts = dict(a.split("=", 1) for a in c if "=" in a and not a.startswith("--"))
+        by_algo[opts["logging.run_dir"].rsplit("/", 2)[-2:][0] + "/" + opts["algorithm.name"]] = opts
+    rl = by_algo["seed1/grpo"]
+    # SFT->RL's RL run: a warm-up of a tenth of its 10 steps, the SFT run's optimizer state
+    assert rl["optimizer.warmup_steps"] == "1" and rl["model.load_optimizer"] == "true"
+    assert "optimizer.warmup_steps" not in by_algo["seed1/sft"]
+    # LUFFY: 3 rollouts + the demonstration in a group of the config's 4
+    assert by_algo["luffy/luffy"]["rollout.n_samples"] == "3"
+    assert by_algo["srft_adv/srft"]["algorithm.onpolicy_form"] == "ppo"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr-grid", "1e-3", "2e-3"], "need at least 3 positive learning rates"),
+    (["--lr-grid", "1e-3", "2e-3", "x"], "learning rates are numbers"),
+    (["--lr-grid", "1e-3", "2e-3", "3e-3", "optimizer.lr=1e-3"], "sets optimizer.lr"),
+    (["--shared-server", "rollout.urls=[\"http://127.0.0.1:1\"]"], "sets rollout.urls"),
+    (["--shared-server", "localhost:30000"], "not a URL"),
+    (["--val-split", "dev"], "--val-split dev: no such split"),
+    (["--sft-rl-warmup", "2"], "--sft-rl-warmup 2: must be >= 0 and below"),
+])
+def test_protocol_bad_input(tmp_path, capsys, argv, message):
+    rc = main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", "4", *argv],
+              job_fn=FakeLauncher())
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Fix:" in err
+    assert not (tmp_path / "cmp" / "state.json").exists()
+
+
+def test_lr_grid_needs_a_validation_split(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "demonstration": "\\boxed{2}",
+                                "answer": "2"}) + "\n")
+    id_split = embedded_eval_splits()["id"]
+    rc = main(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--steps", "4",
+               f"data.path={data}", f"eval.splits={{id: {id_split}}}",
+               "--lr-grid", "1e-3", "2e-3", "3e-3"], job_fn=FakeLauncher())
+    err = capsys.readouterr().err
+    assert rc == 2 and "chooses each method's lr on a validation split" in err

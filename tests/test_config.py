@@ -124,9 +124,9 @@ def test_each_algorithm_gets_its_own_defaults(name):
 def test_baseline_defaults_from_their_papers():
     luffy = load_config(None, ["algorithm.name=luffy"]).algorithm
     assert (luffy.offpolicy_shaping, luffy.adv_std_norm, luffy.clip_eps, luffy.entropy_coef,
-            luffy.loss_agg) == ("luffy", False, None, 0.001, "seq-sum-max-len")
+            luffy.loss_agg) == ("luffy", False, None, 0.001, "sum-max-len")
     grpo = load_config(None, ["algorithm.name=grpo"]).algorithm
-    assert (grpo.clip_eps, grpo.loss_agg) == (0.2, "seq-mean-token-mean")
+    assert (grpo.clip_eps, grpo.loss_agg) == (0.2, "token-mean")  # verl's loss_agg_mode
     srft = load_config(None, []).algorithm
     assert (srft.onpolicy_form, srft.entropy_weighting, srft.kl_coef, srft.clip_eps) == (
         "sign", "batch", 0.0, None)

@@ -77,28 +77,36 @@ def test_write_embedded_roundtrip(tmp_path):
 
 
 def test_shipped_held_out_splits_are_never_trained_on(tmp_path):
-    from srft_mcore.data import EMBEDDED_TASK, embedded_eval_splits, held_out_prompts
-    from srft_mcore.data.embedded import make_eval_splits
+    from srft_mcore.data import (EMBEDDED_TASK, embedded_eval_splits, embedded_validation_split,
+                                 held_out_prompts)
+    from srft_mcore.data.embedded import make_eval_splits, pretraining_problems
 
-    splits = {name: load_records(path) for name, path in embedded_eval_splits().items()}
-    assert sorted(splits) == ["id", "ood"]
+    shipped = {**embedded_eval_splits(), **embedded_validation_split()}
+    splits = {name: load_records(path) for name, path in shipped.items()}
+    assert sorted(splits) == ["id", "ood", "val"]
     for name, recs in splits.items():
         assert len(recs) == len({r["prompt"] for r in recs}) == 200  # distinct problems
         for rec in recs:
             values = _solve(rec["prompt"])
             assert int(rec["answer"]) == values[-1] and max(values) <= 10
-            assert rec["demonstration"].count("=") == (2 if name == "id" else 3)
+            # ood: four-step chains, longer than pre-training's (up to three) and training's
+            assert rec["demonstration"].count("=") == (4 if name == "ood" else 2)
+    prompts = {name: {r["prompt"] for r in recs} for name, recs in splits.items()}
+    assert not prompts["val"] & prompts["id"]
+    # neither two-step split holds a pre-training problem (the base model never read them)
+    pretrained = {r["prompt"] for r in pretraining_problems(2, prompts["id"] | prompts["ood"])}
+    assert len(pretrained) > 200 and not pretrained & (prompts["id"] | prompts["val"])
     # the files are what the generator writes (tools/make_embedded_model.py regenerates them)
     again = make_eval_splits(str(tmp_path))
     for name, path in again.items():
-        assert open(path).read() == open(embedded_eval_splits()[name]).read()
+        assert open(path).read() == open(shipped[name]).read()
     held_out = held_out_prompts()
-    assert len(held_out) == 400
+    assert len(held_out) == 600
     # the demo's training data (any seed) skips them, and still covers most other problems
     for seed in (0, 1, 1234):
         train = generate_embedded(2000, seed=seed, exclude=held_out, **EMBEDDED_TASK)
         prompts = {r["prompt"] for r in train}
-        assert not prompts & held_out and len(prompts) > 500
+        assert not prompts & held_out and len(prompts) > 400
     # without the exclusion the same draw would contain most of the id split
     plain = {r["prompt"] for r in generate_embedded(2000, seed=0, **EMBEDDED_TASK)}
     assert len(plain & {r["prompt"] for r in splits["id"]}) > 100

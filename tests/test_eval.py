@@ -38,8 +38,10 @@ def read_jsonl(path):
     ("<think> halve it </think> \\boxed{0.5}", "\\frac{1}{2}", 1.0),
     ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
     ("\\boxed{\\dfrac{3}{4}}", "0.75", 1.0),
-    ("The answer is 0.5", "\\frac{1}{2}", 1.0),          # unboxed: math-verify extracts it
-    ("so we get $\\frac{1}{2}$.", "0.5", 1.0),
+    ("<think> x </think> The answer is 0.5", "\\frac{1}{2}", 1.0),  # unboxed after </think>
+    ("<think> x </think> so we get $\\frac{1}{2}$.", "0.5", 1.0),
+    ("The answer is 0.5", "\\frac{1}{2}", 1.0),          # no think block: the whole text
+    ("<think> The answer is 0.5", "\\frac{1}{2}", 0.0),  # reasoning never closed: no answer
     ("\\boxed{2}", "\\boxed{2}", 1.0),                    # boxed gold
     ("<think> 5 + 3 = 8. 8 * 2 = 16. </think> 16", "16", 1.0),
     ("\\boxed{3}", "2", 0.0),                             # wrong, boxed
@@ -55,7 +57,7 @@ def test_math_score_known_answers(response, answer, expected):
 
 def test_math_score_reports_what_it_extracted():
     assert math_score("\\boxed{\\frac{1}{2}}", "0.5") == (1.0, "\\frac{1}{2}")
-    assert math_score("The answer is 0.6", "0.5") == (0.0, "0.6")
+    assert math_score("<think> x </think> The answer is 0.6", "0.5") == (0.0, "0.6")
 
 
 @pytest.mark.parametrize("value, text", [
@@ -72,8 +74,9 @@ def test_a_training_reward_can_score_math_answers():
 
     item = EvalItem(index=0, id=None, question="q", prompt="q", answer="0.5")
     # the training reward wants a box; the evaluation's default scorer does not
-    assert score_item(item, "The answer is 0.5") == (1.0, "0.5")
-    assert score_item(item, "The answer is 0.5", reward_fn=math_reward) == (0.0, None)
+    assert score_item(item, "<think> x </think> The answer is 0.5") == (1.0, "0.5")
+    assert score_item(item, "<think> x </think> The answer is 0.5",
+                      reward_fn=math_reward) == (0.0, None)
     assert score_item(item, "\\boxed{1/2}", reward_fn=math_reward) == (1.0, "1/2")
 
 
@@ -396,7 +399,8 @@ def test_cli_on_a_math500_style_file(hf_dir_run):
     assert 0 < result["acc"] < 1  # the embedded model solves some problems greedily
     assert [r["id"] for r in rows] == [f"embedded/{i}" for i in range(N_PROBLEMS)]
     for r in rows:
-        assert r["correct"] == (math_score(r["response"], r["answer"])[0] > 0)
+        assert r["correct"] == (math_score(r["response"], r["answer"],
+                                           r["finish_reason"])[0] > 0)
     assert json.load(open(out / "results.json"))["results"] == summary["results"]
     table = (out / "results.md").read_text()
     assert f"| embedded | {N_PROBLEMS} | pass@1 | {100 * result['acc']:.1f} |" in table
@@ -433,7 +437,8 @@ def test_evaluate_splits_through_a_live_server(server, embedded_files, tmp_path)
         metrics = evaluate_splits(client, tok, splits, template="tokenizer",
                                   sampling=paper_sampling(seed=7, max_new_tokens=40),
                                   n_samples=2, out_dir=str(tmp_path / f"step{k}"))
-        assert set(metrics) == {"eval/id_test/acc", "eval/mc/acc"}
+        assert set(metrics) == {f"eval/{s}/{m}" for s in ("id_test", "mc")
+                                for m in ("acc", "truncation_rate", "mean_tokens")}
         for name in ("id_test", "mc"):
             rows = read_jsonl(tmp_path / f"step{k}" / f"{name}.jsonl")
             assert len(rows) == 2 * len(splits["mc"].items if name == "mc" else

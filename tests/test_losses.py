@@ -197,8 +197,10 @@ def test_baselines():
     assert loss == pytest.approx((-0.5 * 2 + 0.5) / 3, abs=1e-6)
     assert grad[0].abs().max() == 0 and grad[1, 0].item() == pytest.approx(-0.5 / 3)
     assert m["ppo/ratio"].tolist() == pytest.approx([3.0, 3.0])
-    # GRPO's own aggregation (the default): mean over tokens per sequence, then sequences
-    loss, grad, m = _loss("grpo")
+    # the default is token-mean (verl's); DeepSeekMath's Eq. 3: per-sequence token means,
+    # then their mean over sequences
+    assert _loss("grpo")[0] == pytest.approx(loss, abs=1e-7)
+    loss, grad, m = _loss("grpo", loss_agg="seq-mean-token-mean")
     assert loss == pytest.approx((-0.5 + 0.5) / 2, abs=1e-6)
     assert grad[1, 0].item() == pytest.approx(-0.5 / 2 / 2)
 
@@ -239,7 +241,7 @@ def test_no_clipping_unless_configured_and_the_clip_fraction_by_hand():
     assert g[1, 0].item() == pytest.approx(-0.2 * r[0] / 5, abs=1e-6)  # unclipped at 1.49
     assert m["ppo/ratio_max"][0].item() == pytest.approx(r[0], rel=1e-6)
     # grpo (clip 0.2, per-sequence mean): 1.49 -> 1.2 and 0.61 -> 0.8 are clipped
-    loss, g, m = run("grpo", entropy_weighting="token")
+    loss, g, m = run("grpo", entropy_weighting="token", loss_agg="seq-mean-token-mean")
     assert m["ppo/clipfrac"].tolist() == pytest.approx([2.0, 3.0])
     want = ((-0.5 * 1.2 - 0.5 * r[1]) / 2 + 0.5 * 0.8) / 2
     assert loss == pytest.approx(want, abs=1e-6)
@@ -323,8 +325,8 @@ def test_luffy_is_its_own_objective():
     own formula: the demonstration joins its group, advantages mean-centred (no std); rollout
     tokens -A * pi / pi_old, demonstration tokens -A * f(pi) with f(x) = x / (x + 0.1) and
     pi_beta = 1, neither clipped; one micro-batch's loss = token sum / padded response length
-    - 0.001 * token mean of the entropy. The one change of scale (README): divided by the
-    micro-batch's sequence count, so it does not grow with the sequences a GPU holds."""
+    - 0.001 * token mean of the entropy: the default sum-max-len. seq-sum-max-len is the
+    same divided by the sequence count."""
     from srft_mcore.training.batching import build_sequences, make_micro_batches, sequence_totals
     from srft_mcore.data import Example
 
@@ -379,10 +381,11 @@ def test_luffy_is_its_own_objective():
         loss = sum(pg) / L_PAD - 0.001 * sum(sum(e) for e in ent) / n_tok
         return loss, [g / L_PAD for g in g_logp], -0.001 / n_tok
 
-    def project(clip=None):
+    def project(clip=None, agg=None):
         x = logp_bs.clone().requires_grad_()
         h = ent_bs.clone().requires_grad_()
-        loss, m = L.srft_loss(x, h, mb, dataclasses.replace(cfg, clip_eps=clip), totals)
+        loss, m = L.srft_loss(x, h, mb, dataclasses.replace(cfg, clip_eps=clip, loss_agg=agg),
+                              totals)
         gx, gh = torch.autograd.grad(loss, (x, h))
         mask = mb["loss_mask"].bool()
         return loss.item(), gx[mask].tolist(), gh[mask].tolist(), m
@@ -391,6 +394,10 @@ def test_luffy_is_its_own_objective():
     for clip in (None, 0.2):  # LUFFY's script: no clip; its loss_remove_clip=False: 0.2
         want, want_gx, want_gh = luffy_by_hand(clip)
         loss, gx, gh, m = project(clip)
+        assert loss == pytest.approx(want, abs=1e-6), clip
+        assert gx == pytest.approx(want_gx, abs=1e-6), clip
+        assert gh == pytest.approx([want_gh] * 9, abs=1e-9), clip
+        loss, gx, gh, m = project(clip, "seq-sum-max-len")
         assert loss * n_seqs == pytest.approx(want, abs=1e-6), clip
         assert [g * n_seqs for g in gx] == pytest.approx(want_gx, abs=1e-6), clip
         assert [g * n_seqs for g in gh] == pytest.approx([want_gh] * 9, abs=1e-9), clip

@@ -26,17 +26,15 @@ import random
 
 import torch
 
-from srft_mcore.data.embedded import (EMBEDDED_TASK, fact_sheet, generate_embedded,
-                                      held_out_prompts, make_eval_splits)
+from srft_mcore.data.embedded import (EMBEDDED_TASK, PRETRAIN_MIX, PRETRAIN_SEED, fact_sheet,
+                                      embedded_eval_splits, make_eval_splits,
+                                      pretraining_problems)
 from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR, load_tokenizer, make_tiny_hf_model
 from srft_mcore.reward import math_reward
 
 SHAPE = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
              max_position_embeddings=512)
-PRETRAIN_SEED = 987_654  # the demo's training data uses other seeds
 FACT_SHEETS = 6000
-MIX = {1: 3000, 2: 300, 3: 300}
-"""Pre-training problems per chain length: the format, and a glimpse of longer chains."""
 
 
 def encode(tok, rec):
@@ -85,7 +83,8 @@ def main(argv=None):
     torch.manual_seed(0)
     random.seed(0)
     splits = make_eval_splits()
-    exclude = held_out_prompts()
+    eval_prompts = {json.loads(line)["prompt"] for path in embedded_eval_splits().values()
+                    for line in open(path) if line.strip()}
     make_tiny_hf_model(args.out, arch="qwen2", seed=0, **SHAPE)
     tok = load_tokenizer(args.out)
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
@@ -93,10 +92,8 @@ def main(argv=None):
     sheets = [tok(fact_sheet(rng, EMBEDDED_TASK["max_value"]), add_special_tokens=False)
               ["input_ids"] for _ in range(FACT_SHEETS)]
     data = [(ids[:1], ids[1:]) for ids in sheets]  # (context, trained tokens) like a problem
-    for n_steps, count in MIX.items():
-        task = dict(EMBEDDED_TASK, min_steps=n_steps, max_steps=n_steps)
-        data += [encode(tok, r) for r in generate_embedded(count, seed=PRETRAIN_SEED + n_steps,
-                                                           exclude=exclude, **task)]
+    for n_steps in PRETRAIN_MIX:
+        data += [encode(tok, r) for r in pretraining_problems(n_steps, eval_prompts)]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     for step in range(1, args.steps + 1):
         batch = random.sample(data, args.batch)
@@ -120,7 +117,7 @@ def main(argv=None):
     model.save_pretrained(args.out, safe_serialization=True)
     with open(os.path.join(args.out, "pretraining.json"), "w") as f:
         json.dump({"steps": args.steps, "lr": args.lr, "batch": args.batch, "shape": SHAPE,
-                   "fact_sheets": FACT_SHEETS, "problems_per_chain_length": MIX,
+                   "fact_sheets": FACT_SHEETS, "problems_per_chain_length": PRETRAIN_MIX,
                    "data_seed": PRETRAIN_SEED,
                    "held_out_accuracy": acc}, f, indent=1)
     print(f"saved {args.out} after {args.steps} steps; held-out accuracy {acc}")

@@ -19,9 +19,9 @@ DEFAULTS = {
     "sft": dict(onpolicy_form="ppo", clip_eps=None, adv_std_norm=True,
                 offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
     "grpo": dict(onpolicy_form="ppo", clip_eps=0.2, adv_std_norm=True,
-                 offpolicy_shaping="none", loss_agg="seq-mean-token-mean", entropy_coef=0.0),
+                 offpolicy_shaping="none", loss_agg="token-mean", entropy_coef=0.0),
     "luffy": dict(onpolicy_form="ppo", clip_eps=None, adv_std_norm=False,
-                  offpolicy_shaping="luffy", loss_agg="seq-sum-max-len", entropy_coef=0.001),
+                  offpolicy_shaping="luffy", loss_agg="sum-max-len", entropy_coef=0.001),
 }
 
 SOURCES = {
@@ -33,13 +33,19 @@ SOURCES = {
     "srft_no_wrl": "as srft, with w_RL fixed to algorithm.fixed_weight (1.0)",
     "sft": "demonstrations only, token-mean negative log-likelihood",
     "grpo": "arXiv 2402.03300 Eq. 3: clipped ratio (0.2, the PPO convention; verl "
-            "actor.yaml clip_ratio), 1/G sum_i 1/|o_i| sum_t (per-sequence mean); KL off, "
+            "actor.yaml clip_ratio); token-mean aggregation, verl's default loss_agg_mode, "
+            "which the SRFT paper's and LUFFY's code build on (DeepSeekMath's per-sequence "
+            "mean 1/G sum_i 1/|o_i| sum_t: algorithm.loss_agg=seq-mean-token-mean); KL off, "
             "as in the SRFT paper's GRPO baseline (set algorithm.kl_coef=0.04 for the "
             "DeepSeekMath setting)",
     "luffy": "LUFFY exp_scripts/train.sh: grpo_use_std=False, off_policy_reshape=p_div_p_0.1, "
-             "loss_remove_clip=True, loss_remove_token_mean=True (sum / max response length), "
-             "entropy_coeff=0.001, use_kl_loss=False; mix_core_alg.py pools on- and off-policy "
-             "tokens in one sum",
+             "loss_remove_clip=True, loss_remove_token_mean=True (a micro-batch's masked "
+             "token sum / the padded max response length, with one micro-batch per "
+             "mini-batch: sum-max-len, the mini-batch's token sum / max length; "
+             "seq-sum-max-len also divides by the sequence count), entropy_coeff=0.001 on a "
+             "token mean of the entropy, use_kl_loss=False; mix_core_alg.py pools on- and "
+             "off-policy tokens in one sum. Its groups of 7 rollouts + 1 demonstration: "
+             "rollout.n_samples=7 with algorithm.demo_in_group=true",
 }
 
 FIELDS = tuple(next(iter(DEFAULTS.values())))

@@ -10,8 +10,9 @@ Populations and aggregation: the SFT term is averaged over demonstration tokens;
 terms (off-policy on demonstrations and on-policy on rollouts) are averaged together over
 the tokens of the sequences they cover, as in LUFFY's pooled policy loss; the optional
 entropy bonus over all trained tokens. ``loss_agg`` picks the average: token-mean,
-seq-mean-token-mean, or seq-sum-max-len (sum per sequence / max response length, then mean
-over sequences; its entropy bonus is LUFFY's token mean, also over the sequence count).
+seq-mean-token-mean, sum-max-len (LUFFY's: token sum / max response length, no division by
+the sequence count; its entropy bonus a token mean) or seq-sum-max-len (the same sum also
+divided by the sequence count, and so is its token-mean entropy bonus).
 Averages are over the whole global batch: :class:`BatchTotals` holds its token and
 sequence counts, so a micro-batch contributes sum / global count and the result does not
 depend on how the batch is split over micro-batches and DP ranks. With
@@ -19,9 +20,10 @@ depend on how the batch is split over micro-batches and DP ranks. With
 
 The step: one no-grad pass of the policy that generated the rollouts gives the old
 log-probs (``ppo_token_loss``'s pi_old: ratio exactly 1 on the first mini-batch, clipped
-from the second on) and the step's entropy H, one detached scalar shared by every
-micro-batch and rank, in w_SFT = 0.5 exp(-H) and w_RL = 0.1 exp(H) (the paper's "policy
-entropy over the current batch"; ``entropy_weighting=token`` is the per-token variant).
+from the second on; the config refuses dropout, which that pass would not apply) and the
+step's entropy H, one detached scalar shared by every micro-batch and rank, in
+w_SFT = 0.5 exp(-H) and w_RL = 0.1 exp(H) (the paper's "policy entropy over the current
+batch"; ``entropy_weighting=token`` is the per-token variant).
 
 Shape suffixes: b sequences of a micro-batch, s positions; ``_bs`` per token, ``_b`` per
 sequence. Per-token inputs are aligned with targets: ``logp_bs[i, j]`` is the log-prob of
@@ -37,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 ALGORITHMS = ("sft", "grpo", "luffy", "srft", "srft_no_wsft", "srft_no_wrl")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-sum-max-len")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "sum-max-len", "seq-sum-max-len")
 _SRFT = ("srft", "srft_no_wsft", "srft_no_wrl")
 
 
@@ -144,7 +146,7 @@ def batch_totals(loss_mask_bs: torch.Tensor, is_demo_b: torch.Tensor, max_len: i
                  dp_group=None, batch_entropy: Optional[float] = None) -> BatchTotals:
     """Token and sequence counts of this rank's share of the batch, summed over ``dp_group``.
 
-    max_len: the maximum response length, the denominator of ``seq-sum-max-len``.
+    max_len: the maximum response length, the denominator of ``(seq-)sum-max-len``.
     A sequence counts when it has at least one trained token.
     """
     mask_bs = loss_mask_bs.float()
@@ -180,6 +182,8 @@ def aggregate(token_loss_bs: torch.Tensor, mask_bs: torch.Tensor, mode: str,
             counts = mask_bs.new_zeros(n_local).index_add_(0, idx, mask_bs.reshape(-1))
             per_seq = sums / counts.clamp(min=1.0)
         return per_seq.sum() / max(n_seqs, 1.0)
+    if mode == "sum-max-len":  # LUFFY's scale: grows with the batch's sequences
+        return masked_bs.sum() / max_len
     if mode == "seq-sum-max-len":
         return masked_bs.sum() / (max_len * max(n_seqs, 1.0))
     raise ValueError(f"loss_agg must be one of {AGGREGATIONS}, got {mode!r}")
@@ -321,6 +325,11 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
                         else torch.full_like(logp_bs, cfg.fixed_weight))
             w_rl_bs = torch.where(positive_bs, w_pos_bs, torch.ones_like(w_pos_bs))
             metrics["w_rl"] = _masked_metric(w_pos_bs, roll_bs * positive_bs)
+            # Eq. 11's own value (a likelihood, whatever onpolicy_form): reduce_metrics
+            # combines the two means into loss/eq11 = -eq11/positive + eq11/negative
+            metrics["eq11/positive"] = _masked_metric(w_pos_bs * logp_bs,
+                                                      roll_bs * positive_bs)
+            metrics["eq11/negative"] = _masked_metric(logp_bs, roll_bs * ~positive_bs)
         else:
             w_rl_bs = torch.ones_like(logp_bs)
         on_adv_bs = sign_advantage(positive_bs) if name in _SRFT and form == "sign" else adv_bs
@@ -352,9 +361,11 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         else:
             pop_bs = mask_bs
             n_tok, n_seq = t.demo_tokens + t.rollout_tokens, t.demo_seqs + t.rollout_seqs
-        if agg == "seq-sum-max-len":
-            # LUFFY's actor takes the bonus as a token mean whatever its policy loss does; the
-            # sum / max-length loss is LUFFY's over the sequence count, and so is the bonus
+        if agg == "sum-max-len":
+            # LUFFY's actor takes the bonus as a token mean whatever its policy loss does
+            bonus = aggregate(entropy_bs, pop_bs, "token-mean", n_tok, n_seq)
+        elif agg == "seq-sum-max-len":
+            # LUFFY's loss and bonus, both divided by the sequence count
             bonus = aggregate(entropy_bs, pop_bs, "token-mean", n_tok * max(n_seq, 1.0), n_seq)
         else:
             bonus = aggregate(entropy_bs, pop_bs, agg, n_tok, n_seq, t.max_len, seq_bs, n_local)
@@ -403,7 +414,8 @@ def reduce_metrics(metric_dicts: list, dp_group=None) -> dict:
 
     Keys ending in ``_max`` hold [value, 1] and are reduced with max. One collective per
     kind and one device-to-host copy for the whole step. Metrics exist on the last pipeline
-    stage only. A metric with denominator 0 is NaN.
+    stage only. A metric with denominator 0 is NaN. Derived from the reduced means:
+    ``loss/eq11`` (:func:`eq11_value`).
     """
     keys = sorted({k for d in metric_dicts for k in d})
     if not keys:
@@ -426,4 +438,18 @@ def reduce_metrics(metric_dicts: list, dp_group=None) -> dict:
     summed, maxed = summed.tolist(), maxed.tolist()
     out = {k: num / den if den != 0 else float("nan") for k, (num, den) in zip(sums, summed)}
     out.update({k: v if v != -math.inf else float("nan") for k, v in zip(maxes, maxed)})
+    if "eq11/positive" in out or "eq11/negative" in out:
+        out["loss/eq11"] = eq11_value(out)
     return out
+
+
+def eq11_value(reduced: dict) -> float:
+    """arXiv 2506.19767, Eq. 11's value on the step's rollouts from the reduced metrics:
+    -mean_t w_RL log pi(y+_t) + mean_t log pi(y-_t) (means over the positive and the
+    negative rollout tokens; a side without tokens, NaN, contributes 0). The logged
+    surrogate ``loss/onpolicy`` is -A * ratio, constant at ratio 1 in the sign form."""
+    def part(key):
+        v = reduced.get(key, math.nan)
+        return 0.0 if math.isnan(v) else v
+
+    return -part("eq11/positive") + part("eq11/negative")

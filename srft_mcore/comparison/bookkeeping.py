@@ -54,22 +54,40 @@ def last_row(run_dir: str, step: int) -> Optional[dict]:
     return rows[-1] if rows else None
 
 
-def final_accuracies(plan: Plan, run: Run) -> dict:
-    """split -> accuracy of the run's final policy; raises RuntimeError when missing."""
+EVAL_FIELDS = ("acc", "truncation_rate", "mean_tokens")
+"""What the final evaluation reports per split (accuracy first)."""
+
+
+def final_evaluation(plan: Plan, run: Run) -> dict:
+    """field -> split -> value of the run's final policy (``acc``, and the truncation rate
+    and mean response length when the evaluation reports them); raises RuntimeError when an
+    accuracy is missing."""
     if plan.final_eval == "srft-eval":
         path = os.path.join(run.eval_dir, "results.json")
         if not os.path.isfile(path):
             raise RuntimeError(f"srft-eval wrote no {path}")
         with open(path) as f:
             results = json.load(f)["results"]
-        return {name: float(results[name]["acc"]) for name in plan.splits}
-    last = run.phases[-1]
-    row = last_row(last.run_dir, last.steps) or {}
-    missing = [s for s in plan.splits if f"eval/{s}/acc" not in row]
+        found = {field: {name: results[name][field] for name in plan.splits
+                         if field in results.get(name, {})} for field in EVAL_FIELDS}
+        missing = [name for name in plan.splits if name not in found["acc"]]
+        where = path
+    else:
+        last = run.phases[-1]
+        row = last_row(last.run_dir, last.steps) or {}
+        found = {field: {s: row[f"eval/{s}/{field}"] for s in plan.splits
+                         if f"eval/{s}/{field}" in row} for field in EVAL_FIELDS}
+        missing = [s for s in plan.splits if s not in found["acc"]]
+        where = f"{last.run_dir}/metrics.jsonl at the final step {last.steps}"
     if missing:
-        raise RuntimeError(f"{last.run_dir}/metrics.jsonl has no eval/<split>/acc for "
-                           f"{missing} at the final step {last.steps}")
-    return {s: float(row[f"eval/{s}/acc"]) for s in plan.splits}
+        raise RuntimeError(f"{where} has no accuracy for {missing}")
+    return {field: {s: float(v) for s, v in values.items()} for field, values in found.items()
+            if values}
+
+
+def final_accuracies(plan: Plan, run: Run) -> dict:
+    """split -> accuracy of the run's final policy; raises RuntimeError when missing."""
+    return final_evaluation(plan, run)["acc"]
 
 
 def phase_action(ph: Phase, entry: dict) -> str:

@@ -1,22 +1,35 @@
 """``srft-compare``: the paper's comparison of SRFT with its baselines and ablations.
 
   srft-compare --config FILE --out DIR [--methods M ...] [--seeds K ...] [--steps N]
+               [--lr-grid LR LR LR ...] [--val-split NAME] [--shared-server]
+               [--sft-rl-warmup N] [--sft-rl-carry-optimizer] [--luffy-demo-slot]
                [--final-eval srft-eval|trainer] [--dry-run] [a.b.c=value ...]
 
 Methods (arXiv 2506.19767, Table 1 and the ablation): ``sft``, ``grpo``, ``sft_rl`` (SFT for
-half the steps, then GRPO from the SFT run's final checkpoint for the other half),
-``luffy``, ``srft``, ``srft_no_wsft``, ``srft_no_wrl``; each for every seed, all with the same
-base model, steps, prompts per step and rollouts per prompt (SFT->RL spends the same total
-budget over its two runs). A seed sets ``train.seed`` (rollout and evaluation sampling; with
-the embedded task also the drawing of its training set) and the prompt order
+half the steps, then GRPO from the SFT run's final checkpoint for the other half, its lr
+warmed up again), ``luffy``, ``srft``, ``srft_no_wsft``, ``srft_no_wrl`` (and, on request, ``srft_adv``: SRFT
+with its on-policy term in the advantage form); each for every seed,
+all with the same base model, steps, prompts per step and rollouts per prompt (SFT->RL spends
+the same total budget over its two runs). A seed sets ``train.seed`` (rollout and evaluation
+sampling; with the embedded task also the drawing of its training set) and the prompt order
 (``data.shuffle_seed``, derived from the config's and the seed): for one seed every method
-sees the same prompts in the same order. The held-out splits are the config's
-``eval.splits``, else the embedded task's shipped ``id`` and ``ood`` splits, the same
-problems for every method and seed.
+sees the same prompts in the same order, so results are paired by seed.
+
+Splits: the config's ``eval.splits``, else the embedded task's ``val``, ``id`` and ``ood``.
+The validation split (``--val-split``, default ``val``) is drawn from the training
+distribution and disjoint from the training data and the held-out splits; settings are
+chosen on it and results are reported on the others.
+
+The protocol (``--lr-grid``): first every method runs at every lr of the grid with the first
+seed; each method's lr is the one with the best validation accuracy (a tie: the smaller lr);
+the held-out splits are never read for this. Then the other seeds run at the chosen lr. A
+method's result is its runs at its chosen lr (the selection run is its first seed's).
 
 Each training run is one trainer launch (``srft-train --nproc-per-node N --config FILE
-...``, torchrun after its checks) into ``DIR/runs/METHOD/seedK`` (SFT->RL: its ``sft``
-and ``rl`` subdirectories). Then the final policy is scored on every held-out split:
+...``, torchrun after its checks) into ``DIR/runs/METHOD/[lrLR/]seedK`` (SFT->RL: its ``sft``
+and ``rl`` subdirectories). With ``--shared-server`` every launch attaches to one SGLang
+server that the driver starts once (each run first syncs its weights into it); else each
+launch starts its own. Then the final policy is scored on every split:
 
 - ``--final-eval srft-eval`` (default): one ``srft-eval`` pass per run on the exported
   policy with the same decoding for every method (``eval.temperature``, ``eval.n_samples``,
@@ -24,17 +37,23 @@ and ``rl`` subdirectories). Then the final policy is scored on every held-out sp
   the whole splits (``--eval-limit N``: the first N problems), into ``RUN/final_eval``;
 - ``--final-eval trainer``: the trainer's own last evaluation (``eval/SPLIT/acc`` at the final
   step of ``metrics.jsonl``; needs ``eval.every > 0``), no extra server start.
+Both score strictly: a response cut off at the length limit, or without a final answer,
+scores 0; each reports the truncation rate too.
 
 Bookkeeping (``DIR/state.json``): re-running the same command skips finished runs, resumes
 an interrupted run with ``--resume`` when it has a checkpoint and restarts one that has none.
 A failed run is reported with its log (``DIR/logs``) and the others go on; the exit status is
-then 1. ``DIR`` keeps the settings it was started with: another ``--steps``, config or
+then 1. ``DIR`` keeps the settings it was started with: another ``--steps``, grid, config or
 overrides need another ``--out``.
 
-Output: a Markdown table of the final accuracies, mean +- sample std over seeds, per method
-and split (stdout and ``DIR/table.md``), ``DIR/results.json`` (every seed's value), plots in
-``DIR/plots`` (held-out accuracy per split and the policy entropy over the steps, one line per
-method, mean over seeds, a band of +- one std), and one JSON summary as the last line.
+Output (stdout and ``DIR/table.md``): per method its lr, the accuracy per split as mean
+± 95 % t-interval over seeds, the held-out truncation rate; SRFT minus each method, paired
+by seed, with its interval; the compute ledger per run (prompts, demonstration tokens
+trained, rollout tokens generated, tokens trained, FLOPs = 6N per trained + 2N per generated
+token, wall time); the lr grid's validation accuracies. ``DIR/results.json`` holds all of it
+and one record per run; plots in ``DIR/plots`` (accuracy per split, entropy and truncation
+over the steps, one line per method, mean over seeds, a band of ± one std); one JSON summary
+as the last line.
 """
 from __future__ import annotations
 
@@ -51,8 +70,9 @@ from srft_mcore.comparison.bookkeeping import STATE_FILE, phase_action
 from srft_mcore.comparison.execution import execute, say
 from srft_mcore.comparison.jobs import eval_command, launch, train_command
 from srft_mcore.comparison.results import report
-from srft_mcore.comparison.run_plan import (FINAL_EVALS, METHODS, CompareError, Plan,
-                                            build_plan, check_configs)
+from srft_mcore.comparison.run_plan import (DEFAULT_METHODS, FINAL_EVALS, METHODS, MIN_GRID,
+                                            CompareError,
+                                            Plan, build_plan, check_configs)
 from srft_mcore.config import ConfigError
 
 
@@ -84,6 +104,9 @@ def dry_run(plan: Plan) -> dict:
         if plan.final_eval == "srft-eval":
             print(shlex.join(eval_command(plan, run)), flush=True)
             count += 1
+    if plan.lrs:
+        print(f"# then, per method, seeds {', '.join(map(str, plan.seeds[1:])) or '(none)'} at "
+              f"the lr chosen on {plan.val_split}", flush=True)
     return {"dry_run": True, "out": plan.out, "runs": len(plan.runs), "commands": count}
 
 
@@ -109,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "base, e.g. examples/configs/FILE.yaml)")
     p.add_argument("--out", required=True, help="comparison directory (re-use it to resume)")
     p.add_argument("--methods", nargs="+", metavar="M",
-                   help=f"methods (default all): {', '.join(METHODS)}")
+                   help=f"methods (default the paper's seven, {', '.join(DEFAULT_METHODS)}; "
+                        f"also: {', '.join(m for m in METHODS if m not in DEFAULT_METHODS)})")
     p.add_argument("--seeds", nargs="+", metavar="K", help="seeds (default 1 2 3)")
     p.add_argument("--steps", type=int, help="optimizer steps per method (default: the "
                                              "config's train.steps)")
@@ -121,6 +145,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, help="trainer ranks (default: tp*pp*cp*dp "
                                                       "of the config, dp unset = 1)")
     p.add_argument("--python", help="interpreter for the launches (default: this one)")
+    p.add_argument("--lr-grid", nargs="+", metavar="LR",
+                   help=f"choose each method's lr among these (at least {MIN_GRID}) on the "
+                        f"validation split, with the first seed; the other seeds then run at "
+                        f"the chosen lr (default: the config's lr for every method)")
+    p.add_argument("--val-split", metavar="NAME",
+                   help="the validation split, one of eval.splits (default: 'val'; the "
+                        "embedded task ships one)")
+    p.add_argument("--sft-rl-warmup", type=int, metavar="N",
+                   help="SFT->RL: linear lr warm-up steps of its RL run (default: a tenth of "
+                        "its steps, at least 1)")
+    p.add_argument("--sft-rl-carry-optimizer", action="store_true",
+                   help="SFT->RL: its RL run takes the SFT run's optimizer state (Adam "
+                        "moments) instead of a fresh one")
+    p.add_argument("--luffy-demo-slot", action="store_true",
+                   help="LUFFY: the demonstration takes one rollout's place in its group "
+                        "(LUFFY's 7 + 1 of 8), rollout.n_samples - 1 rollouts")
+    p.add_argument("--shared-server", nargs="?", const="launch", metavar="URL",
+                   help="one SGLang server for every launch (each run syncs its weights into "
+                        "it first) instead of one per launch: started by the driver, or the "
+                        "running server at URL")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides for every run")
     return p
@@ -134,6 +178,15 @@ def parse_args(argv=None):
         args.seeds = _split_words(args.seeds, args.overrides, int)
     except ValueError:
         raise CompareError(f"--seeds {args.seeds}: seeds are integers. Fix: e.g. --seeds 1 2 3")
+    try:
+        args.lr_grid = _split_words(args.lr_grid, args.overrides, float)
+    except ValueError:
+        raise CompareError(f"--lr-grid {args.lr_grid}: learning rates are numbers. Fix: e.g. "
+                           f"--lr-grid 1e-3 2e-3 4e-3") from None
+    if (args.shared_server and "=" in args.shared_server
+            and not args.shared_server.startswith(("http://", "https://"))):
+        args.overrides.insert(0, args.shared_server)  # an a.b=c word, not a URL
+        args.shared_server = "launch"
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:
         raise CompareError(f"--methods: unknown {unknown}. Fix: choose from "

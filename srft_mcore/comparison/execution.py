@@ -8,10 +8,11 @@ import shutil
 import time
 from typing import Callable
 
-from srft_mcore.comparison.bookkeeping import (STATE_FILE, State, final_accuracies, last_row,
+from srft_mcore.comparison.bookkeeping import (STATE_FILE, State, final_evaluation, last_row,
                                                phase_action)
-from srft_mcore.comparison.jobs import Job, eval_command, launch, train_command
-from srft_mcore.comparison.run_plan import Plan, Run
+from srft_mcore.comparison.jobs import Job, SharedServer, eval_command, launch, train_command
+from srft_mcore.comparison.protocol import model_params, run_ledger, select_lrs
+from srft_mcore.comparison.run_plan import Plan, Run, add_final_runs
 
 
 def say(*args) -> None:
@@ -96,7 +97,10 @@ def execute_run(plan: Plan, run: Run, state: State, job_fn: Callable, tag: str) 
             _fail(state, entry, f"srft-eval exit status {rc}", log)
             return False
     try:
-        entry["acc"] = final_accuracies(plan, run)
+        final = final_evaluation(plan, run)
+        entry["acc"] = final.pop("acc")
+        entry.update(final)
+        entry["ledger"] = run_ledger(run, entry, model_params(plan))
     except (RuntimeError, KeyError, ValueError, OSError) as e:
         _fail(state, entry, f"final evaluation: {e}",
               log if plan.final_eval == "srft-eval" else run.log_path(plan.out,
@@ -113,20 +117,52 @@ def _latest(run_dir: str) -> str:
 
 
 def execute(plan: Plan, job_fn: Callable = launch) -> State:
-    """Every run of the plan in order, reporting progress; failures do not stop the loop."""
+    """Every run of the plan in order, reporting progress; failures do not stop the loop.
+    With ``--lr-grid``: the selection runs first, then each method's lr is chosen on the
+    validation split, then its other seeds at that lr. With ``--shared-server``: one SGLang
+    server for every launch (each run syncs its weights into it first)."""
     os.makedirs(plan.out, exist_ok=True)
     state = State(os.path.join(plan.out, STATE_FILE), plan.settings())
     state.save()
+    server = SharedServer(plan) if plan.options.get("shared_server") else None
     t_start = time.time()
-    n = len(plan.runs)
-    for k, run in enumerate(plan.runs, 1):
-        tag = f"{k}/{n} {run.method} seed {run.seed}"
+    try:
+        _execute_runs(plan, list(plan.runs), state, job_fn, t_start, server)
+        if plan.lrs:
+            selection = select_lrs(plan, state)
+            state.data["selection"] = selection
+            state.save()
+            for method, sel in selection.items():
+                grid = ", ".join(f"{lr}: " + ("-" if acc is None else f"{100 * acc:.1f}%")
+                                 for lr, acc in sel["grid"].items())
+                say(f"{method}: lr {sel['lr']} chosen on {plan.val_split} ({grid})"
+                    if sel["lr"] is not None else f"{method}: no lr run finished ({grid})")
+            chosen = {m: sel["lr"] for m, sel in selection.items() if sel["lr"] is not None}
+            new = add_final_runs(plan, chosen)
+            _execute_runs(plan, new, state, job_fn, t_start, server)
+    finally:
+        if server is not None:
+            server.stop()
+    state.data["wall_seconds"] = round(state.data.get("wall_seconds", 0.0)
+                                       + time.time() - t_start, 1)
+    state.save()
+    return state
+
+
+def _execute_runs(plan: Plan, runs: list, state: State, job_fn: Callable, t_start: float,
+                  server) -> None:
+    n = len(runs)
+    for k, run in enumerate(runs, 1):
+        tag = f"{k}/{n} {run.method}" + ("" if run.lr is None else f" lr {run.lr}") \
+            + f" seed {run.seed}"
         entry = state.run(run.key)
         if entry.get("status") == "done" and "acc" in entry:
             say(f"{tag}: finished earlier ({_acc_text(entry['acc'])}), skipped "
                 f"(elapsed {fmt_seconds(time.time() - t_start)})")
             continue
         say(f"{tag}: start (elapsed {fmt_seconds(time.time() - t_start)})")
+        if server is not None:
+            plan.server_url = server.lease()
         t0 = time.time()
         ok = execute_run(plan, run, state, job_fn, tag)
         took = fmt_seconds(time.time() - t0)
@@ -136,7 +172,6 @@ def execute(plan: Plan, job_fn: Callable = launch) -> State:
         else:
             say(f"{tag}: FAILED after {took}: {entry['error']}; log: {entry['log']} "
                 f"(elapsed {total})")
-    return state
 
 
 def _acc_text(acc: dict) -> str:

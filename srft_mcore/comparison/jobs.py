@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from srft_mcore.comparison.run_plan import Phase, Plan, Run
+from srft_mcore.comparison.run_plan import CompareError, Phase, Plan, Run
 
 
 @dataclass
@@ -28,7 +28,72 @@ class Job:
 
 def train_command(plan: Plan, phase: Phase, resume: bool) -> list:
     return [plan.python, "-m", "srft_mcore.training.cli", f"--nproc_per_node={plan.nproc}",
-            "--config", plan.config, *phase.overrides] + (["--resume"] if resume else [])
+            "--config", plan.config, *phase.overrides, *server_overrides(plan)] + (
+        ["--resume"] if resume else [])
+
+
+def server_overrides(plan: Plan, url: Optional[str] = None) -> list:
+    """``--shared-server``: attach to the comparison's server and sync through the disk (the
+    trainer syncs an attached server before its first rollout)."""
+    url = url or plan.server_url
+    if not plan.options.get("shared_server") or url is None:
+        return []
+    return [f'rollout.urls=["{url}"]', "rollout.weight_sync=disk"]
+
+
+class SharedServer:
+    """One SGLang server of the base model for every launch of a comparison (a start costs
+    tens of seconds of two cores; a run's first weight sync replaces the weights the last
+    run left). ``lease()`` returns its URL, restarted if it died, with generation resumed
+    and the cache flushed (a killed trainer may have paused it)."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self.server, self.starts = plan, None, 0
+        url = plan.options.get("shared_server")
+        if url not in (None, "launch"):  # the user's running server: attached, never stopped
+            from srft_mcore.rollout.server import SGLangServer
+
+            self.server = SGLangServer.attach(url)
+
+    def _launch(self):
+        import json as _json
+
+        from srft_mcore.rollout.server import SGLangServer, context_server_args
+
+        cfg = self.plan.base
+        model_dir = cfg.model.hf_path
+        if model_dir is None:
+            from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
+
+            model_dir = EMBEDDED_MODEL_DIR
+        with open(os.path.join(model_dir, "config.json")) as f:
+            hf = _json.load(f)
+        self.starts += 1
+        log = os.path.join(self.plan.out, "logs", f"shared_sglang_{self.starts}.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        self.server = SGLangServer.launch(
+            model_dir, log_path=log, startup_timeout_s=cfg.rollout.startup_timeout_s,
+            extra_args=[*context_server_args(cfg, hf), "--dtype", cfg.model.dtype])
+
+    def lease(self) -> str:
+        import requests
+
+        if self.server is None or not self.server.healthy():
+            if self.server is not None and not self.server.owned:
+                raise CompareError(f"the shared server {self.server.url} does not answer. Fix: "
+                                   f"restart it, or use --shared-server alone (the driver "
+                                   f"starts one)")
+            if self.server is not None:
+                self.server.stop()
+            self._launch()
+        for path in ("/continue_generation", "/flush_cache"):
+            requests.post(self.server.url + path, json={}, timeout=120)
+        return self.server.url
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.owned:
+            self.server.stop()
+        self.server = None
 
 
 def eval_command(plan: Plan, run: Run) -> list:

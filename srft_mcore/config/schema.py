@@ -16,6 +16,9 @@ class ModelConfig:
     """Load the weights from hf_path's safetensors at start-up (else random init)."""
     load_mcore: Optional[str] = None
     """A Megatron dist_checkpointing directory to start from instead of HF weights."""
+    load_optimizer: bool = False
+    """With load_mcore a trainer checkpoint: also take its optimizer state (Adam moments and
+    step counts; the lr schedule is this run's), e.g. SFT->RL's RL run after its SFT run."""
     dtype: str = "float32"
     """Parameter/compute dtype: float32 | bfloat16 | float16."""
     transformer_impl: str = "auto"
@@ -182,7 +185,9 @@ class AlgorithmConfig:
     token_weight_cap: float = 1.0
     """Upper bound of per-token w_SFT and w_RL (0.1 * exp(H_t) is unbounded; H_t <= ln V)."""
     loss_agg: Optional[str] = None
-    """token-mean | seq-mean-token-mean | seq-sum-max-len; null: per algorithm."""
+    """token-mean | seq-mean-token-mean (DeepSeekMath's per-sequence mean) | sum-max-len
+    (LUFFY's: token sum / data.max_response_len) | seq-sum-max-len (that also divided by the
+    sequence count); null: per algorithm (GRPO: token-mean, verl's default)."""
     onpolicy_form: Optional[str] = None
     """SRFT on-policy term: sign (Eq. 11: advantage +1 with w_RL on positive, -1 on negative
     rollouts) | ppo (Eq. 7 advantages); both through the clipped ratio to the old policy."""
@@ -274,7 +279,10 @@ class EvalConfig:
     servers; 0 = off."""
     splits: Optional[dict] = None
     """name -> eval file (srft-eval layouts); null with the embedded task = its shipped
-    in-distribution (id) and longer-chain out-of-distribution (ood) splits."""
+    validation split (val), in-distribution (id) and four-step-chain out-of-distribution
+    (ood) splits."""
+    at_start: bool = True
+    """Also score the start policy (step 0)."""
     n_samples: int = 1
     """Samples per problem (avg@k)."""
     temperature: float = 0.6
@@ -328,7 +336,8 @@ CHOICES = {
     "algorithm.onpolicy_form": (None, "sign", "ppo"),
     "algorithm.entropy_weighting": ("token", "batch"),
     "algorithm.entropy_tokens": ("rollout", "demo", "all"),
-    "algorithm.loss_agg": (None, "token-mean", "seq-mean-token-mean", "seq-sum-max-len"),
+    "algorithm.loss_agg": (None, "token-mean", "seq-mean-token-mean", "sum-max-len",
+                           "seq-sum-max-len"),
     "algorithm.kl_estimator": ("k1", "k3"),
     "optimizer.lr_schedule": ("constant", "cosine", "linear"),
 }

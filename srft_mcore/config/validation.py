@@ -147,6 +147,14 @@ def validate(cfg: Config, world_size: Optional[int] = None,
                    "are not split across CP ranks)", "set parallel.cp=1; use tp/pp for long "
                    "sequences")
     _check_loss_scale(cfg.optimizer)
+    if cfg.optimizer.warmup_steps >= cfg.train.steps:
+        raise _err("optimizer.warmup_steps", cfg.optimizer.warmup_steps,
+                   f"the warm-up must end before the run's {cfg.train.steps} steps do",
+                   "set optimizer.warmup_steps below train.steps")
+    if cfg.model.load_optimizer and not cfg.model.load_mcore:
+        raise _err("model.load_optimizer", True, "takes the optimizer state of the checkpoint "
+                   "model.load_mcore names, and that is not set",
+                   "set model.load_mcore=CHECKPOINT or model.load_optimizer=false")
     a = cfg.algorithm
     if a.tis_cap is not None and a.tis_cap <= 0:
         raise _err("algorithm.tis_cap", a.tis_cap, "must be > 0", "use e.g. 2.0, or null (off)")
@@ -159,6 +167,19 @@ def validate(cfg: Config, world_size: Optional[int] = None,
     if a.token_weight_cap <= 0:
         raise _err("algorithm.token_weight_cap", a.token_weight_cap, "must be > 0",
                    "use e.g. 1.0")
+    dropout = {k: getattr(cfg.model, k) for k in ("hidden_dropout", "attention_dropout")
+               if getattr(cfg.model, k) > 0}
+    if dropout and a.name != "sft":
+        # the old-policy pass (eval mode, no dropout) gives pi_old on every mini-batch, the
+        # first included, so the training pass (with dropout) is not that policy: ratio != 1
+        key, value = next(iter(dropout.items()))
+        raise _err(f"model.{key}", value, f"dropout makes the training pass differ from the "
+                   f"no-grad old-policy pass (eval mode), so pi/pi_old is not 1 even on the "
+                   f"first mini-batch (train.mini_batches={cfg.train.mini_batches}; "
+                   f"train.mini_batches=1 does not help: the ratio always uses that pass)",
+                   f"set model.hidden_dropout=0 and model.attention_dropout=0 for "
+                   f"algorithm.name={a.name} (only algorithm.name=sft, which has no ratio, "
+                   f"trains with dropout)")
     budget = cfg.train.max_tokens_per_micro_batch
     if budget is not None and budget < cfg.data.max_prompt_len + cfg.data.max_response_len:
         raise _err("train.max_tokens_per_micro_batch", budget, "is below the longest sequence "

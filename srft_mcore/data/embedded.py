@@ -7,11 +7,17 @@ A record looks like::
     answer:        "16"
 
 The embedded demo trains on two-step chains with values 1..10 (:data:`EMBEDDED_TASK`, 870
-distinct problems). Two held-out splits ship with the package (:func:`embedded_eval_splits`):
-``id``, 200 two-step problems that the training data never contains (the training set is
-drawn with them excluded, so ``eval/id/acc`` measures generalisation to new combinations of
-known facts, not recall), and ``ood``, 200 three-step chains (longer than anything trained
-on). :func:`write_embedded_dataset` writes records as jsonl with the standard field names,
+distinct problems). Three evaluation splits ship with the package, each of 200 distinct
+problems that the training data never contains (it is drawn with them excluded):
+
+- ``val`` (:func:`embedded_validation_split`): two-step problems from the training
+  distribution, for choosing settings (learning rates, forms); never a reported result;
+- ``id`` (:func:`embedded_eval_splits`): two-step problems, disjoint from ``val``, so that
+  ``eval/id/acc`` measures generalisation to new combinations of known facts, not recall;
+- ``ood`` (:func:`embedded_eval_splits`): four-step chains. The base model's pre-training
+  (``tools/make_embedded_model.py``) holds chains of one to three steps and the fine-tuning
+  data two, so a four-step chain is new in kind to both; its demonstrations are about 46
+  tokens long (evaluate with ``eval.max_new_tokens`` >= 56). :func:`write_embedded_dataset` writes records as jsonl with the standard field names,
 so they go through the same loading code as user data.
 """
 from __future__ import annotations
@@ -29,8 +35,15 @@ EMBEDDED_TASK = dict(min_steps=2, max_steps=2, max_value=10)
 EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                         "embedded_eval")
 EVAL_SPLITS = {"id": (dict(EMBEDDED_TASK), 101),
-               "ood": (dict(EMBEDDED_TASK, min_steps=3, max_steps=3), 102)}
+               "ood": (dict(EMBEDDED_TASK, min_steps=4, max_steps=4), 102)}
 """The shipped held-out splits: name -> (task, seed); 200 distinct problems each."""
+VALIDATION = ("val", dict(EMBEDDED_TASK), 103)
+"""The shipped validation split (name, task, seed): drawn after ``id`` and ``ood``, disjoint
+from them and from the base model's pre-training problems (as ``id`` is)."""
+PRETRAIN_SEED = 987_654  # the demo's training data uses other seeds
+PRETRAIN_MIX = {1: 3000, 2: 300, 3: 300}
+"""The base model's pre-training problems per chain length (tools/make_embedded_model.py):
+the answer format, and a glimpse of longer chains."""
 EVAL_SIZE = 200
 _VERB = {"add": "add {d}", "subtract": "subtract {d}", "multiply": "multiply by {d}"}
 _SYMBOL = {"add": "+", "subtract": "-", "multiply": "*"}
@@ -130,17 +143,42 @@ def embedded_eval_splits() -> dict:
     return {name: os.path.join(EVAL_DIR, f"{name}.jsonl") for name in EVAL_SPLITS}
 
 
+def embedded_validation_split() -> dict:
+    """The shipped validation split: ``{"val": path}`` (settings are chosen on it)."""
+    return {VALIDATION[0]: os.path.join(EVAL_DIR, f"{VALIDATION[0]}.jsonl")}
+
+
 def held_out_prompts() -> set:
-    """Prompts of the shipped held-out splits: training data of the embedded task skips them."""
+    """Prompts of the shipped evaluation splits (validation included): training data of the
+    embedded task skips them."""
     prompts = set()
-    for path in embedded_eval_splits().values():
+    for path in [*embedded_eval_splits().values(), *embedded_validation_split().values()]:
         with open(path) as f:
             prompts.update(json.loads(line)["prompt"] for line in f if line.strip())
     return prompts
 
 
+def pretraining_problems(n_steps: int, held_out: Iterable[str]) -> list:
+    """The base model's pre-training problems of one chain length; ``held_out``: the prompts
+    of the held-out splits ``id`` and ``ood``, which pre-training never sees."""
+    task = dict(EMBEDDED_TASK, min_steps=n_steps, max_steps=n_steps)
+    return generate_embedded(PRETRAIN_MIX[n_steps], seed=PRETRAIN_SEED + n_steps,
+                             exclude=held_out, **task)
+
+
 def make_eval_splits(out_dir: str = EVAL_DIR) -> dict:
-    """(Re)generate the shipped held-out splits (tools/make_embedded_model.py calls this)."""
-    return {name: write_jsonl(os.path.join(out_dir, f"{name}.jsonl"),
-                                generate_embedded(EVAL_SIZE, seed, distinct=True, **task))
-            for name, (task, seed) in EVAL_SPLITS.items()}
+    """(Re)generate the shipped evaluation splits (tools/make_embedded_model.py calls this):
+    the held-out ones, then the validation split without their prompts and without the
+    pre-training problems."""
+    paths, held_out = {}, set()
+    for name, (task, seed) in EVAL_SPLITS.items():
+        records = generate_embedded(EVAL_SIZE, seed, distinct=True, **task)
+        held_out.update(r["prompt"] for r in records)
+        paths[name] = write_jsonl(os.path.join(out_dir, f"{name}.jsonl"), records)
+    taken = held_out | {r["prompt"] for n in PRETRAIN_MIX
+                        for r in pretraining_problems(n, held_out)}
+    name, task, seed = VALIDATION
+    paths[name] = write_jsonl(os.path.join(out_dir, f"{name}.jsonl"),
+                              generate_embedded(EVAL_SIZE, seed, distinct=True, exclude=taken,
+                                                **task))
+    return paths

@@ -16,13 +16,21 @@ the field names detected case-insensitively or given with ``--prompt-key/--answe
 - math (MATH-500, AIME24, AMC, Minerva, OlympiadBench): a problem field (``problem``,
   ``question``, ...) and an answer field (``answer``, ``final_answer``, ...). A response is
   scored on its last ``\\boxed{}`` with the project's math reward (math-verify); a response
-  without a box is scored on what math-verify's own extraction finds after ``</think>``.
+  without a box on what math-verify's own extraction finds in the non-empty text after the
+  last ``</think>``; a response with neither (e.g. reasoning that never ended) scores 0.
 - multiple choice (ARC-C, GPQA-Diamond, MMLU-Pro): a question, an options list (``options``,
   ``choices``, or GPQA's ``Correct Answer`` + ``Incorrect Answer N`` columns) and the correct
   option as a letter, a 0-based index, a label or the option's text. The options are shuffled
   with a RNG seeded per item, shown as ``A. ...``; the letter is taken from the response (a
-  boxed letter, ``Answer: X``, else the last standalone letter) and checked against the
-  correct option's shuffled position.
+  boxed letter, else the last cue ``Answer: X`` / ``answer is (X)`` / ``option is X``, else
+  the last standalone capital letter, never the word "A" or "I") and checked against the
+  correct option's shuffled position. ``--no-shuffle`` is refused for a file whose correct
+  option sits at the same position in every record.
+
+Scoring is strict, as for the training reward: a response that stopped at the length limit
+(finish reason ``length``) scores 0 whatever its text holds. Each generation records the rule
+that decided its score (``boxed``, ``after_think``, ``truncated``, ``no_answer``,
+``choice_boxed``, ``choice_cue``, ``choice_letter``).
 
 Decoding follows arXiv 2506.19767's evaluation: temperature 0.6, up to 8192 new tokens (capped
 by the served context), ``--n-samples k`` samples per problem: pass@1 for k = 1, avg@k (the
@@ -31,12 +39,13 @@ mean over the k samples of the accuracy) otherwise. ``--seed`` makes sampling re
 ``config.yaml``) when the model comes from a run, else ``think`` (the paper's prompt).
 
 Output in ``--out``: ``results.md`` (one row per file), ``results.json``, and
-``generations/NAME.jsonl`` (every sample with its extracted answer and score). The last line
-printed is one JSON object: ``{"results": {NAME: {"acc", "n", "metric", ...}}, ...}``.
+``generations/NAME.jsonl`` (every sample with its extracted answer, rule and score). The last
+line printed is one JSON object: ``{"results": {NAME: {"acc", "n", "metric",
+"truncation_rate", "mean_tokens", "rules", ...}}, ...}``.
 
 In training, :func:`evaluate_splits` scores splits with the same code through the trainer's
 live servers (an :class:`~srft_mcore.rollout.client.SGLangClient`), returning
-``{"eval/NAME/acc": float}``.
+``eval/NAME/acc``, ``eval/NAME/truncation_rate`` and ``eval/NAME/mean_tokens``.
 """
 from __future__ import annotations
 
@@ -55,7 +64,7 @@ from srft_mcore.evaluation.errors import EvalError
 from srft_mcore.evaluation.models import (ModelSource, check_model_files, config_section,
                                           materialize, resolve_model, server_override_args,
                                           url_source)
-from srft_mcore.evaluation.records import load_eval_set, split_name
+from srft_mcore.evaluation.records import check_unshuffled, load_eval_set, split_name
 from srft_mcore.evaluation.runner import (DEFAULT_TEMPLATE, PAPER_MAX_NEW_TOKENS,
                                           PAPER_TEMPERATURE, prompt_ids, run_eval,
                                           server_context_length, write_generations)
@@ -91,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-key", help="field holding the problem / question")
     p.add_argument("--answer-key", help="field holding the answer (or the correct option)")
     p.add_argument("--options-key", help="field holding the options list (multiple choice)")
-    p.add_argument("--no-shuffle", action="store_true", help="keep the options' file order")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the options' file order "
+                   "(refused when the correct option has the same position in every record)")
     p.add_argument("--limit", type=int, default=None, help="first N records of each file")
     p.add_argument("--reward", default=None, help="score math answers with a training reward "
                    "(a registered name such as math: boxed answers only, or module:function)")
@@ -167,10 +177,12 @@ def results_table(results: list, settings: dict) -> str:
     lines = [f"model: `{settings['model']}`, template {settings['template']}, temperature "
              f"{settings['temperature']}, max new tokens {settings['max_new_tokens']}, "
              f"seed {settings['seed']}", "",
-             "| file | n | metric | accuracy (%) |", "|---|---|---|---|"]
+             "| file | n | metric | accuracy (%) | truncated (%) | mean tokens |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         std = f" +- {100 * r.acc_std:.1f}" if r.samples > 1 else ""
-        lines.append(f"| {r.name} | {r.n} | {r.metric} | {100 * r.acc:.1f}{std} |")
+        lines.append(f"| {r.name} | {r.n} | {r.metric} | {100 * r.acc:.1f}{std} | "
+                     f"{100 * r.truncation_rate:.1f} | {r.mean_tokens:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +229,9 @@ def run_cli(args) -> dict:
     sets = [load_eval_set(path, name, args.prompt_key, args.answer_key, args.options_key,
                           shuffle=not args.no_shuffle, seed=shuffle_seed, limit=args.limit)
             for name, path in data]
+    if args.no_shuffle:
+        for s in sets:
+            check_unshuffled(s)
     tokenizer = load_tokenizer(source.hf_dir)
     template = resolve_template(args, source)
     check_template(tokenizer, template, source.hf_dir)
@@ -269,7 +284,8 @@ def _serve_and_run(source, sets, tokenizer, template, reward_fn, args, out) -> l
                 where = f"the server log {out}/sglang.log" if server else "the server's log"
                 raise EvalError(f"generating for {s.name} failed: {e}\nFix: see {where}") \
                     from None
-            print(f"srft-eval: {s.name}: {r.metric} = {r.acc:.4f} over {r.n} problems "
+            print(f"srft-eval: {s.name}: {r.metric} = {r.acc:.4f} over {r.n} problems, "
+                  f"truncated {100 * r.truncation_rate:.1f}%, mean {r.mean_tokens:.1f} tokens "
                   f"({r.seconds:.1f}s)", flush=True)
             results.append(r)
         return results

@@ -275,6 +275,22 @@ def load_eval_set(path: str, name: Optional[str] = None, prompt_key: Optional[st
                    fields=fields, items=items)
 
 
+def check_unshuffled(evalset: EvalSet) -> None:
+    """Refuse a multiple-choice set kept in file order whose correct option sits at the same
+    position in every item (GPQA's files put it first): a model that always names that
+    letter would score 100%, and a position bias would read as accuracy."""
+    if evalset.kind != "choice" or len(evalset.items) < 2:
+        return
+    golds = {it.answer for it in evalset.items}
+    if len(golds) == 1:
+        letter = golds.pop()
+        raise EvalError(
+            f"{evalset.path}: --no-shuffle keeps the options in file order, and there the "
+            f"correct option is {letter} in all {len(evalset.items)} items: answering "
+            f"{letter} every time would score 100%. Fix: drop --no-shuffle (the options are "
+            f"then shuffled per item with a seeded RNG, --seed)")
+
+
 def split_name(path: str) -> str:
     base = os.path.basename(os.path.normpath(path))
     for suffix in DATA_SUFFIXES:

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 from srft_mcore.evaluation.errors import EvalError
 from srft_mcore.evaluation.records import EvalItem, EvalSet, load_eval_set
-from srft_mcore.evaluation.scoring import metric_name, sample_accuracy, score_item
+from srft_mcore.evaluation.scoring import metric_name, sample_accuracy, score_response
 
 PAPER_TEMPERATURE = 0.6
 PAPER_MAX_NEW_TOKENS = 8192
@@ -121,14 +121,33 @@ class EvalResult:
     rows: list
     """One dict per generation (see :func:`run_eval`)."""
     seconds: float
+    truncation_rate: float = 0.0
+    """Share of the generations that stopped at the length limit (each scores 0)."""
+    mean_tokens: float = 0.0
+    """Mean response length in tokens over the generations."""
+    rules: dict = dataclasses.field(default_factory=dict)
+    """How many generations each scoring rule decided (``boxed``, ``truncated``, ...)."""
 
     def summary(self) -> dict:
         out = {"acc": round(self.acc, 6), "n": self.n, "metric": self.metric,
                "samples": self.samples, "kind": self.kind, "path": self.path,
-               "seconds": round(self.seconds, 2)}
+               "seconds": round(self.seconds, 2),
+               "truncation_rate": round(self.truncation_rate, 6),
+               "mean_tokens": round(self.mean_tokens, 2), "rules": dict(self.rules)}
         if self.samples > 1:
             out["acc_std"] = round(self.acc_std, 6)
         return out
+
+
+def generation_stats(rows: Sequence[dict]) -> tuple[float, float, dict]:
+    """(truncation rate, mean tokens, count per rule) of result rows."""
+    n = max(len(rows), 1)
+    truncated = sum(r["finish_reason"] == "length" for r in rows) / n
+    mean_tokens = sum(r["tokens"] for r in rows) / n
+    rules: dict = {}
+    for r in rows:
+        rules[r["rule"]] = rules.get(r["rule"], 0) + 1
+    return truncated, mean_tokens, dict(sorted(rules.items()))
 
 
 def _as_client(client_or_urls):
@@ -150,8 +169,11 @@ def run_eval(client_or_urls, evalset: EvalSet, tokenizer, template: str = DEFAUL
     (default :func:`paper_sampling`); its ``seed`` makes the samples reproducible.
     ``context_length``: the served context (default: asked from the first server); each
     request's ``max_new_tokens`` is capped to fit it. ``reward_fn`` scores math answers
-    instead of :func:`math_score`. Each row of the result: index, id, sample, prompt,
-    answer, (choices), response, extracted, score, correct, finish_reason, tokens.
+    instead of the strict math rules (a response cut off by the length limit scores 0
+    either way). Each row of the result: index, id, sample, prompt, answer, (choices),
+    response, extracted, rule (the scoring rule that decided, see scoring.py), score,
+    correct, finish_reason, tokens. The result also reports the truncation rate, the mean
+    response length and the count of each rule.
     """
     if n_samples < 1:
         raise EvalError(f"n_samples={n_samples}: need at least 1 sample per problem. Fix: "
@@ -171,9 +193,11 @@ def run_eval(client_or_urls, evalset: EvalSet, tokenizer, template: str = DEFAUL
     correct = [[r["correct"] for r in rows[i * n_samples:(i + 1) * n_samples]]
                for i in range(len(evalset.items))]
     acc, std = sample_accuracy(correct)
+    truncated, mean_tokens, rules = generation_stats(rows)
     return EvalResult(name=evalset.name, path=evalset.path, kind=evalset.kind,
                       metric=metric_name(n_samples), n=len(evalset.items), samples=n_samples,
-                      acc=acc, acc_std=std, rows=rows, seconds=time.time() - t0)
+                      acc=acc, acc_std=std, rows=rows, seconds=time.time() - t0,
+                      truncation_rate=truncated, mean_tokens=mean_tokens, rules=rules)
 
 
 def _row(item: EvalItem, task: _Task, completion, reward_fn) -> dict:
@@ -182,13 +206,14 @@ def _row(item: EvalItem, task: _Task, completion, reward_fn) -> dict:
     if item.choices is not None:
         row["choices"] = item.choices
     if completion is None:  # the prompt alone fills the served context
-        score, extracted = 0.0, None
+        score, extracted, rule = 0.0, None, "prompt_too_long"
         row.update(response="", finish_reason="prompt_too_long", tokens=0)
     else:
-        score, extracted = score_item(item, completion.text, reward_fn)
+        score, extracted, rule = score_response(item, completion.text,
+                                                completion.finish_reason, reward_fn)
         row.update(response=completion.text, finish_reason=completion.finish_reason,
                    tokens=len(completion.token_ids))
-    row.update(extracted=extracted, score=score, correct=score > 0)
+    row.update(extracted=extracted, rule=rule, score=score, correct=score > 0)
     return row
 
 
@@ -202,7 +227,9 @@ def evaluate_splits(client_or_urls, tokenizer, splits: dict, template: str = DEF
                     sampling=None, n_samples: int = 1, reward_fn: Optional[Callable] = None,
                     context_length: Optional[int] = None,
                     out_dir: Optional[str] = None) -> dict:
-    """Score named splits through running SGLang servers; ``{"eval/NAME/acc": float}``.
+    """Score named splits through running SGLang servers; per split ``eval/NAME/acc``,
+    ``eval/NAME/truncation_rate`` (share of generations cut off by the length limit) and
+    ``eval/NAME/mean_tokens`` (mean response length).
 
     For evaluation during training, from one process (the trainer's rank 0) after the weight
     sync: ``client_or_urls`` is the rollout engine's ``SGLangClient`` (or the server URLs),
@@ -222,6 +249,8 @@ def evaluate_splits(client_or_urls, tokenizer, splits: dict, template: str = DEF
         result = run_eval(client, evalset, tokenizer, template, sampling, n_samples, reward_fn,
                           context_length)
         metrics[f"eval/{name}/acc"] = result.acc
+        metrics[f"eval/{name}/truncation_rate"] = result.truncation_rate
+        metrics[f"eval/{name}/mean_tokens"] = result.mean_tokens
         summaries[name] = result.summary()
         if out_dir is not None:
             write_generations(os.path.join(out_dir, f"{name}.jsonl"), result)

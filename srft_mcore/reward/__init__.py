@@ -1,6 +1,9 @@
 """Rewards: a registry of named reward functions plus ``module:function`` loading.
 
-A reward function has the signature ``fn(response_text, answer, prompt) -> float``.
+A reward function has the signature ``fn(response_text, answer, prompt) -> float``. It does
+not see the finish reason: a rollout cut off by the length limit (``finish_reason ==
+"length"``) scores 0 whatever the function would return (:func:`score_batch`), as in every
+evaluation (:func:`~srft_mcore.reward.math_answer.strict_math_score`).
 """
 from __future__ import annotations
 
@@ -8,15 +11,17 @@ import importlib
 import math
 from typing import Callable, Optional, Sequence
 
-from .math_answer import extract_boxed, math_reward, normalize_answer
+from .math_answer import (TRUNCATED, Scored, extract_boxed, final_text, is_truncated,
+                          math_reward, normalize_answer, strict_math_score)
 
 RewardFn = Callable[[str, str, Optional[str]], float]
 
 REWARDS: dict[str, RewardFn] = {"math": math_reward}
 """Named rewards; ``reward.fn`` may name one of these or a ``module:function``."""
 
-__all__ = ["REWARDS", "RewardError", "RewardFn", "extract_boxed", "get_reward_fn",
-           "math_reward", "normalize_answer", "register_reward", "score_batch"]
+__all__ = ["REWARDS", "RewardError", "RewardFn", "Scored", "TRUNCATED", "extract_boxed",
+           "final_text", "get_reward_fn", "is_truncated", "math_reward", "normalize_answer",
+           "register_reward", "score_batch", "strict_math_score"]
 
 
 class RewardError(ValueError):
@@ -67,8 +72,12 @@ def get_reward_fn(spec: Optional[str] = "math") -> RewardFn:
 
 
 def score_batch(fn: RewardFn, responses: Sequence[str], answers: Sequence[str],
-                prompts: Optional[Sequence[Optional[str]]] = None) -> list[float]:
+                prompts: Optional[Sequence[Optional[str]]] = None,
+                finish_reasons: Optional[Sequence[Optional[str]]] = None) -> list[float]:
     """Score ``responses[i]`` against ``answers[i]``; one float per response.
+
+    With ``finish_reasons``, a response cut off by the length limit scores 0.0 without
+    calling ``fn``: its text holds no final answer, only where the reasoning stopped.
 
     A user function that raises or returns a non-number fails loudly with the sample index
     (a silent 0 would hide a bug in the reward as a flat learning curve).
@@ -79,9 +88,18 @@ def score_batch(fn: RewardFn, responses: Sequence[str], answers: Sequence[str],
         prompts = [None] * len(responses)
     elif len(prompts) != len(responses):
         raise RewardError(f"score_batch: {len(responses)} responses but {len(prompts)} prompts")
+    if finish_reasons is None:
+        finish_reasons = [None] * len(responses)
+    elif len(finish_reasons) != len(responses):
+        raise RewardError(f"score_batch: {len(responses)} responses but {len(finish_reasons)} "
+                          f"finish reasons")
     name = getattr(fn, "__qualname__", repr(fn))
     out = []
-    for i, (resp, ans, prompt) in enumerate(zip(responses, answers, prompts)):
+    for i, (resp, ans, prompt, finish) in enumerate(zip(responses, answers, prompts,
+                                                         finish_reasons)):
+        if is_truncated(finish):
+            out.append(0.0)
+            continue
         try:
             value = fn(resp, ans, prompt)
         except Exception as e:

@@ -162,6 +162,26 @@ def load_checkpoint(path: str, model, optimizer, load_optimizer: bool = True,
     return trainer_state
 
 
+def load_optimizer_state(path: str, model, optimizer) -> None:
+    """Collective: only the optimizer state (Adam moments, step counts) of the trainer
+    checkpoint ``path`` (``model.load_optimizer``: SFT->RL's RL run carries on with its SFT
+    run's optimizer). Call before the lr scheduler is built, which sets this run's lr."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise CheckpointError(f"model.load_optimizer=true needs model.load_mcore to be a trainer "
+                              f"checkpoint (step_XXXXXX with trainer_state.json), got {path!r}. "
+                              f"Fix: point model.load_mcore at one, or set "
+                              f"model.load_optimizer=false")
+    request = {"optimizer": optimizer.sharded_state_dict(model.sharded_state_dict(),
+                                                         is_loading=True,
+                                                         metadata=OPTIMIZER_SHARDING)}
+    with _readable(path, "mcore/ (optimizer tensors)"):
+        loaded = dist_checkpointing.load(request, os.path.join(path, "mcore"))
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+
+
 class _readable:
     """Turn a failed read of a checkpoint file into one CheckpointError with the fix."""
 

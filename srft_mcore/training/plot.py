@@ -27,8 +27,8 @@ def group_of(key: str) -> Optional[str]:
     k = key.lower()
     if k.startswith("time/"):
         return "time"
-    if k.startswith("eval/"):
-        return "eval"
+    if k.startswith("eval/"):  # a split's mean length (hundreds) would flatten the rates
+        return "length" if k.endswith("/mean_tokens") else "eval"
     if k.startswith(("ppo/", "mismatch/", "tis/", "kl/", "rollout/policy_lag")):
         return "off_policy"
     if k.startswith("loss"):

@@ -89,6 +89,9 @@ class Policy:
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                 use_distributed_optimizer=use_distopt), module=model)
         self.optimizer = build_optimizer(cfg, self.model, use_distopt)
+        if cfg.model.load_mcore and cfg.model.load_optimizer:  # before the schedule sets lr
+            ckpt.load_optimizer_state(cfg.model.load_mcore, model, self.optimizer)
+            log0(f"loaded the optimizer state of {cfg.model.load_mcore}")
         if cfg.model.dtype == "float16":  # the schedule's backward starts from the scaled loss
             model.config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = build_scheduler(cfg, self.optimizer)

@@ -78,13 +78,16 @@ class RolloutSide:
                                     return_logprob=not self.cfg.rollout.seeded)
 
     def score(self, examples, groups):
-        """Rank 0's rewards of each prompt's completions (others get None)."""
+        """Rank 0's rewards of each prompt's completions (others get None). A completion
+        cut off by the length limit (``finish_reason == "length"``) gets 0 whatever the
+        reward function says (it does not see the finish reason), as in evaluation."""
         rewards = None
         if self.layout.rank == 0:
             from srft_mcore.reward import score_batch
 
             rewards = [score_batch(self.reward_fn, [c.text for c in comps],
-                                   [ex.answer] * len(comps), [ex.prompt] * len(comps))
+                                   [ex.answer] * len(comps), [ex.prompt] * len(comps),
+                                   [c.finish_reason for c in comps])
                        for ex, comps in zip(examples, groups)]
         return rewards
 

@@ -127,16 +127,19 @@ class Trainer:
 
     def _load_eval_splits(self) -> dict:
         """The held-out splits of ``eval``, checked now (bad files fail before training).
-        The embedded task ships two (``id``: two-step problems its training data never
-        contains; ``ood``: three-step chains), see :func:`srft_mcore.data.embedded_eval_splits`."""
-        from srft_mcore.data import embedded_eval_splits
+        The embedded task ships three (``val``, for choosing settings, and ``id``: two-step
+        problems its training data never contains; ``ood``: four-step chains), see
+        :mod:`srft_mcore.data.embedded`."""
+        from srft_mcore.data import embedded_eval_splits, embedded_validation_split
         from srft_mcore.evaluation.records import load_eval_set
 
         ev = self.cfg.eval
         if not ev.every:
             return {}
-        # no eval.splits: the embedded task's (validate() requires them for user data)
-        splits = dict(ev.splits or {}) or embedded_eval_splits()
+        # no eval.splits: the embedded task's validation and held-out splits (validate()
+        # requires eval.splits for user data)
+        splits = dict(ev.splits or {}) or {**embedded_validation_split(),
+                                           **embedded_eval_splits()}
         return {name: load_eval_set(path, name=name, limit=ev.limit)
                 for name, path in splits.items()}
 
@@ -151,10 +154,12 @@ class Trainer:
                                            work_dir=os.path.join(self.run_dir, "rollout"),
                                            group=self.layout.cpu_group)
         self.rollouts.engine = self.engine
-        if self.step > 0 or self.cfg.model.load_mcore or self.cfg.rollout.overlap:
-            # the servers start from the HF weights on disk: give them the policy's (and,
-            # overlapped, a version tag from the first sample on, for the lag metric); a
-            # resumed run does so before its first rollout
+        if (self.step > 0 or self.cfg.model.load_mcore or self.cfg.rollout.overlap
+                or self.cfg.rollout.urls):
+            # launched servers start from the HF weights on disk: give them the policy's
+            # (and, overlapped, a version tag from the first sample on, for the lag metric);
+            # a resumed run does so before its first rollout. Servers attached by URL hold
+            # whatever they were last given (another run's policy): always synced first
             error = self.sync_or_error()
             if error is not None:
                 raise self.sync_stopped(error)
@@ -173,7 +178,7 @@ class Trainer:
         self.bar = ProgressBar(cfg.train.steps, initial=self.step,
                                enabled=self.layout.rank == 0 and cfg.logging.progress_bar)
         self.timer = Timer()
-        if self.eval_splits and self.step == 0:  # the start policy's held-out accuracy
+        if self.eval_splits and self.step == 0 and cfg.eval.at_start:  # the start policy's
             self.metrics.log(0, self.evaluate())
         while self.step < cfg.train.steps:
             self.train_step()
@@ -213,6 +218,7 @@ class Trainer:
         record.update(rollout_metrics(groups, rewards, seqs))
         record.update(self.engine.metrics())
         record.update(self._step_costs(seqs))
+        record.update(step_ledger(groups, seqs))
         self.metrics.log(self.step, record)
         self.bar.update(record)
         saved = None
@@ -320,6 +326,16 @@ def resume_command(run_dir: str) -> str:
         return f"srft-train --nproc-per-node {local} {args}"
     return (f"torchrun --nnodes={nodes} --nproc_per_node={local} (with this run's rendezvous "
             f"options, on every node) -m srft_mcore.training {args}")
+
+
+def step_ledger(groups, seqs) -> dict:
+    """What the step cost, for compute-matched comparisons: prompts drawn, rollout tokens
+    generated, and the response tokens trained on (demonstrations and rollouts)."""
+    trained = [(s.is_demo, len(s.tokens) - s.prompt_len) for s in seqs]
+    return {"ledger/prompts": len(groups),
+            "ledger/rollout_tokens": sum(len(c.token_ids) for g in groups for c in g),
+            "ledger/demo_tokens": sum(n for demo, n in trained if demo),
+            "ledger/trained_tokens": sum(n for _, n in trained)}
 
 
 def peak_memory_gb(group=None) -> float:
