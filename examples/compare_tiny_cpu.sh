@@ -2,8 +2,8 @@
 # The paper's comparison on the embedded task, as an experiment: SFT, GRPO, SFT->RL, LUFFY,
 # SRFT and the two SRFT ablations from the shipped base model (examples/configs/srft_tiny_cpu.yaml),
 # each method's learning rate chosen on the validation split from a grid of three (seed 1),
-# then seeds 2 and 3 at that lr; the paper's group size (8 rollouts per prompt), 8 prompts
-# per step, 30 steps; one SGLang CPU server shared by every launch; strict scoring (a cut-off
+# then seeds 2 and 3 at that lr; the demo's budget (40 steps x 8 prompts x the paper's group
+# of 8 rollouts); one SGLang CPU server shared by every launch; strict scoring (a cut-off
 # response scores 0). Writes OUT/table.md (mean ± 95 % interval over seeds, SRFT minus each
 # method paired by seed, the compute ledger, the lr grid), OUT/results.json and OUT/plots/,
 # then copies the per-run records to benchmarks/results/compare_tiny_cpu.json and the plots to
@@ -20,9 +20,9 @@ cd "$ROOT"
 OUT=${OUT:-runs/compare_tiny_cpu}
 set +e
 "$PY" -m srft_mcore.comparison --config examples/configs/srft_tiny_cpu.yaml --out "$OUT" \
-  --steps "${STEPS:-30}" --lr-grid ${LR_GRID:-1e-3 3e-3 1e-2} --seeds ${SEEDS:-1 2 3} \
+  --steps "${STEPS:-40}" --lr-grid ${LR_GRID:-1e-3 3e-3 1e-2} --seeds ${SEEDS:-1 2 3} \
   --shared-server --final-eval trainer \
-  "$@" train.prompts_per_step=8 rollout.n_samples=8 eval.every=15 eval.at_start=false
+  "$@" eval.at_start=false
 rc=$?
 set -e
 if [[ -f "$OUT/results.json" && " $* " != *" --dry-run "* && -z "${NO_EXPORT:-}" ]]; then

@@ -47,7 +47,7 @@ class FakeSGLang(JsonHandler):
     The routes are ``state["routes"]``: ``/openapi.json`` lists them (unless
     ``state["openapi"]`` is false: then it is 404, as with SGLang's DISABLE_OPENAPI_DOC),
     OPTIONS answers 405 for a route and 404 otherwise (as Starlette does), a POST to another
-    route is a 404. Routes in ``state["fail"]`` always answer 400. ``state["calls"]`` records
+    route is a 404. Routes in ``state["fail"]`` always answer 400 (``state["fail_after"]``: from a given call on). ``state["calls"]`` records
     every POST as ``[path, tags]`` (the ``/update_weight_version`` ones: ``[path, version]``).
     State: ``self.server.state`` (see :func:`fake_state`)."""
 
@@ -75,7 +75,8 @@ class FakeSGLang(JsonHandler):
         st["calls"].append([self.path, body.get("new_version", body.get("tags"))])
         if self.path not in st["routes"]:
             return self._reply(404, {"detail": "Not Found"})
-        if self.path in st["fail"]:
+        done = sum(path == self.path for path, _ in st["calls"]) - 1
+        if self.path in st["fail"] or done >= st["fail_after"].get(self.path, float("inf")):
             return self._reply(400, {"success": False, "message": "injected failure"})
         try:
             out = self._handle(st, body)
@@ -158,10 +159,13 @@ def open_entry(entry: str, cuda: bool = False) -> dict:
 
 
 def fake_state(busy: int = 0, cuda: bool = False, routes=ROUTES, openapi: bool = True,
-               fail=(), sglang_version: str = "0.5.23") -> dict:
+               fail=(), sglang_version: str = "0.5.23", fail_after=None) -> dict:
+    """``fail``: routes that always answer 400; ``fail_after``: route -> n, the route answers
+    400 from its (n + 1)-th call on."""
     return {"calls": [], "updates": [], "released": set(), "session": False, "paused": False,
             "version": None, "busy": busy, "cuda": cuda, "routes": frozenset(routes),
-            "openapi": openapi, "fail": frozenset(fail), "sglang_version": sglang_version}
+            "openapi": openapi, "fail": frozenset(fail), "sglang_version": sglang_version,
+            "fail_after": dict(fail_after or {})}
 
 
 def start_fake(state: dict):

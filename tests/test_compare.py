@@ -234,7 +234,7 @@ def test_table_and_json_format(tmp_path, capsys):
     lines = table.splitlines()
     assert lines[0].startswith("Final accuracy (%), mean ± 95 % t-interval over seeds; "
                                "srft-eval on the final policy (temperature 0.6")
-    assert "4 steps x 32 prompts x 4 rollouts (SFT->RL: 2 SFT + 2 GRPO steps" in lines[0]
+    assert "4 steps x 8 prompts x 8 rollouts (SFT->RL: 2 SFT + 2 GRPO steps" in lines[0]
     # t(0.975, 2 df) = 4.303: SRFT id 0.5 0.6 0.7 -> 60.0 ± 4.303 * 0.1 / sqrt(3) = 24.8
     assert lines[2:6] == ["| method | lr | val (validation) | id | ood | truncated | seeds |",
                           "|---|---|---|---|---|---|---|",
@@ -248,7 +248,7 @@ def test_table_and_json_format(tmp_path, capsys):
     results = json.loads((tmp_path / "cmp" / "results.json").read_text())
     assert set(results) == {"settings", "methods", "failed", "runs", "records", "selection",
                             "wall_seconds"}
-    assert results["settings"]["budget"]["rollouts_per_run"] == 4 * 32 * 4
+    assert results["settings"]["budget"]["rollouts_per_run"] == 4 * 8 * 8
     assert results["settings"]["seeds"] == [1, 2, 3]
     assert results["settings"]["held_out"] == ["id", "ood"]
     assert results["methods"]["grpo"]["label"] == "GRPO"
@@ -526,8 +526,8 @@ def test_method_options_reach_the_launches(tmp_path, capsys):
     # SFT->RL's RL run: a warm-up of a tenth of its 10 steps, the SFT run's optimizer state
     assert rl["optimizer.warmup_steps"] == "1" and rl["model.load_optimizer"] == "true"
     assert "optimizer.warmup_steps" not in by_algo["seed1/sft"]
-    # LUFFY: 3 rollouts + the demonstration in a group of the config's 4
-    assert by_algo["luffy/luffy"]["rollout.n_samples"] == "3"
+    # LUFFY: 7 rollouts + the demonstration in a group of the config's 8
+    assert by_algo["luffy/luffy"]["rollout.n_samples"] == "7"
     assert by_algo["srft_adv/srft"]["algorithm.onpolicy_form"] == "ppo"
 
 
@@ -558,3 +558,24 @@ def test_lr_grid_needs_a_validation_split(tmp_path, capsys):
                "--lr-grid", "1e-3", "2e-3", "3e-3"], job_fn=FakeLauncher())
     err = capsys.readouterr().err
     assert rc == 2 and "chooses each method's lr on a validation split" in err
+
+
+def test_base_row_from_the_shared_server_scores(tmp_path, capsys):
+    """--shared-server scores the base model once per seed: a table row, and SRFT minus base
+    paired by seed."""
+    from srft_mcore.comparison.bookkeeping import State
+    from srft_mcore.comparison.results import aggregate, markdown_table
+
+    rc, out, summary, fake = _main(tmp_path, capsys, "--methods", "srft")
+    plan = build_plan(parse_args(["--config", CONFIG, "--out", str(tmp_path / "cmp"),
+                                  "--steps", "4", "--methods", "srft"]))
+    state = State(str(tmp_path / "cmp" / "state.json"), plan.settings())
+    state.data["base"] = {str(s): {"acc": {"val": 0.1, "id": 0.1 * s, "ood": 0.0},
+                                   "truncation_rate": {"val": 0.0, "id": 0.5, "ood": 1.0}}
+                          for s in (1, 2, 3)}
+    methods = aggregate(plan, state)
+    assert list(methods) == ["base", "srft"]
+    table = markdown_table(plan, methods, [])
+    assert "| base model | - | 10.0 ± 0.0 | 20.0 ± 24.8 | 0.0 ± 0.0 | 75.0 | 3/3 |" in table
+    # SRFT id 0.5 0.6 0.7 minus base 0.1 0.2 0.3: +40.0 on every seed
+    assert "| base model | +40.0 ± 0.0 | +20.0 ± 65.7 |" in table

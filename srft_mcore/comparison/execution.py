@@ -127,6 +127,8 @@ def execute(plan: Plan, job_fn: Callable = launch) -> State:
     server = SharedServer(plan) if plan.options.get("shared_server") else None
     t_start = time.time()
     try:
+        if server is not None and job_fn is launch:
+            evaluate_base(plan, state, server)
         _execute_runs(plan, list(plan.runs), state, job_fn, t_start, server)
         if plan.lrs:
             selection = select_lrs(plan, state)
@@ -147,6 +149,18 @@ def execute(plan: Plan, job_fn: Callable = launch) -> State:
                                        + time.time() - t_start, 1)
     state.save()
     return state
+
+
+def evaluate_base(plan: Plan, state: State, server) -> None:
+    """``--shared-server``: the base model's row of the table, scored once per seed through
+    the shared server while it still holds the base weights (the same decoding as the runs'
+    final evaluation, so the base row and the methods' rows compare like for like)."""
+    base = state.data.setdefault("base", {})
+    for seed in plan.seeds:
+        if str(seed) not in base:
+            say(f"base model, seed {seed}: scoring {', '.join(plan.splits)}")
+            base[str(seed)] = server.evaluate_base(seed)
+            state.save()
 
 
 def _execute_runs(plan: Plan, runs: list, state: State, job_fn: Callable, t_start: float,

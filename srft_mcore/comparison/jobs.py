@@ -90,6 +90,29 @@ class SharedServer:
             requests.post(self.server.url + path, json={}, timeout=120)
         return self.server.url
 
+    def evaluate_base(self, seed: int) -> dict:
+        """The base model's accuracy, truncation rate and mean length per split, through this
+        server before any run has synced into it, with the decoding of the trainer's final
+        evaluation (``eval.*``; seeded as a run of this seed when rollouts are seeded)."""
+        from srft_mcore.evaluation.runner import evaluate_splits, paper_sampling
+        from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR, load_tokenizer
+        from srft_mcore.rollout.seeded import mix_seed
+
+        cfg = self.plan.base
+        url = self.lease()
+        sampling = paper_sampling(
+            seed=mix_seed(seed, 0xE7A1, 0) if cfg.rollout.seeded else None,
+            temperature=cfg.eval.temperature,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_len)
+        metrics = evaluate_splits([url], load_tokenizer(cfg.model.hf_path or EMBEDDED_MODEL_DIR),
+                                  self.plan.splits, template=cfg.data.template,
+                                  sampling=sampling, n_samples=cfg.eval.n_samples,
+                                  out_dir=os.path.join(self.plan.out, "base_eval",
+                                                       f"seed{seed}"))
+        return {field: {name: metrics[f"eval/{name}/{field}"] for name in self.plan.splits
+                        if f"eval/{name}/{field}" in metrics}
+                for field in ("acc", "truncation_rate", "mean_tokens")}
+
     def stop(self) -> None:
         if self.server is not None and self.server.owned:
             self.server.stop()

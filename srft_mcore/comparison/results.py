@@ -68,6 +68,19 @@ def aggregate(plan: Plan, state: State) -> dict:
                        "seeds": [r.seed for r in runs] or list(plan.seeds),
                        "finished": sorted(done), "splits": splits,
                        "truncation_rate": trunc, "ledger": ledger}
+    base = state.data.get("base") or {}
+    if base:  # --shared-server: the start policy, scored with the runs' decoding
+        out = {"base": {"label": "base model", "lr": None, "base": True,
+                        "seeds": sorted(map(int, base)),
+                        "finished": sorted(map(int, base)),
+                        "splits": {name: {**mean_ci([b["acc"][name] for b in base.values()]),
+                                          "values": {s: b["acc"][name]
+                                                     for s, b in base.items()}}
+                                   for name in plan.splits},
+                        "truncation_rate": {name: _mean([b["truncation_rate"].get(name)
+                                                         for b in base.values()])
+                                            for name in plan.splits},
+                        "ledger": dict.fromkeys((*LEDGER_KEYS, "flops", "seconds"))}, **out}
     if "srft" in out:
         ref = out["srft"]["splits"]
         for method, m in out.items():
@@ -76,6 +89,11 @@ def aggregate(plan: Plan, state: State) -> dict:
                                                            m["splits"][name]["values"])
                                    for name in plan.held_out}
     return out
+
+
+def _mean(values: list):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
 
 
 def records(plan: Plan, state: State) -> list:
@@ -148,7 +166,8 @@ def markdown_table(plan: Plan, methods: dict, failed: list) -> str:
         rates = [m["truncation_rate"][s] for s in plan.held_out
                  if m["truncation_rate"].get(s) is not None]
         trunc = f"{100 * sum(rates) / len(rates):.1f}" if rates else "-"
-        lr = m["lr"] if m["lr"] is not None else ("-" if plan.lrs else plan.base.optimizer.lr)
+        lr = m["lr"] if m["lr"] is not None else (
+            "-" if plan.lrs or m.get("base") else plan.base.optimizer.lr)
         lines.append(f"| {m['label']} | {lr} | " + " | ".join(cells)
                      + f" | {trunc} | {len(m['finished'])}/{len(m['seeds'])} |")
     if any("srft_minus" in m for m in methods.values()):
