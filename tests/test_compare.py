@@ -578,4 +578,4 @@ def test_base_row_from_the_shared_server_scores(tmp_path, capsys):
     table = markdown_table(plan, methods, [])
     assert "| base model | - | 10.0 ± 0.0 | 20.0 ± 24.8 | 0.0 ± 0.0 | 75.0 | 3/3 |" in table
     # SRFT id 0.5 0.6 0.7 minus base 0.1 0.2 0.3: +40.0 on every seed
-    assert "| base model | +40.0 ± 0.0 | +20.0 ± 65.7 |" in table
+    assert "| base model | +40.0 ± 0.0 | +30.0 ± 65.7 |" in table
