@@ -238,8 +238,8 @@ def test_table_and_json_format(tmp_path, capsys):
     # t(0.975, 2 df) = 4.303: SRFT id 0.5 0.6 0.7 -> 60.0 ± 4.303 * 0.1 / sqrt(3) = 24.8
     assert lines[2:6] == ["| method | lr | val (validation) | id | ood | truncated | seeds |",
                           "|---|---|---|---|---|---|---|",
-                          "| SRFT | 0.002 | 30.0 ± 0.0 | 60.0 ± 24.8 | 30.0 ± 65.7 | 10.0 | 3/3 |",
-                          "| GRPO | 0.002 | 30.0 ± 0.0 | 30.0 ± 24.8 | 10.0 ± 24.8 | 10.0 | 3/3 |"]
+                          "| SRFT | 0.001 | 30.0 ± 0.0 | 60.0 ± 24.8 | 30.0 ± 65.7 | 10.0 | 3/3 |",
+                          "| GRPO | 0.001 | 30.0 ± 0.0 | 30.0 ± 24.8 | 10.0 ± 24.8 | 10.0 | 3/3 |"]
     # paired by seed: SRFT - GRPO on id = 0.1, 0.4, 0.4 -> +30.0 ± 4.303 * 0.1732 / sqrt(3)
     assert "| GRPO | +30.0 ± 43.0 | +20.0 ± 43.0 |" in lines
     assert "| SRFT | 4 | 30 | 100 | 130 |" in table  # the ledger (FLOPs: 6N x 130 + 2N x 100)
@@ -255,7 +255,7 @@ def test_table_and_json_format(tmp_path, capsys):
     assert results["runs"]["grpo/seed1"]["acc"] == {"id": 0.4, "ood": 0.0, "val": 0.3}
     n = results["settings"]["params"]
     rec = next(r for r in results["records"] if r["method"] == "grpo" and r["seed"] == 1)
-    assert rec["lr"] == 2e-3 and rec["truncation_rate"] == {"id": 0.1, "ood": 0.1, "val": 0.1}
+    assert rec["lr"] == 1e-3 and rec["truncation_rate"] == {"id": 0.1, "ood": 0.1, "val": 0.1}
     assert rec["ledger"]["flops"] == 6 * n * 130 + 2 * n * 100 and n > 100_000
     assert len(results["records"]) == 6
 
@@ -314,7 +314,7 @@ def test_failure_reported_others_continue(tmp_path, capsys):
     assert ("sft_rl/seed2", "rl", False) not in launched
     assert "[compare] 2/6 grpo seed 1: FAILED" in out and str(logs / "grpo_seed1_train.log") in out
     table = (tmp_path / "cmp" / "table.md").read_text()
-    assert "| GRPO | 0.002 | 30.0 | 20.0 | 10.0 | 10.0 | 1/2 |" in table
+    assert "| GRPO | 0.001 | 30.0 | 20.0 | 10.0 | 10.0 | 1/2 |" in table
     assert f"- grpo/seed1: train: trainer exit status 1 (log: {logs}/grpo_seed1_train.log)" \
         in table
     # a re-run retries only the failed ones: the failed eval alone, the failed trainings fresh

@@ -12,6 +12,7 @@ import pytest
 from fake_http import JsonHandler
 from srft_mcore.evaluation import cli
 from srft_mcore.evaluation.errors import EvalError
+from srft_mcore.data import loading
 from srft_mcore.evaluation.records import EvalItem, check_unshuffled, load_eval_set
 from srft_mcore.evaluation.scoring import choice_letter, extract_choice, score_response
 from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
@@ -22,10 +23,7 @@ CUT_OFF = "<think> 5 + 3 = 8. 8 * 2 = 16."
 
 
 def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return str(path)
+    return loading.write_jsonl(str(path), rows)
 
 
 def math_item(answer):

@@ -84,6 +84,9 @@ def dry_run(plan: Plan) -> dict:
         with open(path) as f:
             runs = json.load(f).get("runs", {})
     count = 0
+    if plan.options.get("shared_server") == "launch":
+        print("# --shared-server: the driver starts one SGLang server; every launch below also "
+              "gets rollout.urls=[its URL] rollout.weight_sync=disk", flush=True)
     for k, run in enumerate(plan.runs, 1):
         entry = runs.get(run.key, {})
         print(f"# {k}/{len(plan.runs)} {run.key} ({run.label})", flush=True)
@@ -237,8 +240,15 @@ def main(argv=None, job_fn: Callable = launch) -> int:
         return _refused(e)
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        say(f"{len(plan.runs)} runs ({', '.join(plan.methods)} x seeds "
-            f"{', '.join(map(str, plan.seeds))}), {plan.steps} steps each, into {plan.out}")
+        if plan.lrs:
+            say(f"{len(plan.runs)} selection runs ({', '.join(plan.methods)} x lr "
+                f"{', '.join(map(str, plan.lrs))}, seed {plan.seeds[0]}), then "
+                f"{len(plan.methods) * (len(plan.seeds) - 1)} runs at the chosen lrs (seeds "
+                f"{', '.join(map(str, plan.seeds[1:])) or 'none'}), {plan.steps} steps each, "
+                f"into {plan.out}")
+        else:
+            say(f"{len(plan.runs)} runs ({', '.join(plan.methods)} x seeds "
+                f"{', '.join(map(str, plan.seeds))}), {plan.steps} steps each, into {plan.out}")
         state = execute(plan, job_fn)
         summary = report(plan, state)
     except CompareError as e:

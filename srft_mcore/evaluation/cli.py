@@ -16,8 +16,10 @@ the field names detected case-insensitively or given with ``--prompt-key/--answe
 - math (MATH-500, AIME24, AMC, Minerva, OlympiadBench): a problem field (``problem``,
   ``question``, ...) and an answer field (``answer``, ``final_answer``, ...). A response is
   scored on its last ``\\boxed{}`` with the project's math reward (math-verify); a response
-  without a box on what math-verify's own extraction finds in the non-empty text after the
-  last ``</think>``; a response with neither (e.g. reasoning that never ended) scores 0.
+  without a box on what math-verify's own extraction finds in its final-answer part (the
+  non-empty text after the last ``</think>``, or the whole response when it has no think
+  block); a response with neither (reasoning that never ended: a ``<think>`` never closed,
+  nothing after ``</think>``) scores 0.
 - multiple choice (ARC-C, GPQA-Diamond, MMLU-Pro): a question, an options list (``options``,
   ``choices``, or GPQA's ``Correct Answer`` + ``Incorrect Answer N`` columns) and the correct
   option as a letter, a 0-based index, a label or the option's text. The options are shuffled
