@@ -1,7 +1,6 @@
 """The baselines' scales as their code computes them (GRPO's token-mean default, LUFFY's
 sum / max length with a token-mean entropy bonus), Eq. 11's logged value, and the refusal
 of dropout with a ratio to the old policy."""
-import dataclasses
 import math
 from functools import partial
 

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 from srft_mcore.evaluation.records import LETTERS, EvalItem
 from srft_mcore.reward.math_answer import Scored, extract_boxed, is_truncated, strict_math_score
 
+
 def _after_think(text: str) -> str:
     return text.rsplit("</think>", 1)[-1] if "</think>" in text else text
 
