@@ -85,10 +85,6 @@ def final_evaluation(plan: Plan, run: Run) -> dict:
             if values}
 
 
-def final_accuracies(plan: Plan, run: Run) -> dict:
-    """split -> accuracy of the run's final policy; raises RuntimeError when missing."""
-    return final_evaluation(plan, run)["acc"]
-
 
 def phase_action(ph: Phase, entry: dict) -> str:
     """What a phase needs now: skip (finished) | resume | restart (earlier attempt without a

@@ -58,14 +58,11 @@ class SharedServer:
     def _launch(self):
         import json as _json
 
+        from srft_mcore.models.tiny import resolve_model_dir
         from srft_mcore.rollout.server import SGLangServer, context_server_args
 
         cfg = self.plan.base
-        model_dir = cfg.model.hf_path
-        if model_dir is None:
-            from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
-
-            model_dir = EMBEDDED_MODEL_DIR
+        model_dir = resolve_model_dir(cfg)
         with open(os.path.join(model_dir, "config.json")) as f:
             hf = _json.load(f)
         self.starts += 1
@@ -95,7 +92,7 @@ class SharedServer:
         server before any run has synced into it, with the decoding of the trainer's final
         evaluation (``eval.*``; seeded as a run of this seed when rollouts are seeded)."""
         from srft_mcore.evaluation.runner import evaluate_splits, paper_sampling
-        from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR, load_tokenizer
+        from srft_mcore.models.tiny import load_tokenizer, resolve_model_dir
         from srft_mcore.rollout.seeded import mix_seed
 
         cfg = self.plan.base
@@ -104,7 +101,7 @@ class SharedServer:
             seed=mix_seed(seed, 0xE7A1, 0) if cfg.rollout.seeded else None,
             temperature=cfg.eval.temperature,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.data.max_response_len)
-        metrics = evaluate_splits([url], load_tokenizer(cfg.model.hf_path or EMBEDDED_MODEL_DIR),
+        metrics = evaluate_splits([url], load_tokenizer(resolve_model_dir(cfg)),
                                   self.plan.splits, template=cfg.data.template,
                                   sampling=sampling, n_samples=cfg.eval.n_samples,
                                   out_dir=os.path.join(self.plan.out, "base_eval",

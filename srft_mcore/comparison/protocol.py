@@ -77,14 +77,10 @@ def model_params(plan) -> Optional[int]:
     """N, the policy's parameter count (embeddings included), from its HF config.json."""
     import json
 
+    from srft_mcore.models.tiny import resolve_model_dir
     from srft_mcore.planning.model_shape import PlanError, hf_param_count, shape_from_hf
 
-    model_dir = plan.base.model.hf_path
-    if model_dir is None:
-        from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
-
-        model_dir = EMBEDDED_MODEL_DIR
-    path = os.path.join(model_dir, "config.json")
+    path = os.path.join(resolve_model_dir(plan.base), "config.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:

@@ -16,6 +16,12 @@ TOKENIZER_DIR = os.path.join(ASSETS, "tokenizer")
 EMBEDDED_MODEL_DIR = os.path.join(ASSETS, "embedded_model")
 """The embedded default policy (tools/make_embedded_model.py builds it)."""
 
+
+def resolve_model_dir(cfg) -> str:
+    """The HF directory a run starts from (``cfg``: its Config): model.hf_path, or the
+    embedded tiny model."""
+    return cfg.model.hf_path or EMBEDDED_MODEL_DIR
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

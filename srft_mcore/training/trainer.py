@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from srft_mcore.config import Config, ConfigError, save_config, validate
 from srft_mcore.launching.distributed import broadcast_object
+from srft_mcore.models.tiny import resolve_model_dir
 from srft_mcore.training import checkpoint as ckpt
 from srft_mcore.training.batching import build_sequences
 from srft_mcore.training.messages import TrainingStopped, log0
@@ -24,14 +25,6 @@ from srft_mcore.training.policy import Policy
 from srft_mcore.training.rollout_side import RolloutSide, policy_lag, rollout_metrics
 from srft_mcore.training.run_inputs import (add_run_arguments, load_checked_config,
                                             refuse_to_overwrite, run_dirs)
-
-
-def resolve_model_dir(cfg: Config) -> str:
-    """The HF directory to start from: model.hf_path, or the embedded tiny model (shipped,
-    built by tools/make_embedded_model.py)."""
-    from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
-
-    return cfg.model.hf_path or EMBEDDED_MODEL_DIR
 
 
 class Trainer:
