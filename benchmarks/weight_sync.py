@@ -1,12 +1,19 @@
-"""Weight-sync throughput: Megatron (TP2 on two local ranks) -> one SGLang server, per mode
-and bucket size. Prints one JSON object.
+"""Weight-sync throughput: Megatron (TP2 on two local ranks) -> SGLang servers, per mode
+and bucket size, and the ``distributed`` mode's cost of a second server. Prints one JSON
+object.
 
     python benchmarks/weight_sync.py                       # ~100M parameters, fp32, CPU/gloo
     python benchmarks/weight_sync.py --hidden 256 --layers 2 --vocab 4096 --buckets 4 16
+    python benchmarks/weight_sync.py --servers 1 2 --modes distributed --buckets 64
 
 Each (mode, bucket) pair is synced ``--repeats`` times after a warm-up sync; the median
 wall time (pause -> verified version) is reported with GB/s (bytes of the HF tensors sent
-to the server) and the speed-up over the disk mode at the same bucket size.
+to each server) and the speed-up over the disk mode at the same bucket size.
+
+With ``--servers 1 2`` the ``distributed`` mode also runs with each server count in two
+fan-outs: ``per_server`` (one group per server, broadcast in turn: the layout before) and
+``shared`` (one group per PP stage spanning every server: one broadcast reaches all);
+``fan_out`` in the JSON gives each one's time with 2 servers over its time with 1.
 """
 from __future__ import annotations
 
@@ -33,26 +40,27 @@ def _rank(args: dict, model_dir: str, work_dir: str) -> dict:
     layout = init_distributed(tp=args["tp"], pp=1, backend="gloo")
     model = build_model(hf, ModelConfig(), ParallelConfig(tp=args["tp"]))
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = RolloutConfig(startup_timeout_s=600, request_timeout_s=600)
+    cfg = RolloutConfig(startup_timeout_s=600, request_timeout_s=600,
+                        num_servers=max(args["servers"]))
     engine = RolloutEngine.launch(cfg, model_path=model_dir, layout=layout, hf_config=hf,
                                   work_dir=work_dir)
-    rows = []
+    rows, fan_rows = [], []
     try:
+        for n_servers in (args["servers"] if len(args["servers"]) > 1 else []):
+            for fan in ("per_server", "shared"):
+                eng = RolloutEngine(engine.servers[:n_servers], mode="distributed",
+                                    layout=layout, hf_config=hf, work_dir=work_dir,
+                                    bucket_mb=args["buckets"][-1])
+                eng.transport.per_server = fan == "per_server"
+                sec, stats = _timed_syncs(eng, model, f"{fan}-{n_servers}", args["repeats"])
+                fan_rows.append(dict(servers=n_servers, fan_out=fan, seconds=round(sec, 4),
+                                     transfer_seconds=round(stats.transfer_seconds, 4),
+                                     bytes_per_server=stats.bytes))
         for bucket_mb in args["buckets"]:
             for mode in args["modes"]:
                 eng = RolloutEngine(engine.servers, mode=mode, layout=layout, hf_config=hf,
                                     bucket_mb=bucket_mb, work_dir=work_dir)
-                eng.sync_weights(model, version=f"warm-{mode}-{bucket_mb}")
-                times, stats = [], None
-                for i in range(args["repeats"]):
-                    with torch.no_grad():  # new weights each time, as after an optimizer step
-                        for p in model.parameters():
-                            p.mul_(1.0001)
-                    dist.barrier()
-                    stats = eng.sync_weights(model, version=f"{mode}-{bucket_mb}-{i}")
-                    times.append(stats.seconds)
-                eng.transport.close()
-                sec = statistics.median(times)
+                sec, stats = _timed_syncs(eng, model, f"{mode}-{bucket_mb}", args["repeats"])
                 rows.append(dict(mode=mode, bucket_mb=bucket_mb, seconds=round(sec, 4),
                                  transfer_seconds=round(stats.transfer_seconds, 4),
                                  gb_per_s=round(stats.bytes / sec / 1e9, 4),
@@ -61,7 +69,26 @@ def _rank(args: dict, model_dir: str, work_dir: str) -> dict:
         engine.shutdown()
     tp_params = [None] * dist.get_world_size()
     dist.all_gather_object(tp_params, n_params)
-    return dict(rows=rows, megatron_params_per_rank=tp_params)
+    return dict(rows=rows, fan_rows=fan_rows, megatron_params_per_rank=tp_params)
+
+
+def _timed_syncs(eng, model, tag: str, repeats: int):
+    """Median seconds of ``repeats`` syncs after a warm-up one (which creates the groups),
+    and the last sync's stats; closes the engine's transport."""
+    import torch
+    import torch.distributed as dist
+
+    eng.sync_weights(model, version=f"warm-{tag}")
+    times, stats = [], None
+    for i in range(repeats):
+        with torch.no_grad():  # new weights each time, as after an optimizer step
+            for p in model.parameters():
+                p.mul_(1.0001)
+        dist.barrier()
+        stats = eng.sync_weights(model, version=f"{tag}-{i}")
+        times.append(stats.seconds)
+    eng.transport.close()
+    return statistics.median(times), stats
 
 
 def _count_params(model_dir: str) -> int:
@@ -91,6 +118,8 @@ def main() -> int:
     ap.add_argument("--buckets", type=float, nargs="+", default=[16, 64, 256])
     ap.add_argument("--modes", nargs="+", default=["disk", "tensor", "distributed"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--servers", type=int, nargs="+", default=[1],
+                    help="server counts for the distributed fan-out comparison (e.g. 1 2)")
     args = ap.parse_args()
 
     from srft_mcore.launching.local import spawn_ranks
@@ -117,6 +146,15 @@ def main() -> int:
                model=dict(hidden=args.hidden, layers=args.layers, heads=args.heads,
                           kv_heads=args.kv_heads, ffn=args.ffn, vocab=args.vocab),
                repeats=args.repeats, results=res["rows"], wall_s=round(time.time() - t0, 1))
+    if res["fan_rows"]:
+        sec = {(r["fan_out"], r["servers"]): r["seconds"] for r in res["fan_rows"]}
+        lo, hi = min(args.servers), max(args.servers)
+        out["fan_out"] = dict(
+            rows=res["fan_rows"], servers=[lo, hi], bucket_mb=args.buckets[-1],
+            # time with the most servers over time with the fewest: 1.0 = a server costs nothing
+            ratio_per_server=round(sec[("per_server", hi)] / sec[("per_server", lo)], 3),
+            ratio_shared=round(sec[("shared", hi)] / sec[("shared", lo)], 3),
+            shared_over_per_server=round(sec[("shared", hi)] / sec[("per_server", hi)], 3))
     print(json.dumps(out, indent=1))
     return 0
 

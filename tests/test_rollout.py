@@ -149,6 +149,13 @@ def test_colocated_plan_puts_each_server_rank_on_its_trainer_rank():
         tensor_transport.colocated_plan(2, 2, 2, on_gpu=True)
     # shared memory opens anywhere: CPU ranks wrap around a small world
     assert tensor_transport.colocated_plan(2, 1, 1, on_gpu=False) == [[0], [0]]
+    # two nodes of 4 ranks, a TP2 server each: each server reads from its own node's ranks
+    assert tensor_transport.colocated_plan(2, 2, 8, on_gpu=True, per_node=4) == [[0, 1],
+                                                                                [4, 5]]
+    assert tensor_transport.colocated_plan(4, 1, 2, on_gpu=False, per_node=1) == [[0], [0],
+                                                                                 [1], [1]]
+    with pytest.raises(WeightSyncError, match="multiple of 2"):
+        tensor_transport.colocated_plan(3, 1, 8, on_gpu=True, per_node=4)
     # a re-sync of the second server alone (after its restart) still finds its GPUs
     transport = tensor_transport.TensorTransport(server_tp=2, placement=["http://a", "http://b"])
     assert transport.plan(["http://b"], world=4, on_gpu=True) == [[2, 3]]

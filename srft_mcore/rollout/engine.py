@@ -72,7 +72,8 @@ class RolloutEngine:
                  max_concurrency: int = 64, retries: int = 2, max_recoveries: int = 2,
                  health_timeout_s: float = 60.0, server_tp: int = 1, group=None,
                  router: Optional[SGLangRouter] = None, sync_address: Optional[str] = None,
-                 sync_retries: int = 2, sync_retry_wait_s: float = 2.0):
+                 sync_retries: int = 2, sync_retry_wait_s: float = 2.0,
+                 owners: Optional[dict] = None):
         self.servers = list(servers)
         self.router = router
         """Where /generate goes instead of the servers (rank 0's object owns a launched one)."""
@@ -83,8 +84,15 @@ class RolloutEngine:
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
         self.group = group
         self.max_recoveries = max_recoveries
-        self.recovery = ServerRecovery(self.servers, router, health_timeout_s)
-        """Rank 0's restart policy for the servers and the router."""
+        rank = rank_and_size(group)[0]
+        owners = owners or {}
+        self.recovery = ServerRecovery(
+            self.servers, router, health_timeout_s,
+            mine={s.url for s in self.servers
+                  if owners.get(s.url, 0 if s.owned else None) == rank
+                  or (rank == 0 and owners.get(s.url) is None)})
+        """This rank's restart policy for the servers it launched (rank 0: also those
+        attached by URL, and the router)."""
         if router is not None:  # one URL: the router balances, up to the same total in flight
             self.client = SGLangClient([router.url], max_concurrency=max_concurrency * max(
                 1, len(self.servers)), request_timeout_s=request_timeout_s, retries=retries)
@@ -118,17 +126,16 @@ class RolloutEngine:
         """Launch ``cfg.num_servers`` servers for ``model_path`` on rank 0 (or attach to
         ``cfg.urls``), and the router ``cfg`` asks for (launched on rank 0, or attached to
         ``cfg.router_url``); every rank gets the URLs. ``cfg`` is a ``RolloutConfig``."""
-        servers, router = start_servers(cfg, model_path, work_dir, server_args, group)
+        servers, router, owners = start_servers(cfg, model_path, work_dir, server_args, group)
         try:
             return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
+                       owners=owners,
                        bucket_mb=cfg.bucket_mb, work_dir=work_dir,
                        request_timeout_s=cfg.request_timeout_s,
                        max_concurrency=cfg.max_concurrency, server_tp=cfg.server_tp,
                        group=group, router=router, sync_address=cfg.sync_address, **kwargs)
         except BaseException:  # e.g. UnsupportedServer: stop what was launched for nothing
-            for proc in ([router] if router is not None else []) + servers:
-                if proc.owned:
-                    proc.stop()
+            _stop_owned(([router] if router is not None else []) + servers)
             raise
 
     @property
@@ -227,17 +234,25 @@ class RolloutEngine:
         return stats
 
     def _restart_dead(self) -> None:
-        """Collective: rank 0 restarts owned servers that died since the last call."""
-        status = ("ok", [])
-        if self.rank == 0:
-            try:
-                status = ("ok", self.recovery.restart_dead())
-            except Exception as e:  # noqa: BLE001 - every rank raises below
-                status = ("error", f"{type(e).__name__}: {e}")
-        status = broadcast_object(status, self.group)
-        if status[0] == "error":
-            raise RolloutError(status[1])
-        self._restarted(status[1])
+        """Collective: each rank restarts the servers it launched that died since the last
+        call (rank 0 also a launched router that exited)."""
+        # process liveness only: an HTTP health probe costs ~1 s per step on CPU, and
+        # a hung server is caught by the request timeouts of generate and sync
+        self._restarted(self._on_owners(self.recovery.restart_dead))
+
+    def _on_owners(self, fn: Callable[[], list[str]]) -> list[str]:
+        """Collective: ``fn`` on every rank (each restarts what it owns); the restarted URLs
+        of all ranks in server order, or RolloutError on every rank if any rank failed."""
+        try:
+            mine = ("ok", fn())
+        except Exception as e:  # noqa: BLE001 - every rank raises below
+            mine = ("error", f"rank {self.rank}: {type(e).__name__}: {e}")
+        results = all_gather(mine, self.group)
+        errors = [text for status, text in results if status == "error"]
+        if errors:
+            raise RolloutError("; ".join(errors))
+        restarted = {u for status, urls in results for u in urls}
+        return [u for u in self.urls if u in restarted]
 
     def _restarted(self, urls: Sequence[str]) -> None:
         """A restarted server starts with nothing released and no weight-update state."""
@@ -274,8 +289,8 @@ class RolloutEngine:
                                                return_logprob=return_logprob)
                     self._check_versions(out)
                 except GenerateError as e:
-                    try:
-                        status = ("restarted", self.recovery.recover(e.failed_urls))
+                    try:  # which servers to check (all of them after a router failure)
+                        status = ("failed", self.recovery.suspects(e.failed_urls))
                     except Exception as e2:  # noqa: BLE001 - every rank raises below
                         status = ("error", f"{e}; recovery failed: {e2}")
                 except Exception as e:  # noqa: BLE001
@@ -285,7 +300,8 @@ class RolloutEngine:
                 return broadcast_object(out, self.group) if broadcast else out
             if status[0] == "error":
                 raise RolloutError(status[1])
-            restarted = status[1]
+            # each server's launcher checks it and restarts it if it is dead or hung
+            restarted = self._on_owners(lambda: self.recovery.recover(status[1]))
             self._restarted(restarted)
             if restarted and self._tensors is not None:
                 self._sync(restarted, self.version)
@@ -351,35 +367,92 @@ class RolloutEngine:
 
 def start_servers(cfg, model_path: Optional[str], work_dir: Optional[str],
                   server_args: Sequence[str], group=None
-                  ) -> tuple[list[SGLangServer], Optional[SGLangRouter]]:
-    """Collective: rank 0 launches (or attaches to) the servers and the router of
-    :meth:`RolloutEngine.launch`; the other ranks attach to the URLs it broadcasts. Every
-    rank raises when rank 0 failed."""
-    rank, _ = rank_and_size(group)
-    if resolve_mode(cfg.weight_sync) == "tensor" and cuda_available():
+                  ) -> tuple[list[SGLangServer], Optional[SGLangRouter], dict]:
+    """Collective: launch (or attach to) the servers and the router of
+    :meth:`RolloutEngine.launch`; every rank gets every URL, in server order, and raises when
+    a launch failed. Returns (servers, router, owners): ``owners[url]`` is the rank that
+    launched the server (it restarts it), None for one attached by URL.
+
+    Rank 0 launches them, except colocated servers (``weight_sync=tensor``) of a trainer on
+    several nodes: each node's first rank launches its node's share on its own GPUs
+    (:func:`~srft_mcore.rollout.tensor_transport.servers_of_node`), listening on the node's
+    address; the router, if any, runs on rank 0."""
+    from srft_mcore.rollout.tensor_transport import ranks_per_node, servers_of_node
+
+    rank, world = rank_and_size(group)
+    colocated = resolve_mode(cfg.weight_sync) == "tensor"
+    if colocated and cuda_available():
         # colocated: before_train() needs SGLang's memory saver
         server_args = [*server_args, "--enable-memory-saver"]
+    per_node = ranks_per_node(world)
+    nodes = world // per_node
+    every_node = colocated and not cfg.urls and nodes > 1
+    launcher = rank % per_node == 0 if every_node else rank == 0
     servers: list[SGLangServer] = []
-    router = None
     error = None
-    if rank == 0:
+    if launcher:
         try:
-            servers = launch_servers(cfg, model_path, work_dir, server_args)
-            router = router_for(cfg, [s.url for s in servers], work_dir)
+            if every_node:
+                host = resolve_sync_address(None, [_master_url()])
+                share = servers_of_node(cfg.num_servers, nodes, rank // per_node)
+                servers = launch_servers(cfg, model_path, work_dir, server_args, share, host)
+                print(f"[srft] node {rank // per_node} (rank {rank}): colocated servers "
+                      f"{share} at {' '.join(s.url for s in servers)}", flush=True)
+            else:
+                servers = launch_servers(cfg, model_path, work_dir, server_args)
         except Exception as e:  # noqa: BLE001 - every rank raises below
             error = e
-            for s in servers:
-                if s.owned:
-                    s.stop()
-    info = broadcast_object(None if error else ([s.url for s in servers],
-                                                router.url if router else None), group)
-    if info is None:
-        raise error if error is not None else RolloutError("rank 0 failed to start SGLang")
-    urls, router_url = info
+            _stop_owned(servers)
+            servers = []
+    mine = (error is None, [s.url for s in servers], [s.owned for s in servers])
+    launched = all_gather(mine, group)
+    router = None
+    if all(ok for ok, _, _ in launched) and rank == 0:
+        try:
+            router = router_for(cfg, [u for _, urls, _ in launched for u in urls], work_dir)
+        except Exception as e:  # noqa: BLE001
+            error = e
+    router_url = broadcast_object(("ok", router.url if router else None) if error is None
+                                  else ("error", f"{type(error).__name__}: {error}"), group)
+    if not all(ok for ok, _, _ in launched) or router_url[0] == "error":
+        _stop_owned(servers)
+        if error is not None:
+            raise error
+        failed = [r for r, (ok, _, _) in enumerate(launched) if not ok]
+        raise RolloutError(f"rank {failed[0] if failed else 0} failed to start SGLang"
+                           + (f": {router_url[1]}" if router_url[0] == "error" else ""))
+    owners, ordered = {}, []
+    for r, (_, urls, owned) in enumerate(launched):
+        for url, own in zip(urls, owned):
+            owners[url] = r if own else None
+            ordered.append(next((s for s in servers if s.url == url), None) if r == rank
+                           else SGLangServer.attach(url))
     if rank != 0:
-        servers = [SGLangServer.attach(u) for u in urls]
-        router = SGLangRouter.attach(router_url) if router_url else None
-    return servers, router
+        router = SGLangRouter.attach(router_url[1]) if router_url[1] else None
+    return ordered, router, owners
+
+
+def _master_url() -> str:
+    """torchrun's rendezvous host as a URL (whose route tells this node's own address)."""
+    return f"http://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:" \
+           f"{os.environ.get('MASTER_PORT', '29500')}"
+
+
+def _stop_owned(servers) -> None:
+    for s in servers:
+        if s.owned:
+            s.stop()
+
+
+def all_gather(obj, group=None) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:
@@ -396,9 +469,9 @@ def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:
 
 
 def colocated_gpu_args(cfg, index: int) -> list[str]:
-    """Colocated GPU servers side by side: server ``index`` starts at GPU ``index*tp``, the
-    GPUs of trainer ranks ``index*tp ..`` (what the tensor mode's handles assume); unless
-    SRFT_ROLLOUT_GPUS places the servers."""
+    """Colocated GPU servers side by side: the node's server ``index`` starts at GPU
+    ``index*tp``, the GPUs of the node's trainer ranks ``index*tp ..`` (what the tensor
+    mode's handles assume); unless SRFT_ROLLOUT_GPUS places the servers."""
     if (resolve_mode(cfg.weight_sync) != "tensor" or not cuda_available()
             or os.environ.get("SRFT_ROLLOUT_GPUS", "").strip()):
         return []
@@ -406,8 +479,10 @@ def colocated_gpu_args(cfg, index: int) -> list[str]:
 
 
 def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = None,
-                   server_args: Sequence[str] = ()) -> list[SGLangServer]:
-    """Attach to ``cfg.urls`` or start ``cfg.num_servers`` servers (in parallel)."""
+                   server_args: Sequence[str] = (), indices: Optional[Sequence[int]] = None,
+                   host: str = "127.0.0.1") -> list[SGLangServer]:
+    """Attach to ``cfg.urls`` or start servers ``indices`` (default: all ``cfg.num_servers``)
+    of this node in parallel, listening on ``host``."""
     if cfg.urls:
         servers = [SGLangServer.attach(u) for u in cfg.urls]
         down = [s.url for s in servers if not s.healthy(timeout_s=10.0)]
@@ -418,14 +493,15 @@ def launch_servers(cfg, model_path: Optional[str], work_dir: Optional[str] = Non
         raise ValueError("launching SGLang needs model_path (or set rollout.urls)")
     log_dir = work_dir or tempfile.mkdtemp(prefix="srft_rollout_")
     os.makedirs(log_dir, exist_ok=True)
-    servers = [SGLangServer(model_path, tp=cfg.server_tp,
-                            extra_args=[*server_args, *colocated_gpu_args(cfg, i)],
+    indices = list(range(cfg.num_servers)) if indices is None else list(indices)
+    servers = [SGLangServer(model_path, tp=cfg.server_tp, host=host,
+                            extra_args=[*server_args, *colocated_gpu_args(cfg, local)],
                             env=server_gpu_env(i, cfg.server_tp, cfg.num_servers),
                             log_path=os.path.join(log_dir, f"sglang-{i}.log"),
                             startup_timeout_s=cfg.startup_timeout_s,
                             mem_fraction=sglang_mem_fraction(
                                 cfg.mem_fraction, resolve_mode(cfg.weight_sync) == "tensor"))
-               for i in range(cfg.num_servers)]
+               for local, i in enumerate(indices)]
     try:
         for s in servers:
             s.start()

@@ -1,6 +1,7 @@
-"""Rank 0's restart policy for the rollout servers and the router: which of those a failed
-request points at are really down (dead or hung, not a transient failure), and restarting
-the ones launched here. The engine makes the outcome collective and re-syncs the weights."""
+"""Each rank's restart policy for the rollout servers it launched (rank 0: also the router
+and the servers attached by URL): which of those a failed request points at are really down
+(dead or hung, not a transient failure), and restarting the ones launched here. The engine
+runs it on every rank, makes the outcome collective and re-syncs the weights."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -13,13 +14,18 @@ from srft_mcore.rollout.server import SGLangServer
 
 
 class ServerRecovery:
-    """Restarts, on rank 0, the servers (and router) of one engine that stopped serving."""
+    """Restarts the servers (and router) of one engine that stopped serving, of those this
+    rank handles: ``mine`` (their URLs; None: all of them, as on a one-rank engine)."""
 
     def __init__(self, servers: Sequence[SGLangServer], router: Optional[SGLangRouter],
-                 health_timeout_s: float = 60.0):
+                 health_timeout_s: float = 60.0, mine: Optional[set] = None):
         self.servers = servers
         self.router = router
         self.health_timeout_s = health_timeout_s
+        self.mine = mine
+
+    def handles(self, server: SGLangServer) -> bool:
+        return self.mine is None or server.url in self.mine
 
     @property
     def urls(self) -> list[str]:
@@ -30,7 +36,8 @@ class ServerRecovery:
         the restarted servers' URLs."""
         # process liveness only: an HTTP health probe costs ~1 s per step on CPU, and
         # a hung server is caught by the request timeouts of generate and sync
-        dead = [s.url for s in self.servers if s.owned and not s.is_alive()]
+        dead = [s.url for s in self.servers
+                if self.handles(s) and s.owned and not s.is_alive()]
         self.restart_router_if_dead(probe_attached=False)
         return self.recover(dead) if dead else []
 
@@ -59,17 +66,21 @@ class ServerRecovery:
                                f"yourself")
         return False
 
-    def recover(self, failed_urls: Sequence[str]) -> list[str]:
-        """Restart the failed servers that are dead or hung; return their URLs. A failure
+    def suspects(self, failed_urls: Sequence[str]) -> list[str]:
+        """The servers to check after requests to ``failed_urls`` failed (rank 0). A failure
         through the router does not say which server failed: the router is checked
         (restarted if it was launched here and has exited), then every server."""
-        via_router = self.router is not None and self.router.url in failed_urls
-        if via_router:
+        if self.router is not None and self.router.url in failed_urls:
             self.restart_router_if_dead()
-            failed_urls = self.urls
+            return self.urls
+        return list(failed_urls)
+
+    def recover(self, failed_urls: Sequence[str]) -> list[str]:
+        """Restart the failed servers this rank handles that are dead or hung; return their
+        URLs."""
         restarted = []
         for server in self.servers:
-            if server.url not in failed_urls:
+            if server.url not in failed_urls or not self.handles(server):
                 continue
             if server.is_alive() and self.responsive(server):
                 continue  # a transient failure: just retry

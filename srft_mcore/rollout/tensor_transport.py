@@ -40,7 +40,8 @@ class TensorTransport(Transport):
     def plan(self, urls: Sequence[str], world: int, on_gpu: bool) -> list[list[int]]:
         """:func:`colocated_plan` for the servers ``urls``, placed by :attr:`placement`."""
         order = self.placement or list(urls)
-        full = colocated_plan(len(order), self.server_tp, world, on_gpu)
+        full = colocated_plan(len(order), self.server_tp, world, on_gpu,
+                              ranks_per_node(world))
         return [full[order.index(u)] for u in urls]
 
     def prepare(self, urls, src, version, group=None):
@@ -51,11 +52,12 @@ class TensorTransport(Transport):
             return
         if on_gpu:
             local = int(os.environ.get("LOCAL_RANK", src.rank))
-            if local != src.rank:
+            if local != src.rank % ranks_per_node(world):
                 raise WeightSyncError(
-                    f"colocated tensor mode: trainer rank {src.rank} shares a GPU with a "
-                    f"server, but it is not on rank 0's node (LOCAL_RANK={local}), where the "
-                    f"servers run. Fix: rollout.weight_sync=distributed")
+                    f"colocated tensor mode: trainer rank {src.rank} has LOCAL_RANK={local}, "
+                    f"but the servers' GPUs are matched to ranks numbered node by node "
+                    f"(rank = node * ranks_per_node + LOCAL_RANK). Fix: launch with torchrun's "
+                    f"default rank assignment, or rollout.weight_sync=distributed")
         else:
             # the default fd-passing strategy needs the receiver to share our authkey
             torch.multiprocessing.set_sharing_strategy("file_system")
@@ -129,24 +131,47 @@ def _detach_shm_manager_from_stdio() -> None:
     _detach_shm_manager_from_stdio.done = True
 
 
+def ranks_per_node(world_size: int) -> int:
+    """Trainer ranks per node (torchrun's LOCAL_WORLD_SIZE; the whole world without it)."""
+    return max(1, min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+
+
+def servers_of_node(num_servers: int, nodes: int, node: int) -> list[int]:
+    """The colocated servers node ``node`` hosts: an equal share, in order."""
+    if num_servers % nodes:
+        raise WeightSyncError(
+            f"colocated servers run on every node of the trainer, an equal share each: "
+            f"rollout.num_servers={num_servers} does not divide among {nodes} nodes. Fix: "
+            f"rollout.num_servers a multiple of {nodes}")
+    per = num_servers // nodes
+    return list(range(node * per, (node + 1) * per))
+
+
 def colocated_plan(num_servers: int, server_tp: int, world_size: int,
-                   on_gpu: bool) -> list[list[int]]:
+                   on_gpu: bool, per_node: Optional[int] = None) -> list[list[int]]:
     """For each server, the trainer rank whose copy of a bucket each of its TP ranks opens.
 
-    Colocated servers run on rank 0's node, server ``s`` on GPUs ``s*T .. s*T+T-1``
-    (``--base-gpu-id s*T``), where trainer ranks with the same numbers train: TP rank ``r``
-    of server ``s`` reads from trainer rank ``s*T + r``. Shared memory on CPU can be opened
-    by any process, so there the ranks simply wrap around the world."""
-    wanted = [[s * server_tp + r for r in range(server_tp)] for s in range(num_servers)]
-    if not on_gpu:
-        return [[g % world_size for g in ranks] for ranks in wanted]
-    if num_servers * server_tp > world_size:
+    Colocated servers run on every node of the trainer, an equal share each
+    (:func:`servers_of_node`): server ``s`` is node ``k``'s ``j``-th, on that node's GPUs
+    ``j*T .. j*T+T-1`` (``--base-gpu-id j*T``), where the node's trainer ranks with the same
+    local numbers train: TP rank ``r`` of server ``s`` reads from trainer rank
+    ``k * per_node + j*T + r``. Shared memory on CPU can be opened by any process of the
+    node, so there the ranks wrap around within the node."""
+    per_node = per_node or world_size
+    nodes = max(1, world_size // per_node)
+    share = len(servers_of_node(num_servers, nodes, 0))
+    if on_gpu and share * server_tp > per_node:
         raise WeightSyncError(
-            f"colocated tensor mode: {num_servers} servers x server_tp {server_tp} need "
-            f"{num_servers * server_tp} GPUs shared with trainer ranks, but the trainer has "
-            f"{world_size} ranks. Fix: fewer servers (or a smaller server_tp), or "
+            f"colocated tensor mode: {share} servers x server_tp {server_tp} need "
+            f"{share * server_tp} GPUs on each node shared with trainer ranks, but a node has "
+            f"{per_node} ranks. Fix: fewer servers (or a smaller server_tp), or "
             f"rollout.weight_sync=distributed for servers on their own GPUs")
-    return wanted
+    out = []
+    for s in range(num_servers):
+        k, j = divmod(s, share)
+        local = [j * server_tp + r for r in range(server_tp)]
+        out.append([k * per_node + (g if on_gpu else g % per_node) for g in local])
+    return out
 
 
 def serialize_bucket(flat: torch.Tensor, metadata) -> str:
