@@ -436,3 +436,45 @@ def test_loss_func_is_split_invariant(agg):
         for key in ("loss", "loss/sft", "loss/onpolicy", "w_sft", "entropy/rollout"):
             assert many[2][key] == pytest.approx(one[2][key], abs=1e-6)
     assert one[2]["loss"] == pytest.approx(one[0], abs=1e-6)
+
+
+def test_overlap_correction_is_the_decoupled_objective_by_hand():
+    """Under rollout.overlap the rollouts come from the behaviour policy (the weights before
+    the last step; SGLang's log-probs), the old-policy pass gives the proximal policy: GRPO's
+    token loss is -min(r A, clip(r) A) with r = pi / pi_prox, times the truncated weight
+    min(pi_prox / pi_behav, cap). Here per rollout token (A = 0.5, 0.5, -0.5):
+    r = 1.5, 0.8, 1.0 and pi_prox / pi_behav = 3.0 (truncated to 2), 0.5, 1.25."""
+    from srft_mcore.config import RolloutConfig
+    from srft_mcore.algo.defaults import behaviour_correction
+
+    logp, ent, batch, totals = _batch()
+    prox = logp.clone()
+    prox[1, 0] -= math.log(1.5)
+    prox[1, 1] -= math.log(0.8)
+    behav = prox.clone()
+    behav[1, 0] -= math.log(3.0)
+    behav[1, 1] -= math.log(0.5)
+    behav[2, 0] -= math.log(1.25)
+    batch["old_logprobs"] = prox
+    batch["rollout_logprobs"] = behav
+    batch["rollout_logprob_mask"] = batch["loss_mask"] * ~batch["is_demo"].unsqueeze(-1)
+    # the run's setting: null under overlap becomes the default cap, -1 stays off
+    algo = behaviour_correction(AlgorithmConfig(name="grpo"), RolloutConfig(overlap=True))
+    assert algo.tis_cap == 2.0
+    assert behaviour_correction(AlgorithmConfig(name="grpo"),
+                                RolloutConfig(overlap=True, seeded=True)).tis_cap is None
+    assert behaviour_correction(AlgorithmConfig(name="grpo", tis_cap=-1),
+                                RolloutConfig(overlap=True)).tis_cap is None
+    assert behaviour_correction(AlgorithmConfig(name="grpo"), RolloutConfig()).tis_cap is None
+    x = logp.clone().requires_grad_()
+    loss, m = L.srft_loss(x, ent, batch, dataclasses.replace(
+        algo, entropy_weighting="token", loss_agg="token-mean", clip_eps=0.2), totals)
+    (g,) = torch.autograd.grad(loss, x)
+    # token 1: r 1.5 -> clipped at 1.2 (A > 0), weight 2; token 2: r 0.8 (inside), weight
+    # 0.5; token 3: r 1 (A < 0), weight 1.25
+    want = (-(1.2 * 0.5) * 2.0 - (0.8 * 0.5) * 0.5 + (1.0 * 0.5) * 1.25) / 3
+    assert loss.item() == pytest.approx(want, abs=1e-6)
+    assert g[1, 0].item() == 0.0  # clipped: no gradient
+    assert g[1, 1].item() == pytest.approx(-0.8 * 0.5 * 0.5 / 3, abs=1e-6)
+    assert g[2, 0].item() == pytest.approx(1.0 * 0.5 * 1.25 / 3, abs=1e-6)
+    assert m["tis/weight"].tolist() == pytest.approx([2.0 + 0.5 + 1.25, 3.0])

@@ -66,32 +66,48 @@ def _recipe(name, *overrides):
     return load_config(os.path.join(RECIPES, f"{name}.yaml"), list(overrides))
 
 
+# a 32B layout with dedicated rollout nodes
+DEDICATED = ("parallel.tp=4", "parallel.pp=4", "parallel.dp=1", "rollout.num_servers=2",
+             "rollout.server_tp=8", "rollout.weight_sync=distributed", "rollout.offload=none")
+# a 7B layout on one node of 8 GPUs, two TP4 servers colocated
+COLOCATED = ("parallel.tp=2", "parallel.pp=4", "parallel.dp=1", "rollout.num_servers=2",
+             "rollout.server_tp=4", "rollout.weight_sync=tensor")
+
+
 def test_trainer_takes_the_first_nodes_and_servers_the_next():
-    plan = cluster_plan(_recipe("qwen2.5-32b"), ["n1", "n2", "n3", "n4", "n5"], 8)
+    plan = cluster_plan(_recipe("qwen2.5-32b", *DEDICATED), ["n1", "n2", "n3", "n4", "n5"], 8)
     # TP4 PP4 DP1 = 16 GPUs = 2 nodes; 2 servers x TP8 = 2 nodes; n5 is left idle
     assert plan["train_nodes"] == ["n1", "n2"] and plan["rollout_nodes"] == ["n3", "n4"]
     assert plan["server_urls"] == ["http://n3:30000", "http://n4:30000"]
     assert plan["nproc_per_node"] == 8 and plan["local_rollout_gpus"] == ""
     assert "TRAIN_NODES='n1 n2'" in plan_shell(plan)
     with pytest.raises(MultiNodeError, match="sbatch --nodes=4"):
-        cluster_plan(_recipe("qwen2.5-32b"), ["n1", "n2", "n3"], 8)
-    two = cluster_plan(_recipe("qwen2.5-32b", "rollout.server_tp=4", "rollout.num_servers=3"),
+        cluster_plan(_recipe("qwen2.5-32b", *DEDICATED), ["n1", "n2", "n3"], 8)
+    two = cluster_plan(_recipe("qwen2.5-32b", *DEDICATED, "rollout.server_tp=4",
+                               "rollout.num_servers=3"),
                        ["n1", "n2", "n3", "n4"], 8)
     assert two["rollout_nodes"] == ["n3", "n4"]  # 2 servers on n3, the third on n4
     assert two["server_urls"] == ["http://n3:30000", "http://n3:30001", "http://n4:30000"]
 
 
-def test_one_node_runs_keep_their_servers_and_colocated_stays_on_one_node():
-    coloc = cluster_plan(_recipe("qwen2.5-7b"), ["n1"], 8)  # TP2 PP4, colocated
+def test_one_node_runs_keep_their_servers_and_colocated_runs_on_every_node():
+    coloc = cluster_plan(_recipe("qwen2.5-7b", *COLOCATED), ["n1"], 8)
     assert coloc["train_nodes"] == ["n1"] and coloc["rollout_nodes"] == []
     assert coloc["nproc_per_node"] == 8 and coloc["local_rollout_gpus"] == ""
     beside = cluster_plan(load_config(os.path.join(ROOT, "examples", "configs",
                                                    "srft_qwen7b_tp2pp1.yaml"),
                                       ["parallel.dp=3", "rollout.num_servers=1"]), ["n1"], 8)
     assert beside["nproc_per_node"] == 6 and beside["local_rollout_gpus"] == "6,7"
-    with pytest.raises(MultiNodeError, match="rank 0's node only"):
-        cluster_plan(_recipe("qwen2.5-7b", "parallel.dp=2"), ["n1", "n2"], 8)
-    by_url = cluster_plan(_recipe("qwen2.5-32b", 'rollout.urls=["http://s:1"]'),
+    # colocated on two nodes: each node launches its share of the servers itself
+    two = cluster_plan(_recipe("qwen2.5-7b", *COLOCATED, "parallel.dp=2"),
+                       ["n1", "n2"], 8)
+    assert two["train_nodes"] == ["n1", "n2"] and two["rollout_nodes"] == []
+    assert two["servers_per_node"] == 1 and two["server_urls"] == []
+    with pytest.raises(MultiNodeError, match="multiple of 2"):
+        cluster_plan(_recipe("qwen2.5-7b", *COLOCATED, "parallel.dp=2",
+                             "rollout.num_servers=3"),
+                     ["n1", "n2"], 8)
+    by_url = cluster_plan(_recipe("qwen2.5-32b", *DEDICATED, 'rollout.urls=["http://s:1"]'),
                           ["n1", "n2"], 8)
     assert by_url["rollout_nodes"] == [] and by_url["server_urls"] == []
 
@@ -148,8 +164,8 @@ def _slurm_env(tmp_path, **extra):
 
 def test_slurm_dry_run_starts_servers_first_then_torchrun_per_node(tmp_path):
     env = _slurm_env(tmp_path, ROUTER="node")
-    out = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch"), "optimizer.lr=2e-6"],
-               env).stdout
+    out = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch"), "optimizer.lr=2e-6",
+                *DEDICATED], env).stdout
     assert not (tmp_path / "srun-called").exists(), "a dry run launched something"
     lines = out.splitlines()
     assert "# trainer: gpu-01 gpu-02 (8 ranks each, master gpu-01:29500)" in lines
@@ -178,17 +194,17 @@ def test_slurm_dry_run_starts_servers_first_then_torchrun_per_node(tmp_path):
 
 
 def test_slurm_dry_run_router_on_the_trainer_and_refusals(tmp_path):
-    out = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch")],
+    out = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch"), *DEDICATED],
                _slurm_env(tmp_path, ROUTER="trainer")).stdout
     torchrun = [ln for ln in out.splitlines() if "torch.distributed.run" in ln]
     assert torchrun and all("rollout.router=true" in ln and "router_url" not in ln
                             for ln in torchrun)
     assert "sglang_router" not in out
-    short = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch")],
+    short = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch"), *DEDICATED],
                  _slurm_env(tmp_path, SLURM_JOB_NODELIST="gpu-[01-03]", SLURM_NNODES="3"),
                  ok=False)
     assert short.returncode == 2 and "sbatch --nodes=4" in short.stderr
-    one = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch")],
+    one = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch"), *COLOCATED],
                _slurm_env(tmp_path, SLURM_JOB_NODELIST="gpu-01", SLURM_NNODES="1",
                           CONFIG="examples/configs/recipes/qwen2.5-7b.yaml")).stdout
     # one node, colocated servers: no server steps, one torchrun of 8 ranks
@@ -197,6 +213,15 @@ def test_slurm_dry_run_router_on_the_trainer_and_refusals(tmp_path):
         ln for ln in one.splitlines() if ln.startswith("srun --nodes=1 --ntasks=1 "
                                                        "--ntasks-per-node=1 --nodelist=gpu-01 ")]
     assert "--nnodes=1 --node_rank=0 --nproc_per_node=8" in one
+    # two nodes, colocated: still no server steps, one torchrun per node, each of which
+    # launches its node's servers
+    two = _run(["bash", os.path.join(MULTI, "srft_slurm.sbatch"), *COLOCATED, "parallel.dp=2"],
+               _slurm_env(tmp_path, SLURM_JOB_NODELIST="gpu-[01-02]", SLURM_NNODES="2",
+                          CONFIG="examples/configs/recipes/qwen2.5-7b.yaml")).stdout
+    assert "sglang.launch_server" not in two and "rollout.urls" not in two
+    runs = [ln for ln in two.splitlines() if "torch.distributed.run" in ln]
+    assert [f"--nnodes=2 --node_rank={k} --nproc_per_node=8" in ln
+            for k, ln in enumerate(runs)] == [True, True]
     assert not (tmp_path / "srun-called").exists()
 
 

@@ -34,16 +34,19 @@ def test_recipe_loads_validates_and_matches_the_planner(preset):
                dist_opt=cfg.parallel.use_distributed_optimizer,
                recompute=cfg.model.recompute_granularity, servers=cfg.rollout.num_servers,
                server_tp=cfg.rollout.server_tp, sync=cfg.rollout.weight_sync,
-               micro=cfg.train.micro_batch_size, mini=cfg.train.mini_batches)
+               micro=cfg.train.micro_batch_size, mini=cfg.train.mini_batches,
+               mem_fraction=cfg.rollout.mem_fraction,
+               packing=cfg.train.max_tokens_per_micro_batch)
     want = dict(tp=lay.tp, pp=lay.pp, dp=lay.dp, split=plan.pp_split, sp=lay.sequence_parallel,
                 dist_opt=lay.distributed_optimizer, recompute="full" if lay.recompute else None,
                 servers=r.servers, server_tp=r.server_tp,
                 sync="tensor" if r.mode == "colocated" else "distributed",
-                micro=mr.RUN.micro_batch, mini=mr.RUN.mini_batches)
+                micro=mr.RUN.micro_batch, mini=mr.RUN.mini_batches,
+                mem_fraction=r.mem_fraction, packing=mr.RUN.max_tokens_per_micro_batch)
     assert got == want, "the planner picks another layout now: run python tools/make_recipes.py"
-    if spec.multi_node:  # whole trainer nodes, rollout servers on nodes of their own
-        assert r.mode == "dedicated"
+    if spec.multi_node:  # whole nodes; every server inside one node
         assert plan.trainer_gpus % spec.gpus_per_node == 0
+        assert spec.gpus_per_node % r.server_tp == 0
     text = open(path).read()
     fresh = mr.recipe_text(spec)
     diff = "".join(difflib.unified_diff(text.splitlines(True), fresh.splitlines(True),

@@ -8,10 +8,11 @@ Each recipe is the paper's run (section 5: 128 prompts per step, 8 rollouts at t
 steps) with the layout the planner ranks first for that model on the GPUs listed in
 :data:`RECIPES`: TP/PP/DP, uneven pipeline split, recomputation, sequence parallelism, the
 distributed optimizer, the rollout placement (colocated or dedicated GPUs) and the SGLang
-server count and TP. The header comment records the planner call, its estimate and the
-launch command. Runs on more than one node are planned with dedicated rollout GPUs only:
-colocated servers (``weight_sync=tensor``) run on rank 0's node, so they cannot serve a
-trainer that spans nodes.
+server count and TP, SGLang's memory fraction and the packing budget. The header comment
+records the planner call, its estimate and the launch command. Which plans are runnable is
+the planner's own check (``Plan.fits``: memory within its headroom, the layout, the server
+placement, and the trainer's validation of the config), nothing here filters further:
+colocated servers run on every node, so multi-node runs may be colocated too.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import os
 import sys
 import textwrap
 from dataclasses import dataclass
-from typing import Optional
 
 from srft_mcore.planning.layout_search import search
+from srft_mcore.planning.plan_config import HAS_OFFLOAD
 from srft_mcore.planning.model_shape import hf_param_count, load_model
 from srft_mcore.planning.run_shape import Assumptions, GB, Hardware, RunShape
 
@@ -70,6 +71,7 @@ RECIPES = (
 )
 RUN = RunShape()  # the paper's step: the planner's defaults
 ASSUMPTIONS = Assumptions()
+HEADROOM = Hardware(gpus=1, gpu_mem_gb=1.0).max_mem_frac  # the planner's default
 
 
 def recipe_path(spec: RecipeSpec, out_dir: str = OUT_DIR) -> str:
@@ -77,12 +79,11 @@ def recipe_path(spec: RecipeSpec, out_dir: str = OUT_DIR) -> str:
 
 
 def top_plan(spec: RecipeSpec) -> tuple:
-    """(the planner's first fitting plan, how many fit) for ``spec``; multi-node runs
-    with dedicated rollout GPUs only (see the module docstring)."""
+    """(the planner's first fitting plan, how many fit) for ``spec``: the planner's
+    ranking and runnable check, as ``srft-plan`` prints them."""
     model = load_model(spec.preset)
     hw = Hardware(gpus=spec.gpus, gpu_mem_gb=spec.gpu_mem_gb, gpus_per_node=spec.gpus_per_node)
-    plans = [p for p in search(model, RUN, hw, ASSUMPTIONS, None,
-                               False if spec.multi_node else None) if p.fits]
+    plans = [p for p in search(model, RUN, hw, ASSUMPTIONS) if p.fits]
     if not plans:
         raise SystemExit(f"make_recipes: no layout of {spec.preset} fits {spec.gpus} x "
                          f"{spec.gpu_mem_gb:g} GB (srft-plan --model {spec.preset} --gpus "
@@ -96,8 +97,20 @@ def _comment(text: str) -> list[str]:
                          break_on_hyphens=False)
 
 
-def _yaml_list(values: Optional[list]) -> str:
-    return "null" if values is None else "[" + ", ".join(str(v) for v in values) + "]"
+def _yaml_list(values) -> str:
+    """null, a number, or a flow list."""
+    if values is None or isinstance(values, int):
+        return "null" if values is None else str(values)
+    return "[" + ", ".join(str(v) for v in values) + "]"
+
+
+def _packing() -> str:
+    budget = RUN.max_tokens_per_micro_batch
+    return f" (packed rows of {budget} tokens)" if budget else " (padded, no packing)"
+
+
+def _offload_time(t: dict) -> str:
+    return f" + offload {t['offload_s']:.0f}" if t.get("offload_s") else ""
 
 
 def _launch_lines(spec: RecipeSpec, plan, rel: str) -> list[str]:
@@ -105,9 +118,14 @@ def _launch_lines(spec: RecipeSpec, plan, rel: str) -> list[str]:
     args = f"--config {rel} model.hf_path=DIR data.path=FILE"
     if spec.multi_node:
         nodes = spec.gpus // spec.gpus_per_node
-        return [f"# Launch ({nodes} nodes: {plan.trainer_gpus // spec.gpus_per_node} train, "
-                f"{r.gpus // spec.gpus_per_node} serve rollouts, servers reached by URL):",
-                f"#   CONFIG={rel} MODEL_DIR=DIR DATA_PATH=FILE \\",
+        if r.mode == "colocated":
+            head = (f"# Launch ({nodes} nodes, each training and hosting its "
+                    f"{r.servers_per_node} server(s) on its own GPUs):")
+        else:
+            head = (f"# Launch ({nodes} nodes: {plan.trainer_gpus // spec.gpus_per_node} "
+                    f"train, {r.gpus // spec.gpus_per_node} serve rollouts, servers reached "
+                    f"by URL):")
+        return [head, f"#   CONFIG={rel} MODEL_DIR=DIR DATA_PATH=FILE \\",
                 f"#   sbatch --nodes={nodes} examples/multinode/srft_slurm.sbatch"]
     if r.mode == "colocated":
         return ["# Launch (one node; srft-train checks the run, then starts torchrun):",
@@ -126,8 +144,10 @@ def recipe_text(spec: RecipeSpec) -> str:
     model = load_model(spec.preset)
     rel = os.path.relpath(recipe_path(spec), ROOT)
     colocated = r.mode == "colocated"
+    per_node = f", {r.servers_per_node} per node" if spec.multi_node else ""
     placement = (f"{r.servers} SGLang server(s) x TP{r.server_tp} colocated on the trainer's "
-                 f"GPUs (weight_sync=tensor)" if colocated else
+                 f"GPUs{per_node} (weight_sync=tensor, rollout.offload {plan.offload}: "
+                 f"+{plan.kv_gain_gb:.1f} GB of KV per GPU against none)" if colocated else
                  f"{r.servers} SGLang server(s) x TP{r.server_tp} on {r.gpus} GPUs of their own "
                  f"(weight_sync=distributed)")
     split = f", stages of {'/'.join(map(str, plan.pp_split))} layers" if plan.pp_split else ""
@@ -136,38 +156,42 @@ def recipe_text(spec: RecipeSpec) -> str:
         "distributed optimizer" if lay.distributed_optimizer else "",
         "full recomputation" if lay.recompute else "no recomputation") if x)
     multi = f" ({spec.gpus_per_node} per node)" if spec.multi_node else ""
-    searched = ", every dedicated split tried" if spec.multi_node else ""
-    where = (" dedicated rollout GPUs only (colocated servers stay on rank 0's node);"
-             if spec.multi_node else "")
     planner_call = (f"srft-plan --model {spec.preset} --gpus {spec.gpus} --gpu-mem "
-                    f"{spec.gpu_mem_gb:g}"
-                    + (f" --rollout-gpus {r.gpus}" if spec.multi_node else ""))
+                    f"{spec.gpu_mem_gb:g}")
     lines = _comment(
         f"SRFT recipe: {spec.title} (srft-plan preset {spec.preset}, "
         f"{hf_param_count(model) / 1e9:.2f}B parameters). Written by tools/make_recipes.py "
         f"from srft-plan's top plan: edit the generator, not this file (python "
         f"tools/make_recipes.py; tests/test_recipes.py checks that the planner still agrees).")
     lines += _comment(
-        f"Planned for {spec.gpus} GPUs of {spec.gpu_mem_gb:g} GB{multi},{where} the paper's "
+        f"Planned for {spec.gpus} GPUs of {spec.gpu_mem_gb:g} GB{multi}, every GPU within "
+        f"{HEADROOM:g} of its memory, the paper's "
         f"step: {RUN.prompts_per_step} prompts x ({RUN.n_samples} rollouts + 1 "
         f"demonstration), {RUN.prompt_len} + {RUN.response_len} tokens, micro-batch "
-        f"{RUN.micro_batch}, {RUN.mini_batches} mini-batches:")
+        f"{RUN.micro_batch}{_packing()}, {RUN.mini_batches} mini-batches:")
     lines.append(f"#   {planner_call}")
     lines += _comment(
-        f"Layout (plan 1 of the {fitting} that fit{searched}): trainer TP{lay.tp} PP{lay.pp} "
+        f"Layout (plan 1 of the {fitting} that fit): trainer TP{lay.tp} PP{lay.pp} "
         f"DP{lay.dp} on {plan.trainer_gpus} GPUs{split}, {flags}; rollout: {placement}.")
     lines += _comment(
-        f"Estimate: {plan.memory.peak / GB:.1f} GB peak per trainer GPU; step "
-        f"{t['step_s']:.0f} s (rollout {t['rollout_s']:.0f} + reward {t['reward_s']:.0f} + "
-        f"train {t['train_s']:.0f} + sync {t['sync_s']:.0f}), {plan.tokens_per_s:,.0f} "
+        f"Estimate: {plan.memory.peak / GB:.1f} GB peak per trainer GPU, SGLang "
+        f"--mem-fraction-static {r.mem_fraction:g} ({r.peak_gb:.1f} GB peak per server GPU, "
+        f"{r.kv_gb_per_gpu:.1f} GB of KV); step {t['step_s']:.0f} s (rollout "
+        f"{t['rollout_s']:.0f} + reward {t['reward_s']:.0f} + train {t['train_s']:.0f} + "
+        f"sync {t['sync_s']:.0f}{_offload_time(t)}), {plan.tokens_per_s:,.0f} "
         f"tokens/s (assumed MFU and bandwidths: read it as relative; README, Scaling).")
     lines += _launch_lines(spec, plan, rel)
     lines += _comment(
         "A checkpoint whose context is below 1024 + 8192 tokens (e.g. Qwen2.5-Math: 4096) "
         "needs model.rope_theta / model.max_position_embeddings, as in "
         "examples/configs/srft_qwen7b_tp2pp1.yaml." + (f" {spec.note}." if spec.note else ""))
-    servers = ("or rollout.urls: servers by URL" if spec.multi_node
-               else "launched by trainer rank 0")
+    if colocated:
+        servers = (f"{r.servers_per_node} per node, on the trainer's GPUs" if spec.multi_node
+                   else "on the trainer's GPUs")
+    else:
+        servers = ("or rollout.urls: servers by URL" if spec.multi_node
+                   else "launched by trainer rank 0")
+    offload = f"\n  offload: {plan.offload}" if HAS_OFFLOAD else ""
     sp_note = "          # needs the transformer-engine spec" if lay.sequence_parallel else ""
     body = f"""model:
   hf_path: null                    # model.hf_path=DIR (Hugging Face {spec.title})
@@ -196,6 +220,7 @@ rollout:
   num_servers: {r.servers}                   # {servers}
   server_tp: {r.server_tp}
   weight_sync: {"tensor" if colocated else "distributed"}
+  mem_fraction: {r.mem_fraction:g}{offload}
   bucket_mb: 512
 reward:
   fn: math
@@ -211,6 +236,7 @@ train:
   prompts_per_step: {RUN.prompts_per_step}
   mini_batches: {RUN.mini_batches}
   micro_batch_size: {RUN.micro_batch}
+  max_tokens_per_micro_batch: {_yaml_list(RUN.max_tokens_per_micro_batch)}
   seed: 1234
 checkpoint:
   every: 50

@@ -64,6 +64,27 @@ def resolve(algo):
     return out
 
 
+OVERLAP_TIS_CAP = 2.0
+"""The truncation of the behaviour-policy importance weight under rollout.overlap."""
+
+
+def behaviour_correction(algo, rollout):
+    """``algo`` with ``tis_cap`` settled for the run: under ``rollout.overlap`` the rollouts
+    come from the weights before the last step (the behaviour policy, whose log-probs SGLang
+    returns) while the old-policy pass gives the proximal policy's; the decoupled objective
+    (Hilton et al. 2021, "Batch size-invariance for policy optimization"; AReaL) clips the
+    ratio to the proximal policy and weights each token by min(pi_prox / pi_behav, cap).
+    That is ``tis_cap``, so a null ``tis_cap`` becomes :data:`OVERLAP_TIS_CAP` under
+    overlap with unseeded rollouts (seeded ones report no behaviour log-probs). A negative
+    ``tis_cap`` means off and becomes None."""
+    cap = algo.tis_cap
+    if cap is None and rollout.overlap and not rollout.seeded:
+        cap = OVERLAP_TIS_CAP
+    elif cap is not None and cap < 0:
+        cap = None
+    return dataclasses.replace(algo, tis_cap=cap)
+
+
 def markdown_table() -> str:
     """The table as markdown (the README's copy is checked against it by a test)."""
     names = list(DEFAULTS)

@@ -136,16 +136,26 @@ class RolloutConfig:
     (weight_sync=tensor); srft-plan sizes the KV cache with the same values."""
     startup_timeout_s: float = 300.0
     """Seconds to wait for a server's /health before failing with its log tail."""
+    reattach_timeout_s: float = 300.0
+    """Seconds to wait for a server attached by URL (rollout.urls) that stopped answering
+    to come back (it is not ours to restart); after that the run saves its checkpoint and
+    stops, saying how to resume."""
     request_timeout_s: float = 600.0
     """Seconds before a /generate request counts as hung."""
     max_concurrency: int = 64
     """Generate requests in flight per server."""
     overlap: bool = False
     """Generate step k+1's rollouts (with the weights before step k) while step k trains:
-    one step off-policy (logged as rollout/policy_lag_*; algorithm.tis_cap corrects it)."""
+    one step off-policy (logged as rollout/policy_lag_*). Corrected the decoupled way by
+    default (algorithm.tis_cap becomes 2.0 when null, with unseeded rollouts: seeded ones
+    report no behaviour log-probs, so their lag stays uncorrected)."""
     seeded: bool = False
     """Reproducible rollouts: each sample drawn with its own seed (Gumbel-max on the server);
     a resumed run regenerates the same rollouts. No top_p; slower for large vocabularies."""
+    offload: str = "auto"
+    """Colocated servers (weight_sync=tensor): what the trainer moves to pinned host memory
+    while they generate: none | state (gradient buffers, Adam state, fp32 master weights) |
+    all (and the weights) | auto (state when colocated on CUDA, else none)."""
 
 
 @dataclass
@@ -153,6 +163,16 @@ class RewardConfig:
     fn: str = "math"
     """Reward: a registered name (math: \\boxed{} answer checked by math-verify) or
     'module:function' with signature fn(response, answer, prompt) -> float."""
+    workers: int = 2
+    """Processes that score the rewards (rank 0), each answer within timeout_s; 0: in the
+    trainer's process, no time limit (a hanging answer stalls every rank). 2: scoring is
+    cheap next to generation, and a second worker keeps the batch going while one is stuck
+    on an answer."""
+    timeout_s: float = 10.0
+    """Seconds one answer may take in a worker before it is killed, replaced and the answer
+    scores 0 (counted as reward/timeouts). 10: above the worst case of the math reward that
+    still ends (math-verify gives up after 3 s on each of parsing the answer, parsing the
+    response and comparing them)."""
 
 
 @dataclass
@@ -197,8 +217,11 @@ class AlgorithmConfig:
     entropy_coef: Optional[float] = None
     """Entropy bonus coefficient (LUFFY 0.001; the paper 0); null: per algorithm."""
     tis_cap: Optional[float] = None
-    """Truncated importance sampling: rollout-token losses times min(pi_old / pi_sglang, cap),
-    correcting the training-inference mismatch (needs unseeded rollouts); null = off."""
+    """Truncated importance sampling: rollout-token losses times min(pi_old / pi_sglang, cap)
+    (pi_old: the old-policy pass, the proximal policy of the PPO ratio; pi_sglang: the
+    policy that sampled), correcting the training-inference mismatch and, under
+    rollout.overlap, the one-step lag (the decoupled objective). Needs unseeded rollouts.
+    null: 2.0 under rollout.overlap, else off; a negative value: off."""
     kl_coef: float = 0.0
     """KL penalty to a frozen reference policy (the start weights); 0 = off (the paper)."""
     kl_estimator: str = "k3"

@@ -91,6 +91,9 @@ def _check_rollout_endpoints(r: RolloutConfig) -> None:
     if r.sync_address is not None and not r.sync_address.strip():
         raise _err("rollout.sync_address", r.sync_address, "is empty",
                    "give this node's address as the servers reach it, auto, or null")
+    if not r.reattach_timeout_s >= 0:
+        raise _err("rollout.reattach_timeout_s", r.reattach_timeout_s, "must be >= 0",
+                   "give the seconds to wait for an attached server, e.g. 300 (0: none)")
     if r.mem_fraction is not None and not 0 < r.mem_fraction < 1:
         raise _err("rollout.mem_fraction", r.mem_fraction, "must be in (0, 1)",
                    "use e.g. 0.85 on dedicated GPUs, 0.6 colocated, or null for these defaults")
@@ -155,9 +158,12 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("model.load_optimizer", True, "takes the optimizer state of the checkpoint "
                    "model.load_mcore names, and that is not set",
                    "set model.load_mcore=CHECKPOINT or model.load_optimizer=false")
-    a = cfg.algorithm
-    if a.tis_cap is not None and a.tis_cap <= 0:
-        raise _err("algorithm.tis_cap", a.tis_cap, "must be > 0", "use e.g. 2.0, or null (off)")
+    from srft_mcore.algo.defaults import behaviour_correction
+
+    cfg.algorithm = a = behaviour_correction(cfg.algorithm, cfg.rollout)
+    if a.tis_cap is not None and a.tis_cap == 0:
+        raise _err("algorithm.tis_cap", a.tis_cap, "must be > 0 (or < 0: off)",
+                   "use e.g. 2.0, or -1 (off)")
     if a.tis_cap is not None and cfg.rollout.seeded:
         raise _err("algorithm.tis_cap", a.tis_cap, "seeded rollouts report the log-probs of "
                    "the Gumbel-perturbed logits, not the sampling policy's",
@@ -199,10 +205,27 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("rollout.overlap", True, "colocated servers (weight_sync=tensor) release "
                    "their GPU memory while the trainer runs, so they cannot generate then",
                    "use dedicated rollout GPUs (weight_sync=distributed) or rollout.overlap=false")
+    if cfg.rollout.offload not in ("auto", "none", "state", "all"):
+        raise _err("rollout.offload", cfg.rollout.offload, "not a supported choice",
+                   "use one of: auto, none, state, all")
+    if cfg.rollout.offload in ("state", "all") and cfg.rollout.weight_sync != "tensor":
+        raise _err("rollout.offload", cfg.rollout.offload, "moving the trainer's state off the "
+                   "GPU during generation only makes sense when the rollout servers share the "
+                   f"trainer's GPUs (rollout.weight_sync=tensor; this run has "
+                   f"rollout.weight_sync={cfg.rollout.weight_sync})",
+                   "set rollout.weight_sync=tensor (colocated servers), or rollout.offload=none")
     _check_rollout_endpoints(cfg.rollout)
     if cfg.rollout.temperature <= 0:
         raise _err("rollout.temperature", cfg.rollout.temperature, "must be > 0 for RL rollouts",
                    "use a positive temperature (the paper uses 1.0)")
+    if cfg.reward.workers < 0:
+        raise _err("reward.workers", cfg.reward.workers, "must be >= 0",
+                   "use 0 (score in the trainer's process, no time limit) or a process count "
+                   "such as 2")
+    if not 0 < cfg.reward.timeout_s < float("inf"):
+        raise _err("reward.timeout_s", cfg.reward.timeout_s, "must be a finite number > 0",
+                   "give the seconds one answer may take, e.g. 10 (reward.workers=0 scores "
+                   "without a time limit)")
 
     check_context_length(cfg, hf_config)
     if hf_config is not None:

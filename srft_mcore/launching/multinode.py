@@ -11,9 +11,10 @@ which serve rollouts, and the flags of SGLang servers started outside the traine
 Placement (:func:`cluster_plan`): the trainer takes the first nodes, ``parallel.tp * pp * dp``
 GPUs (``parallel.dp`` from the recipe, else every node not serving rollouts); SGLang servers
 (``rollout.num_servers`` x ``rollout.server_tp`` GPUs) take the next whole nodes and are
-reached by URL (``rollout.urls``). A run on one node keeps the servers there: colocated
-(``weight_sync=tensor``) or on the GPUs after the trainer's (``SRFT_ROLLOUT_GPUS``), both
-launched by the trainer itself.
+reached by URL (``rollout.urls``). Colocated servers (``weight_sync=tensor``) are launched
+by the trainer on every one of its nodes, an equal share each, on that node's GPUs. A run on
+one node keeps dedicated servers there too, on the GPUs after the trainer's
+(``SRFT_ROLLOUT_GPUS``).
 """
 from __future__ import annotations
 
@@ -150,12 +151,22 @@ def cluster_plan(cfg, nodes: Sequence[str], gpus_per_node: int = 8, port: int = 
             f"the trainer needs tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {train_gpus} GPUs: more than "
             f"one node of {gpus_per_node}, but not whole nodes. Fix: choose parallel.dp so that "
             f"tp*pp*dp is a multiple of {gpus_per_node}")
-    if colocated:
-        raise MultiNodeError(
-            f"rollout.weight_sync=tensor (colocated servers) works on rank 0's node only, and "
-            f"this trainer spans {train_gpus // gpus_per_node} nodes. Fix: use dedicated rollout "
-            f"GPUs (rollout.weight_sync=distributed, servers on their own nodes)")
     train_nodes = train_gpus // gpus_per_node
+    if colocated:  # every training node launches its share of the servers on its own GPUs
+        share, rest = divmod(r.num_servers, train_nodes)
+        if rest or share * r.server_tp > gpus_per_node:
+            raise MultiNodeError(
+                f"colocated servers (rollout.weight_sync=tensor) run on every node of the "
+                f"trainer, an equal share each: {r.num_servers} servers x TP{r.server_tp} do "
+                f"not split into {train_nodes} nodes of {gpus_per_node} GPUs. Fix: "
+                f"rollout.num_servers a multiple of {train_nodes} with "
+                f"num_servers / {train_nodes} x server_tp <= {gpus_per_node}")
+        if len(nodes) < train_nodes:
+            raise MultiNodeError(f"{len(nodes)} nodes given; the trainer needs {train_nodes}. "
+                                 f"Fix: allocate {train_nodes} nodes (sbatch "
+                                 f"--nodes={train_nodes})")
+        return dict(base, train_nodes=nodes[:train_nodes], rollout_nodes=[],
+                    nproc_per_node=gpus_per_node, servers_per_node=share)
     if r.server_tp > gpus_per_node:
         raise MultiNodeError(f"rollout.server_tp={r.server_tp} is more than a node's "
                              f"{gpus_per_node} GPUs")

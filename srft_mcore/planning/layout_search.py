@@ -8,11 +8,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from srft_mcore.planning.memory_estimate import StageMemory, trainer_memory
+from srft_mcore.planning.memory_estimate import (StageMemory, balanced_layer_split,
+                                                 trainer_memory)
 from srft_mcore.planning.model_shape import ModelShape
+from srft_mcore.planning.plan_config import config_problem, hf_shape, plan_config
 from srft_mcore.planning.rollout_estimate import RolloutPlan, rollout_plan
 from srft_mcore.planning.run_shape import GB, Assumptions, Hardware, Layout, RunShape
-from srft_mcore.planning.throughput_estimate import step_seconds, sync_seconds, trainer_seconds
+from srft_mcore.planning.throughput_estimate import (offload_seconds, step_seconds,
+                                                     sync_seconds, trainer_seconds)
 
 
 @dataclass
@@ -28,6 +31,12 @@ class Plan:
     pp_split: Optional[list] = None
     options: dict = field(default_factory=dict)
     """Peak GB with the optimizer/recompute options toggled (:func:`memory_options`)."""
+    offload: str = "none"
+    """rollout.offload: the assumption's for colocated plans, none for dedicated ones."""
+    kv_gain_gb: float = 0.0
+    """Colocated: KV room per GPU the offload frees against offload none."""
+    config: dict = field(default_factory=dict)
+    """The trainer config keys the plan sets (:func:`plan_config.plan_config`)."""
 
     def label(self) -> str:
         r = self.rollout
@@ -48,47 +57,57 @@ def tp_candidates(m: ModelShape) -> list:
 
 def pp_candidates(m: ModelShape) -> list:
     """Pipeline sizes 1..16 with at least 2 layers per stage; when p does not divide L the
-    stages differ by one layer (train with ``parallel.pp_layer_split``, see
+    stages differ by one layer (``parallel.pp_layer_split``, from
     :func:`pp_layer_split`)."""
     return [p for p in range(1, 17) if m.layers // p >= 2]
 
 
-def pp_layer_split(m: ModelShape, pp: int) -> Optional[list]:
-    """Layers per stage for an uneven split (the first stages one layer more), else None."""
-    if m.layers % pp == 0:
-        return None
-    base, extra = divmod(m.layers, pp)
-    return [base + 1] * extra + [base] * (pp - extra)
+def pp_layer_split(m: ModelShape, run: RunShape, lay: Layout, a: Assumptions,
+                   colocated: bool = False) -> Optional[list]:
+    """Layers per stage for an uneven split, the extra layers on the stages with the least
+    memory (:func:`memory_estimate.balanced_layer_split`), else None."""
+    return balanced_layer_split(m, run, lay, a, colocated)
 
 
 def server_tp_candidates(m: ModelShape, gpus: int, hw: Hardware) -> list:
-    """SGLang TP sizes: dividing the attention heads and the GPUs given, within a node."""
+    """SGLang TP sizes: dividing the attention heads and the GPUs given, each server inside
+    one node (a server spans no nodes: beyond one node its TP divides gpus_per_node, so
+    every node hosts gpus_per_node / TP whole servers)."""
     return [t for t in (1, 2, 4, 8) if m.heads % t == 0 and gpus % t == 0
-            and t <= hw.gpus_per_node]
+            and t <= hw.gpus_per_node and (gpus <= hw.gpus_per_node or hw.gpus_per_node % t == 0)]
 
 
 def fit_reasons(mem: StageMemory, hw: Hardware) -> list:
-    """Why a trainer GPU overflows: the total against the card and its largest terms."""
-    cap = hw.gpu_mem_gb * GB
-    if mem.peak <= cap:
+    """Why a trainer GPU is too full: the peak against max_mem_frac x the card, and its
+    largest terms."""
+    if mem.peak <= hw.cap_bytes:
         return []
     terms = {k: v for k, v in mem.terms.items() if not k.endswith("transient")}
     top = sorted(terms.items(), key=lambda kv: -kv[1])[:3]
     parts = ", ".join(f"{k} {v / GB:.1f}" for k, v in top)
-    return [f"trainer ({mem.stage} stage): {mem.peak / GB:.1f} GB > {hw.gpu_mem_gb:g} GB "
-            f"(largest: {parts} GB)"]
+    return [f"trainer ({mem.stage} stage): {mem.peak / GB:.1f} GB > {hw.max_mem_frac:g} x "
+            f"{hw.gpu_mem_gb:g} GB = {hw.cap_bytes / GB:.1f} GB (largest: {parts} GB)"]
+
+
+def placement_reasons(hw: Hardware, colocated: bool) -> list:
+    """Colocated servers run on every node, each node's ranks hosting gpus_per_node /
+    server TP of them: beyond one node every node must be whole."""
+    if colocated and hw.gpus > hw.gpus_per_node and hw.gpus % hw.gpus_per_node:
+        return [f"config: colocated servers need whole nodes: {hw.gpus} GPUs are not a "
+                f"multiple of {hw.gpus_per_node} per node"]
+    return []
 
 
 def memory_options(m: ModelShape, run: RunShape, lay: Layout, a: Assumptions,
-                   colocated: bool) -> dict:
+                   colocated: bool, split: Optional[list] = None) -> dict:
     """Peak GB of the layout's fullest GPU with and without the distributed optimizer and
-    full recomputation."""
+    full recomputation (the plan's layer split)."""
     out = {}
     for dist_opt in (True, False):
         for rc in (False, True):
             key = ("distopt" if dist_opt else "no_distopt") + ("_recompute" if rc else "")
             mem = trainer_memory(m, run, replace(lay, distributed_optimizer=dist_opt,
-                                                 recompute=rc), a, colocated)
+                                                 recompute=rc), a, colocated, split)
             out[key] = round(mem.peak / GB, 1)
     return out
 
@@ -104,37 +123,50 @@ def best_rollout(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, gpu
     if options:
         return max(options, key=lambda o: (o.kv_gb_per_gpu, o.server_tp))
     return RolloutPlan("colocated" if colocated else "dedicated", gpus, 0, 0, False, 0.0, 0,
-                       math.inf, f"sglang: no server TP divides {gpus} GPUs and {m.heads} heads")
+                       math.inf, f"sglang: no server TP divides {gpus} GPUs and {m.heads} "
+                       f"heads within a node of {hw.gpus_per_node}")
 
 
 def evaluate(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions, tp: int, pp: int,
              dp: int, rollout_gpus: int, colocated: bool) -> Plan:
-    """One layout + rollout split: memory (no recompute if it fits, else full recompute),
-    the best server TP, step time and tokens/s."""
+    """One layout + rollout split: memory (no recompute if it fits within max_mem_frac,
+    else full recompute; uneven stages balanced by memory), the best server TP (colocated:
+    with what the trainer keeps during generation under ``a.offload``), step time and
+    tokens/s, and the trainer's own validation of the config the plan stands for."""
     sp = a.spec == "te" and tp > 1
     lay = Layout(tp=tp, pp=pp, dp=dp, sequence_parallel=sp)
     mem = trainer_memory(m, run, lay, a, colocated)
-    if mem.peak > hw.gpu_mem_gb * GB:
+    if mem.peak > hw.cap_bytes:
         lay = replace(lay, recompute=True)
         mem = trainer_memory(m, run, lay, a, colocated)
-    why = fit_reasons(mem, hw)
-    mini = run.prompts_per_step // run.mini_batches
-    if mini % dp:
-        why.append(f"config: {mini} prompts per mini-batch are not divisible by DP {dp}")
-    resident = mem.resident - mem.terms.get("sglang_released", 0) if colocated else 0
+    why = fit_reasons(mem, hw) + placement_reasons(hw, colocated)
+    offload = a.offload if colocated else "none"
+    resident = mem.rollout_resident[offload] if colocated else 0
     rollout = best_rollout(m, run, hw, a, hw.gpus if colocated else rollout_gpus, resident,
                            colocated)
     if not rollout.fits:
         why.append(rollout.why)
+    sync_mode = "tensor" if colocated else a.weight_sync
     times = {"rollout_s": rollout.seconds,
              "reward_s": run.prompts_per_step * run.n_samples * a.reward_s_per_sample,
-             "train_s": trainer_seconds(m, run, lay, hw, a), "sync_s": sync_seconds(m, a)}
+             "train_s": trainer_seconds(m, run, lay, hw, a),
+             "sync_s": (sync_seconds(m, sync_mode, rollout.servers, rollout.server_tp, lay,
+                                     hw, a) if rollout.servers else math.inf),
+             "offload_s": offload_seconds(mem.offload_bytes[offload], hw)}
     total = step_seconds(times, overlapped=run.overlap and not colocated)
     times["step_s"] = total
+    config = plan_config(lay, mem.split, rollout.mode, rollout.servers, rollout.server_tp,
+                         rollout.mem_fraction, run, a)
+    if rollout.servers and not any(w.startswith("config:") for w in why):
+        problem = config_problem(config, lay.gpus, hf_shape(m))
+        if problem:
+            why.append(f"config: the trainer refuses it: {problem}")
+    gain = (mem.rollout_resident["none"] - resident) / GB if colocated else 0.0
     return Plan(layout=lay, rollout=rollout, trainer_gpus=lay.gpus, memory=mem,
-                fits=not why, why=why, times=times, pp_split=pp_layer_split(m, pp),
-                options=memory_options(m, run, lay, a, colocated),
-                tokens_per_s=run.tokens / total if math.isfinite(total) else 0.0)
+                fits=not why, why=why, times=times, pp_split=mem.split,
+                options=memory_options(m, run, lay, a, colocated, mem.split),
+                tokens_per_s=run.tokens / total if math.isfinite(total) else 0.0,
+                offload=offload, kv_gain_gb=round(gain, 1), config=config)
 
 
 def rollout_splits(hw: Hardware, fixed: Optional[int]) -> list:

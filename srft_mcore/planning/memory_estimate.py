@@ -12,11 +12,19 @@ What one trainer GPU holds (a pipeline stage, 1/t of its split tensors):
   + activations of the micro-batches in flight (formula in :func:`layer_activation_bytes`)
   + the fused log-prob/entropy kernel's scratch on the last stage
   + the step's micro-batch tensors + a fixed overhead (CUDA context, NCCL, fragmentation).
+
+Every pipeline stage is computed (1F1B: stage i keeps p - i micro-batches; the first holds
+the embeddings, the last the output layer and the loss), and an uneven split gives its
+extra layers to the stages with the least memory (:func:`balanced_layer_split`). With
+packing (train.max_tokens_per_micro_batch) a micro-batch's tokens are the budget, not
+micro_batch * (prompt + response). What a colocated GPU keeps during generation depends on
+rollout.offload (:data:`OFFLOAD_KEEPS`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from srft_mcore.planning.model_shape import ModelShape, padded_vocab, stage_layers, stage_params
 from srft_mcore.planning.run_shape import DTYPE_BYTES, GIB, Assumptions, Layout, RunShape
@@ -149,49 +157,75 @@ def logprob_scratch_bytes(m: ModelShape, tp: int, tokens: int, a: Assumptions) -
 
 
 def batch_tensor_bytes(run: RunShape, dp: int) -> int:
-    """The step's micro-batches of this DP rank, on the device for the whole step: tokens,
-    targets, positions, sequence ids (int64) + loss mask, SGLang log-probs and their mask,
-    old log-probs (fp32): 48 bytes per token, sequences / DP * (prompt + response)."""
+    """The step's micro-batches of this DP rank, on the device for the whole training phase
+    (built from the rollouts, so not during generation): tokens, targets, positions,
+    sequence ids (int64) + loss mask, SGLang log-probs and their mask, old log-probs (fp32):
+    48 bytes per token, sequences / DP * (prompt + response)."""
     return 48 * math.ceil(run.sequences / dp) * run.seq_len
 
 
 def micro_batches_per_rank(run: RunShape, dp: int) -> int:
     """Micro-batches one DP rank runs per optimizer mini-batch:
-    ceil(sequences / mini_batches / (DP * micro_batch))."""
-    return max(1, math.ceil(run.sequences / run.mini_batches / (dp * run.micro_batch)))
+    ceil(sequences / mini_batches / (DP * sequences per micro-batch)); packed, a row holds
+    budget // (prompt + response) full-length sequences."""
+    return max(1, math.ceil(run.sequences / run.mini_batches / (dp * run.seqs_per_micro_batch)))
 
 
-def in_flight_micro_batches(pp: int, m_batches: int, stage: str) -> int:
+STAGES = ("first", "middle", "last")
+
+
+def stage_name(index: int, pp: int) -> str:
+    """first (embeddings), middle, or last (output layer, loss); with p = 1 the one stage is
+    ``last`` (it holds everything)."""
+    if index == pp - 1:
+        return "last"
+    return "first" if index == 0 else "middle"
+
+
+def _stage_index(stage, pp: int) -> int:
+    if isinstance(stage, int):
+        return stage
+    return {"first": 0, "last": pp - 1}.get(stage, min(1, pp - 1))
+
+
+def in_flight_micro_batches(pp: int, m_batches: int, stage) -> int:
     """1F1B keeps min(p - i, m) micro-batches' activations on stage i: p on the first
-    stage, 1 on the last."""
-    return 1 if stage == "last" or pp == 1 else min(pp, m_batches)
+    stage, 1 on the last. ``stage``: the index i, or first / last."""
+    i = _stage_index(stage, pp)
+    return max(1, min(pp - i, m_batches))
 
 
-def stage_activation_bytes(m: ModelShape, run: RunShape, lay: Layout, stage: str,
-                           a: Assumptions) -> dict:
-    """Activation-phase bytes of one GPU of ``stage`` at its backward peak.
+def stage_activation_bytes(m: ModelShape, run: RunShape, lay: Layout, stage, a: Assumptions,
+                           layers: Optional[int] = None) -> dict:
+    """Activation-phase bytes of one GPU of ``stage`` (index or first/last) at its backward
+    peak, with ``layers`` decoder layers (default: the largest stage's).
 
-    Saved: no recompute, in_flight * layers * b*s * layer_activation; full recompute,
-    in_flight * layers * b*s * h*e (/t with SP: each layer's input) + one layer's
-    activations recomputed. The last stage adds the final norm / loss per token. On top of
-    the saved activations comes the larger of two moments: the fused kernel's backward
-    scratch (last stage, first thing in the backward) and one layer's backward transient.
-    The local spec adds its persistent score buffer."""
+    Tokens of a micro-batch T: micro_batch * (prompt + response), or the packing budget
+    (train.max_tokens_per_micro_batch). Saved: no recompute, in_flight * layers * T *
+    layer_activation; full recompute, in_flight * layers * T * h*e (/t with SP: each layer's
+    input) + one layer's activations recomputed. The last stage adds the final norm / loss
+    per token. On top of the saved activations comes the larger of two moments: the fused
+    kernel's backward scratch (last stage, first thing in the backward) and one layer's
+    backward transient. The local spec adds its persistent score buffer (over a row: the
+    packed row when packing)."""
     e = DTYPE_BYTES[a.dtype]
     sp = lay.sequence_parallel
-    tokens_mb = run.micro_batch * run.seq_len
-    layers = stage_layers(m, lay.pp)
-    flight = in_flight_micro_batches(lay.pp, micro_batches_per_rank(run, lay.dp), stage)
-    per_layer = (layer_activation_bytes(m, lay.tp, sp, run.seq_len, a) * tokens_mb
-                 + causal_mask_bytes(run.seq_len, a))
-    transient = backward_transient_bytes(m, lay.tp, run.seq_len, a) * tokens_mb
+    i = _stage_index(stage, lay.pp)
+    last = i == lay.pp - 1
+    tokens_mb = run.tokens_per_micro_batch
+    row = run.row_len
+    layers = stage_layers(m, lay.pp) if layers is None else layers
+    flight = in_flight_micro_batches(lay.pp, micro_batches_per_rank(run, lay.dp), i)
+    per_layer = (layer_activation_bytes(m, lay.tp, sp, row, a) * tokens_mb
+                 + causal_mask_bytes(row, a))
+    transient = backward_transient_bytes(m, lay.tp, row, a) * tokens_mb
     if lay.recompute:
         saved = flight * layers * tokens_mb * m.hidden * e / (lay.tp if sp else 1) + per_layer
     else:
         saved = flight * layers * per_layer
-    saved += attention_buffer_bytes(m, lay.tp, run.micro_batch, run.seq_len, a)
+    saved += attention_buffer_bytes(m, lay.tp, run.rows_per_micro_batch, row, a)
     scratch = 0
-    if stage == "last" or lay.pp == 1:
+    if last:
         saved += final_norm_and_loss_bytes(m, lay.tp, sp, a) * tokens_mb
         scratch = logprob_scratch_bytes(m, lay.tp, tokens_mb, a)
     return {"activations": int(saved), "logprob_scratch": scratch,
@@ -208,6 +242,16 @@ def optimizer_step_transient_bytes(params: int, largest: int, dp: int, distribut
     return 2 * params + adam
 
 
+OFFLOAD_KEEPS = {"none": ("weights", "grads", "optimizer", "overhead"),
+                 "state": ("weights", "overhead"), "all": ("overhead",)}
+"""What a colocated trainer GPU keeps during generation per rollout.offload: the step's
+batch is not built yet and activations are freed; ``state`` moves gradient buffers and
+optimizer state to pinned host memory, ``all`` the weights too (the CUDA context, NCCL
+buffers and allocator reserve, ``overhead``, stay)."""
+OFFLOAD_MOVES = {"none": (), "state": ("grads", "optimizer"),
+                 "all": ("weights", "grads", "optimizer")}
+
+
 @dataclass
 class StageMemory:
     stage: str
@@ -216,13 +260,27 @@ class StageMemory:
     peak: int
     resident: int
     """What stays on the GPU outside training (weights, grads, optimizer, batch, overhead)."""
+    layers: int = 0
+    """Decoder layers of this stage."""
+    stage_peaks: list = field(default_factory=list)
+    """trainer_memory: every stage's peak, in pipeline order."""
+    split: Optional[list] = None
+    """trainer_memory: layers per stage when they differ (parallel.pp_layer_split)."""
+    rollout_resident: dict = field(default_factory=dict)
+    """trainer_memory: per rollout.offload, the most a trainer GPU keeps during generation."""
+    offload_bytes: dict = field(default_factory=dict)
+    """trainer_memory: per rollout.offload, the most one GPU copies to the host (and back)."""
 
 
-def stage_memory(m: ModelShape, run: RunShape, lay: Layout, stage: str,
-                 a: Assumptions, colocated: bool = False) -> StageMemory:
-    """Peak bytes of one trainer GPU of ``stage``: resident + max(activation phase,
-    optimizer phase); colocated adds the released SGLang server's residual."""
-    params = stage_params(m, lay.tp, lay.pp, stage)
+def stage_memory(m: ModelShape, run: RunShape, lay: Layout, stage, a: Assumptions,
+                 colocated: bool = False, layers: Optional[int] = None) -> StageMemory:
+    """Peak bytes of one trainer GPU of ``stage`` (index or first/last) with ``layers``
+    decoder layers: resident + max(activation phase, optimizer phase); colocated adds the
+    released SGLang server's residual."""
+    i = _stage_index(stage, lay.pp)
+    name = stage_name(i, lay.pp)
+    layers = stage_layers(m, lay.pp) if layers is None else layers
+    params = stage_params(m, lay.tp, lay.pp, name, layers)
     terms = {
         "weights": weight_bytes(params, a),
         "grads": grad_bytes(params),
@@ -233,19 +291,49 @@ def stage_memory(m: ModelShape, run: RunShape, lay: Layout, stage: str,
     if colocated:
         terms["sglang_released"] = int(a.sglang_residual_gib * GIB)
     resident = sum(terms.values())
-    terms.update(stage_activation_bytes(m, run, lay, stage, a))
+    terms.update(stage_activation_bytes(m, run, lay, i, a, layers))
     largest = padded_vocab(m.vocab, lay.tp) * m.hidden // lay.tp
     terms["optimizer_step_transient"] = optimizer_step_transient_bytes(
         params, largest, lay.dp, lay.distributed_optimizer, a)
     training = terms["activations"] + max(terms["logprob_scratch"],
                                           terms["backward_transient"])
     peak = resident + max(training, terms["optimizer_step_transient"])
-    return StageMemory(stage=stage, terms=terms, peak=peak, resident=resident)
+    return StageMemory(stage=name, terms=terms, peak=peak, resident=resident, layers=layers)
+
+
+def balanced_layer_split(m: ModelShape, run: RunShape, lay: Layout, a: Assumptions,
+                         colocated: bool = False) -> Optional[list]:
+    """Layers per stage when p does not divide L (else None): every stage gets L // p and
+    the L % p extra layers go to the stages whose peak with one more layer is lowest (ties:
+    the later stage). 1F1B keeps p - i micro-batches on stage i, so the first stages
+    (which also hold the embeddings) are usually the fullest; the last holds one
+    micro-batch but the output layer and the loss's working set, so it is computed, not
+    assumed. Picking the lowest peaks-with-one-more-layer minimises the largest stage (an
+    exchange argument: swapping a chosen stage for an unchosen one with a lower such peak
+    never raises the maximum)."""
+    base, extra = divmod(m.layers, lay.pp)
+    if extra == 0:
+        return None
+    plus = [stage_memory(m, run, lay, i, a, colocated, base + 1).peak for i in range(lay.pp)]
+    chosen = set(sorted(range(lay.pp), key=lambda i: (plus[i], -i))[:extra])
+    return [base + (1 if i in chosen else 0) for i in range(lay.pp)]
 
 
 def trainer_memory(m: ModelShape, run: RunShape, lay: Layout, a: Assumptions,
-                   colocated: bool = False) -> StageMemory:
-    """The fullest GPU of the layout: the larger of the first and last stage."""
-    stages = ["last"] if lay.pp == 1 else ["first", "last"]
-    return max((stage_memory(m, run, lay, s, a, colocated) for s in stages),
-               key=lambda s: s.peak)
+                   colocated: bool = False, split: Optional[list] = None) -> StageMemory:
+    """The fullest GPU of the layout over every pipeline stage, each with its layers of
+    ``split`` (default: :func:`balanced_layer_split`, or L / p each); the result also
+    carries every stage's peak, the split, and per rollout.offload what the fullest GPU
+    keeps during generation and copies to the host."""
+    if split is None:
+        split = balanced_layer_split(m, run, lay, a, colocated)
+    layers = split or [m.layers // lay.pp] * lay.pp
+    stages = [stage_memory(m, run, lay, i, a, colocated, n) for i, n in enumerate(layers)]
+    top = max(stages, key=lambda s: s.peak)
+    top.stage_peaks = [s.peak for s in stages]
+    top.split = list(split) if split else None
+    top.rollout_resident = {mode: max(sum(s.terms[k] for k in keep) for s in stages)
+                            for mode, keep in OFFLOAD_KEEPS.items()}
+    top.offload_bytes = {mode: max(sum(s.terms[k] for k in moved) for s in stages)
+                         for mode, moved in OFFLOAD_MOVES.items()}
+    return top

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 
 # --------------------------------------------------------------------------- presets
@@ -180,18 +181,23 @@ def stage_layers(m: ModelShape, pp: int) -> int:
     return -(-m.layers // pp)
 
 
-def stage_params(m: ModelShape, tp: int, pp: int, stage: str) -> int:
-    """Parameters one GPU of a stage holds (Megatron layout, padded vocabulary).
+def stage_params(m: ModelShape, tp: int, pp: int, stage: str,
+                 layers: Optional[int] = None) -> int:
+    """Parameters one GPU of a stage holds (Megatron layout, padded vocabulary), with
+    ``layers`` decoder layers (default: the largest stage's, :func:`stage_layers`).
 
-    first: its layers + the word embeddings V_pad*h/t; last: its layers + the output layer
-    V_pad*h/t (tied models keep a copy of the embeddings there when p > 1) + the final norm;
-    with p = 1 one stage holds all of it (tied: the embeddings once)."""
+    first: its layers + the word embeddings V_pad*h/t; middle: its layers; last: its layers
+    + the output layer V_pad*h/t (tied models keep a copy of the embeddings there when
+    p > 1) + the final norm; with p = 1 one stage holds all of it (tied: the embeddings
+    once)."""
     emb = padded_vocab(m.vocab, tp) * m.hidden // tp
-    n = stage_layers(m, pp) * layer_params_per_rank(m, tp)
+    n = (stage_layers(m, pp) if layers is None else layers) * layer_params_per_rank(m, tp)
     if pp == 1:
         return n + emb * (1 if m.tied else 2) + m.hidden
     if stage == "first":
         return n + emb
+    if stage == "middle":
+        return n
     return n + emb + m.hidden  # last: output layer (or the tied copy) + final norm
 
 

@@ -21,13 +21,21 @@ def plan_to_dict(p: Plan) -> dict:
         "recompute": "full" if p.layout.recompute else None,
         "sequence_parallel": p.layout.sequence_parallel,
         "distributed_optimizer": p.layout.distributed_optimizer,
+        "max_tokens_per_micro_batch": p.config.get("train.max_tokens_per_micro_batch"),
         "rollout": {"mode": r.mode, "gpus": r.gpus, "servers": r.servers,
-                    "server_tp": r.server_tp, "kv_gb_per_gpu": r.kv_gb_per_gpu,
+                    "server_tp": r.server_tp,
+                    "servers_per_node": r.servers_per_node,
+                    "weight_sync": p.config.get("rollout.weight_sync"),
+                    "mem_fraction": r.mem_fraction, "peak_gb": r.peak_gb,
+                    "offload": p.offload, "trainer_resident_gb": r.trainer_resident_gb,
+                    "kv_gb_per_gpu": r.kv_gb_per_gpu, "offload_kv_gain_gb": p.kv_gain_gb,
                     "concurrent_seqs_per_server": r.concurrent_seqs},
         "fits": p.fits, "why_not": p.why,
         "memory_gb": {"peak": round(p.memory.peak / GB, 2), "stage": p.memory.stage,
+                      "stage_peaks": [round(v / GB, 2) for v in p.memory.stage_peaks],
                       **{k: round(v / GB, 2) for k, v in p.memory.terms.items()},
                       "options": p.options},
+        "config": p.config,
         "time_s": {k: round(v, 1) if math.isfinite(v) else None for k, v in p.times.items()},
         "tokens_per_s": round(p.tokens_per_s),
     }
@@ -39,6 +47,10 @@ def build_report(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions,
     plans = search(m, run, hw, a, rollout_gpus, colocated)
     fitting = [p for p in plans if p.fits]
     report = {
+        "max_mem_frac": hw.max_mem_frac,
+        "limit_gb_per_gpu": round(hw.cap_bytes / GB, 2),
+        "max_peak_gb_fitting": round(max((max(p.memory.peak / GB, p.rollout.peak_gb)
+                                          for p in fitting), default=0.0), 2),
         "model": {"name": m.name, **asdict(m), "params": hf_param_count(m),
                   "kv_bytes_per_token": kv_bytes_per_token(m)},
         "run": {**asdict(run), "sequences_per_step": run.sequences,
@@ -55,22 +67,33 @@ def build_report(m: ModelShape, run: RunShape, hw: Hardware, a: Assumptions,
 def format_table(report: dict) -> str:
     """The ranked fitting plans as a Markdown table, then why each TP does or does not fit."""
     m, hw = report["model"], report["hardware"]
+    run = report["run"]
+    packing = (f", packed rows of {run['max_tokens_per_micro_batch']} tokens"
+               if run.get("max_tokens_per_micro_batch") else "")
     lines = [f"{m['name']}: {m['params'] / 1e9:.2f}B params on {hw['gpus']} x "
-             f"{hw['gpu_mem_gb']:g} GB; step = {report['run']['sequences_per_step']} sequences "
-             f"x {report['run']['prompt_len'] + report['run']['response_len']} tokens", "",
-             "| # | TP | PP | DP | recompute | trainer peak GB | rollout | KV GB/GPU | seqs/server "
-             "| rollout s | train s | step s | tokens/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{hw['gpu_mem_gb']:g} GB ({hw['gpus_per_node']} per node); step = "
+             f"{run['sequences_per_step']} sequences x "
+             f"{run['prompt_len'] + run['response_len']} tokens{packing}; fits = every GPU "
+             f"<= {report['max_mem_frac']:g} x {hw['gpu_mem_gb']:g} = "
+             f"{report['limit_gb_per_gpu']:.1f} GB", "",
+             "| # | TP | PP | DP | layer split | recompute | trainer peak GB | rollout "
+             "| mem frac | SGLang peak GB | offload | KV GB/GPU (+offload) | seqs/server "
+             "| rollout s | train s | sync s | offload s | step s | tokens/s |",
+             "|" + "---|" * 19]
     for i, p in enumerate(report["layouts"], 1):
         r, t = p["rollout"], p["time_s"]
         where = "colocated" if r["mode"] == "colocated" else f"{r['gpus']} GPUs"
-        lines.append(f"| {i} | {p['tp']} | {p['pp']} | {p['dp']} | {p['recompute'] or '-'} | "
-                     f"{p['memory_gb']['peak']:.1f} | {where}, {r['servers']} x TP"
-                     f"{r['server_tp']} | {r['kv_gb_per_gpu']:.1f} | "
+        split = "/".join(map(str, p["pp_layer_split"])) if p["pp_layer_split"] else "-"
+        gain = f" (+{r['offload_kv_gain_gb']:.1f})" if r["offload_kv_gain_gb"] else ""
+        lines.append(f"| {i} | {p['tp']} | {p['pp']} | {p['dp']} | {split} | "
+                     f"{p['recompute'] or '-'} | {p['memory_gb']['peak']:.1f} | {where}, "
+                     f"{r['servers']} x TP{r['server_tp']} | {r['mem_fraction']:.2f} | "
+                     f"{r['peak_gb']:.1f} | {r['offload']} | {r['kv_gb_per_gpu']:.1f}{gain} | "
                      f"{r['concurrent_seqs_per_server']} | {t['rollout_s']:.0f} | "
-                     f"{t['train_s']:.0f} | {t['step_s']:.0f} | {p['tokens_per_s']:,} |")
+                     f"{t['train_s']:.0f} | {t['sync_s']:.1f} | {t['offload_s']:.1f} | "
+                     f"{t['step_s']:.0f} | {p['tokens_per_s']:,} |")
     if not report["layouts"]:
-        lines.append("| - | no layout fits | | | | | | | | | | | |")
+        lines.append("| - | no layout fits |" + " |" * 17)
     lines.append("")
     for tp, info in report["tp_summary"].items():
         lines += _summary_lines(tp, info)

@@ -27,6 +27,9 @@ class RunShape:
     """Each prompt's demonstration trains with its rollouts (SRFT, LUFFY, SFT)."""
     overlap: bool = False
     """rollout.overlap: dedicated servers generate the next step while this one trains."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """train.max_tokens_per_micro_batch: pack sequences into rows of at most this many
+    tokens (one row per micro-batch, micro_batch ignored); None = micro_batch padded rows."""
 
     @property
     def seq_len(self) -> int:
@@ -36,6 +39,31 @@ class RunShape:
     def sequences(self) -> int:
         """Sequences trained per step: prompts * (n rollouts + 1 demonstration)."""
         return self.prompts_per_step * (self.n_samples + (1 if self.with_demos else 0))
+
+    @property
+    def packed(self) -> bool:
+        return self.max_tokens_per_micro_batch is not None
+
+    @property
+    def row_len(self) -> int:
+        """Tokens of one micro-batch row: the packing budget, else one padded sequence."""
+        return self.max_tokens_per_micro_batch if self.packed else self.seq_len
+
+    @property
+    def rows_per_micro_batch(self) -> int:
+        return 1 if self.packed else self.micro_batch
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        """What activations and logits scale with: the packed budget (a row may be filled to
+        it with shorter sequences), else micro_batch * (prompt + response)."""
+        return self.rows_per_micro_batch * self.row_len
+
+    @property
+    def seqs_per_micro_batch(self) -> int:
+        """Sequences per micro-batch when every one runs to full length (the worst case for
+        the micro-batch count): budget // (prompt + response) when packed."""
+        return max(1, self.row_len // self.seq_len) if self.packed else self.micro_batch
 
     @property
     def tokens(self) -> int:
@@ -56,6 +84,20 @@ class Hardware:
     """Collective bus bandwidth per GPU inside a node (assumed)."""
     network_gbps: float = 40.0
     """Collective bus bandwidth per GPU across nodes (assumed: 400 Gb/s NICs, 80 %)."""
+    host_bw_gbs: float = 25.0
+    """Host <-> device copy bandwidth per GPU, each direction (PCIe 4/5 x16 with pinned
+    memory, assumed): what offloading the trainer's state during rollout costs."""
+    max_mem_frac: float = 0.9
+    """Headroom: a plan fits when every GPU's peak (trainer, and SGLang colocated or not)
+    stays at or below this fraction of gpu_mem_gb."""
+    storage_gbps: float = 2.0
+    """Shared storage read bandwidth in all (weight_sync=disk: servers reading at once share
+    it; assumed)."""
+
+    @property
+    def cap_bytes(self) -> float:
+        """The memory a plan may use per GPU: max_mem_frac * gpu_mem_gb."""
+        return self.max_mem_frac * self.gpu_mem_gb * GB
 
 
 @dataclass(frozen=True)
@@ -73,9 +115,18 @@ class Assumptions:
     """Per GPU: CUDA context ~0.6 GiB, NCCL communicators and buffers ~1.5 GiB, allocator
     fragmentation ~2 GiB."""
     sglang_mem_fraction: Optional[float] = None
-    """SGLang --mem-fraction-static: its weights + KV cache take at most this fraction of the
-    GPU, counting memory that other processes (a colocated trainer) already hold. null = the
-    trainer's default by placement (rollout.mem_fraction: 0.85 dedicated, 0.6 colocated)."""
+    """SGLang --mem-fraction-static (rollout.mem_fraction): its weights + KV cache take at
+    most this fraction of the GPU, counting memory that other processes (a colocated
+    trainer) already hold. None = chosen per plan (rollout_estimate.choose_mem_fraction)."""
+    sglang_runtime_gib: float = 4.0
+    """SGLang memory outside its static pool: CUDA graphs, decode activations, sampling
+    buffers (assumed). The pool fraction is at most max_mem_frac - this / GPU memory."""
+    offload: str = "state"
+    """rollout.offload of colocated plans: none (the trainer's state stays on the GPU during
+    rollout) | state (gradient buffers + optimizer state go to pinned host memory) | all
+    (state + weights)."""
+    weight_sync: str = "distributed"
+    """Dedicated plans' rollout.weight_sync: distributed | disk (colocated: tensor)."""
     sglang_residual_gib: float = 1.0
     """An SGLang server's CUDA context: it comes out of its KV pool, and a colocated server
     still holds it while released for training."""
@@ -95,7 +146,15 @@ class Assumptions:
     """Scheduler + launch time per decode step, plus 2 all-reduces per layer of 10 us at
     server TP > 1."""
     sync_gbps: float = 5.0
-    """Weight sync throughput (gather, name mapping, bucketed broadcast): 7B in ~3 s."""
+    """Weight export throughput of one pipeline stage (TP all-gather, name mapping, bucketed
+    broadcast or IPC hand-over): 7B in ~3 s (assumed)."""
+    sync_load_gbps: float = 20.0
+    """A server GPU loading received weights into its model (assumed); servers load in
+    parallel."""
+    sync_http_s: float = 2e-3
+    """Per server and bucket: the HTTP request that tells it to receive/load (assumed)."""
+    sync_bucket_mb: int = 512
+    """rollout.bucket_mb of the recipes."""
     reward_s_per_sample: float = 0.003
     """math-verify per rollout on rank 0's CPU (measured 2-4 ms)."""
     lp_chunk_bytes: int = 128 * 2**20

@@ -1,5 +1,6 @@
 """Step time: the trainer's compute (FLOPs at an assumed MFU, the pipeline bubble), its
-gradient sync, the weight sync to SGLang, and how the phases of a step add up.
+gradient sync, the weight sync to SGLang (per sync mode), the colocated offload copies,
+and how the phases of a step add up.
 """
 from __future__ import annotations
 
@@ -61,15 +62,59 @@ def trainer_seconds(m: ModelShape, run: RunShape, lay: Layout, hw: Hardware,
     return compute / (1 - bubble) + dp_sync_seconds(m, lay, run, hw, a)
 
 
-def sync_seconds(m: ModelShape, a: Assumptions) -> float:
-    """Weight sync to SGLang: bf16 weights (2 * params) at the assumed sync throughput."""
-    return 2 * hf_param_count(m) / (a.sync_gbps * GB)
+SYNC_MODES = ("distributed", "tensor", "disk")
+
+
+def sync_seconds(m: ModelShape, mode: str, servers: int, server_tp: int, lay: Layout,
+                 hw: Hardware, a: Assumptions) -> float:
+    """Weight sync to ``servers`` SGLang servers of ``server_tp`` GPUs after a step; B = the
+    bf16 weights (2 * params), buckets of sync_bucket_mb.
+
+    Every mode ends with each server loading its copy, B / server_tp per GPU at
+    sync_load_gbps, all servers in parallel (so one server's time, not the sum).
+
+    distributed (dedicated servers): one broadcast group per pipeline stage spanning every
+      server's TP ranks, so one broadcast per bucket reaches all servers; the stages send
+      in parallel: B / pp / sync_gbps + load + an HTTP request per bucket and server
+      (sync_http_s * buckets * servers).
+    tensor (colocated): every trainer rank gets every bucket (B / sync_gbps; the part of
+      the model held on other nodes, 1 - gpus_per_node / (tp * pp) when the model-parallel
+      group spans nodes, also crosses the network at network_gbps), and each node's ranks
+      hand handles to their own node's servers, nodes in parallel: + load + sync_http_s *
+      buckets * servers per node.
+    disk: the stages write B once and every server reads all of it from shared storage at
+      once, sharing its bandwidth: B / storage_gbps * (1 + servers) + load + sync_http_s
+      * servers."""
+    if mode not in SYNC_MODES:
+        raise ValueError(f"weight sync {mode!r}: use one of {', '.join(SYNC_MODES)}")
+    b = 2 * hf_param_count(m)
+    load = b / server_tp / (a.sync_load_gbps * GB)
+    bucket = a.sync_bucket_mb * 2**20
+    if mode == "distributed":
+        buckets = math.ceil(b / lay.pp / bucket)
+        return b / lay.pp / (a.sync_gbps * GB) + load + a.sync_http_s * buckets * servers
+    if mode == "tensor":
+        mp = lay.tp * lay.pp
+        remote = 1 - hw.gpus_per_node / mp if mp > hw.gpus_per_node else 0.0
+        nodes = max(1, math.ceil(lay.gpus / hw.gpus_per_node))
+        per_node = math.ceil(servers / nodes)
+        return (b / (a.sync_gbps * GB) + b * remote / (hw.network_gbps * GB) + load
+                + a.sync_http_s * math.ceil(b / bucket) * per_node)
+    return b * (1 + servers) / (hw.storage_gbps * GB) + load + a.sync_http_s * servers
+
+
+def offload_seconds(bytes_one_way: int, hw: Hardware) -> float:
+    """rollout.offload's copies per step: the trainer state to pinned host memory before
+    generation and back before training, 2 * bytes / host_bw_gbs (each GPU on its own
+    link, so the fullest GPU's bytes)."""
+    return 2 * bytes_one_way / (hw.host_bw_gbs * GB)
 
 
 def step_seconds(times: dict, overlapped: bool) -> float:
-    """One step: rollout + reward + train + sync in sequence; with rollout.overlap
-    (dedicated servers only) the next step's rollout and reward run while this one trains,
-    max(rollout + reward, train) + sync."""
+    """One step: rollout + reward + train + sync (+ offload: colocated state copies) in
+    sequence; with rollout.overlap (dedicated servers only) the next step's rollout and
+    reward run while this one trains, max(rollout + reward, train) + sync."""
+    extra = times["sync_s"] + times.get("offload_s", 0.0)
     if overlapped:
-        return max(times["rollout_s"] + times["reward_s"], times["train_s"]) + times["sync_s"]
-    return times["rollout_s"] + times["reward_s"] + times["train_s"] + times["sync_s"]
+        return max(times["rollout_s"] + times["reward_s"], times["train_s"]) + extra
+    return times["rollout_s"] + times["reward_s"] + times["train_s"] + extra

@@ -73,7 +73,7 @@ class RolloutEngine:
                  health_timeout_s: float = 60.0, server_tp: int = 1, group=None,
                  router: Optional[SGLangRouter] = None, sync_address: Optional[str] = None,
                  sync_retries: int = 2, sync_retry_wait_s: float = 2.0,
-                 owners: Optional[dict] = None):
+                 owners: Optional[dict] = None, reattach_timeout_s: float = 0.0):
         self.servers = list(servers)
         self.router = router
         """Where /generate goes instead of the servers (rank 0's object owns a launched one)."""
@@ -90,7 +90,8 @@ class RolloutEngine:
             self.servers, router, health_timeout_s,
             mine={s.url for s in self.servers
                   if owners.get(s.url, 0 if s.owned else None) == rank
-                  or (rank == 0 and owners.get(s.url) is None)})
+                  or (rank == 0 and owners.get(s.url) is None)},
+            reattach_timeout_s=reattach_timeout_s)
         """This rank's restart policy for the servers it launched (rank 0: also those
         attached by URL, and the router)."""
         if router is not None:  # one URL: the router balances, up to the same total in flight
@@ -129,7 +130,7 @@ class RolloutEngine:
         servers, router, owners = start_servers(cfg, model_path, work_dir, server_args, group)
         try:
             return cls(servers, mode=cfg.weight_sync, layout=layout, hf_config=hf_config,
-                       owners=owners,
+                       owners=owners, reattach_timeout_s=cfg.reattach_timeout_s,
                        bucket_mb=cfg.bucket_mb, work_dir=work_dir,
                        request_timeout_s=cfg.request_timeout_s,
                        max_concurrency=cfg.max_concurrency, server_tp=cfg.server_tp,
@@ -226,6 +227,8 @@ class RolloutEngine:
                 if self.rank == 0:
                     print(f"[srft] weight sync attempt {attempt} of {attempts} failed, "
                           f"retrying in {self.sync_retry_wait_s:g} s: {e}", flush=True)
+                    # the other ranks wait for this at the retry's first collective
+                    self.recovery.wait_for_attached([url for url, _ in e.where])
                 time.sleep(self.sync_retry_wait_s)
         self._sync_failed = False
         self._weights_dropped = False

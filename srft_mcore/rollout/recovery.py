@@ -4,6 +4,7 @@ and the servers attached by URL): which of those a failed request points at are 
 runs it on every rank, makes the outcome collective and re-syncs the weights."""
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 import requests
@@ -18,11 +19,14 @@ class ServerRecovery:
     rank handles: ``mine`` (their URLs; None: all of them, as on a one-rank engine)."""
 
     def __init__(self, servers: Sequence[SGLangServer], router: Optional[SGLangRouter],
-                 health_timeout_s: float = 60.0, mine: Optional[set] = None):
+                 health_timeout_s: float = 60.0, mine: Optional[set] = None,
+                 reattach_timeout_s: float = 0.0):
         self.servers = servers
         self.router = router
         self.health_timeout_s = health_timeout_s
         self.mine = mine
+        self.reattach_timeout_s = reattach_timeout_s
+        """How long a server attached by URL that stopped answering is waited for."""
 
     def handles(self, server: SGLangServer) -> bool:
         return self.mine is None or server.url in self.mine
@@ -85,8 +89,35 @@ class ServerRecovery:
             if server.is_alive() and self.responsive(server):
                 continue  # a transient failure: just retry
             if not server.owned:
-                raise RolloutError(f"server {server.url} does not answer and was attached "
-                                   f"(rollout.urls), not launched here: restart it yourself")
+                if not self.wait_for(server):
+                    raise RolloutError(
+                        f"server {server.url} stopped answering and did not come back within "
+                        f"rollout.reattach_timeout_s={self.reattach_timeout_s:g} s; it was "
+                        f"attached (rollout.urls), not launched here, so it is not ours to "
+                        f"restart")
+                restarted.append(server.url)  # back, maybe restarted: it needs the weights
+                continue
             server.restart()
             restarted.append(server.url)
         return restarted
+
+    def wait_for(self, server: SGLangServer, poll_s: float = 5.0) -> bool:
+        """Wait up to :attr:`reattach_timeout_s` for ``server`` to answer /health."""
+        deadline = time.monotonic() + self.reattach_timeout_s
+        print(f"[srft] server {server.url} does not answer; waiting up to "
+              f"{self.reattach_timeout_s:g} s for it (rollout.reattach_timeout_s)", flush=True)
+        while True:
+            if server.healthy(timeout_s=min(poll_s, self.health_timeout_s)):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll_s, left))
+
+    def wait_for_attached(self, urls: Sequence[str]) -> None:
+        """Before a sync is retried: wait for the servers among ``urls`` that were attached
+        by URL and do not answer (a restarted one gets the whole sync again)."""
+        for server in self.servers:
+            if (server.url in urls and not server.owned
+                    and not server.healthy(timeout_s=min(5.0, self.health_timeout_s))):
+                self.wait_for(server)

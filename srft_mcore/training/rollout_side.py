@@ -2,10 +2,11 @@
 each through the SGLang servers, score them; and with ``rollout.overlap``, the next step's
 rollout in a background thread while this step trains (one step off-policy).
 
-Rank 0 talks to the servers and runs the reward; the prompts' indices, completions and
-rewards are broadcast so that every rank builds the same sequences. The overlapped batch
-(made by weights a checkpoint no longer holds) is saved as JSON with the checkpoint, so a
-resumed run trains on exactly the batch an uninterrupted one would have.
+Rank 0 talks to the servers and runs the reward (in ``reward.workers`` processes, each
+answer within ``reward.timeout_s``: :mod:`srft_mcore.reward.pool`); the prompts' indices,
+completions and rewards are broadcast so that every rank builds the same sequences. The
+overlapped batch (made by weights a checkpoint no longer holds) is saved as JSON with the
+checkpoint, so a resumed run trains on exactly the batch an uninterrupted one would have.
 """
 from __future__ import annotations
 
@@ -31,6 +32,26 @@ class RolloutSide:
         self.rollout_calls = 0
         self.pending = None  # rollout.overlap: the next step's batch, made during this step
         self.ahead = None  # the background generation of that batch, while it runs
+        # rank 0 scores in worker processes with a per-answer limit (reward.workers; None:
+        # in this process). Answers over the limit score 0 and are counted per batch:
+        self.reward_pool = None
+        self.batch_timeouts = 0  # of the batch next_batch returned last (reward/timeouts)
+        self.pending_timeouts = 0  # of self.pending
+        if cfg is not None and layout.rank == 0 and cfg.reward.workers > 0:
+            from srft_mcore.reward.pool import open_pool
+
+            self.reward_pool = open_pool(cfg.reward.fn, cfg.reward.workers,
+                                         cfg.reward.timeout_s, log=log0)
+
+    def close(self) -> None:
+        """Stop the reward workers (the trainer's close; also done at exit)."""
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+            self.reward_pool = None
+
+    def reward_metrics(self) -> dict:
+        """The step's count of answers that hit reward.timeout_s (rank 0's; 0 elsewhere)."""
+        return {"reward/timeouts": self.batch_timeouts}
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
@@ -42,6 +63,18 @@ class RolloutSide:
         self.sampler.load_state_dict(state["sampler"])
         self.pending = pending_from_json(state.get("pending"))
 
+    def mark(self) -> tuple:
+        """Where the prompt draw and the sampling seeds stand (before a rollout)."""
+        import copy
+
+        return self.rollout_calls, copy.deepcopy(self.sampler.state_dict())
+
+    def rewind(self, mark: tuple) -> None:
+        """Back to :meth:`mark`: a checkpoint saved after a failed rollout then resumes with
+        the batch that failed."""
+        self.rollout_calls = mark[0]
+        self.sampler.load_state_dict(mark[1])
+
     # ------------------------------------------------------------------ one batch
     def next_batch(self, step: int) -> tuple:
         """Step ``step + 1``'s prompt indices, completion groups and rewards (every rank
@@ -51,6 +84,7 @@ class RolloutSide:
         overlap = cfg.rollout.overlap
         if overlap and self.pending is not None:  # made while the last step trained
             batch, self.pending = self.pending, None
+            self.batch_timeouts = self.pending_timeouts
         else:
             batch = self.batch_now()
         if overlap and step + 1 < cfg.train.steps:
@@ -81,22 +115,35 @@ class RolloutSide:
         """Rank 0's rewards of each prompt's completions (others get None). A completion
         cut off by the length limit (``finish_reason == "length"``) gets 0 whatever the
         reward function says (it does not see the finish reason), as in evaluation."""
-        rewards = None
-        if self.layout.rank == 0:
-            from srft_mcore.reward import score_batch
+        return self.score_counted(examples, groups)[0]
 
-            rewards = [score_batch(self.reward_fn, [c.text for c in comps],
-                                   [ex.answer] * len(comps), [ex.prompt] * len(comps),
-                                   [c.finish_reason for c in comps])
-                       for ex, comps in zip(examples, groups)]
-        return rewards
+    def score_counted(self, examples, groups) -> tuple:
+        """``(rewards, timeouts)``: :meth:`score`'s rewards and how many answers scored 0
+        for hitting reward.timeout_s. The whole step's completions form one batch, spread
+        over the reward workers (sample indices in errors count across the step)."""
+        if self.layout.rank != 0:
+            return None, 0
+        from srft_mcore.reward import score_batch
+
+        flat = [(c, ex) for ex, comps in zip(examples, groups) for c in comps]
+        args = ([c.text for c, _ in flat], [ex.answer for _, ex in flat],
+                [ex.prompt for _, ex in flat], [c.finish_reason for c, _ in flat])
+        if self.reward_pool is not None:
+            scores, timeouts = self.reward_pool.score(*args)
+        else:
+            scores, timeouts = score_batch(self.reward_fn, *args), 0
+        rewards, start = [], 0
+        for comps in groups:
+            rewards.append(scores[start:start + len(comps)])
+            start += len(comps)
+        return rewards, timeouts
 
     def batch_now(self):
         """Draw the step's prompts, generate and score them now (every rank gets them)."""
         indices = self.sampler.next_batch()
         examples = self.dataset.batch(indices)
         groups = self.rollout(examples)
-        rewards = self.score(examples, groups)
+        rewards, self.batch_timeouts = self.score_counted(examples, groups)
         # the other ranks wait here, on the gloo group with the long timeout
         groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
         return indices, groups, rewards
@@ -118,7 +165,8 @@ class RolloutSide:
                     [ex.prompt_ids for ex in examples], n=self.cfg.rollout.n_samples,
                     sampling=sampling, return_logprob=not self.cfg.rollout.seeded)
                 self.engine._check_versions(groups)
-                box["groups"], box["rewards"] = groups, self.score(examples, groups)
+                box["groups"] = groups
+                box["rewards"], box["timeouts"] = self.score_counted(examples, groups)
             except Exception as e:  # noqa: BLE001 - regenerated collectively in finish_ahead
                 box["error"] = f"{type(e).__name__}: {e}"
 
@@ -140,10 +188,11 @@ class RolloutSide:
         if error is None:
             groups, rewards = broadcast_object((box.get("groups"), box.get("rewards")),
                                                self.layout.cpu_group)
+            self.pending_timeouts = box.get("timeouts", 0)
         else:
             log0(f"background rollout failed ({error}); generating the batch again")
             groups = self.rollout(examples, box["sampling"])
-            rewards = self.score(examples, groups)
+            rewards, self.pending_timeouts = self.score_counted(examples, groups)
             groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
         self.pending = (box["indices"], groups, rewards)
 

@@ -39,6 +39,7 @@ class Trainer:
         self.policy = None  # the model, optimizer and schedule (policy.py)
         self.rollouts = None  # prompts -> completions -> rewards (rollout_side.py)
         self.engine = None  # the SGLang servers
+        self.offloader = None  # colocated: the training state's trips to host memory
         self.eval_splits = {}
         self.metrics = self.bar = self.timer = None  # the run's logging, made by train()
 
@@ -68,8 +69,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_dir)
 
     def _init_policy(self) -> Policy:
+        from srft_mcore.training.offload import StateOffloader, resolve_offload
+
         self.policy = Policy(self.cfg, self.layout, self.hf, self.model_dir,
                              pad_token_id=self.tokenizer.pad_token_id)
+        self.offloader = StateOffloader([self.policy.model, self.policy.ref_model],
+                                        self.policy.optimizer, resolve_offload(self.cfg.rollout))
         return self.policy
 
     def setup(self):
@@ -115,7 +120,13 @@ class Trainer:
             self.resume()
         if self.layout.rank == 0:  # after a resume has read its checkpoint: a failed one
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))  # changes nothing
+        more = self.step < cfg.train.steps
+        if more:  # colocated: launched servers size their KV cache from the memory left free
+            self.offloader.offload(weights=False)
         self.start_rollout()
+        if more:  # rollout.offload=all: the weights too, now that the servers have them
+            self.offloader.offload()
+        self.offloader.mark("rollout")
         return self
 
     def _load_eval_splits(self) -> dict:
@@ -184,14 +195,22 @@ class Trainer:
         """One step of the paper's loop (arXiv 2506.19767 section 4), logged and, when due,
         checkpointed; returns its metrics. A weight sync that failed for good stops the run
         after the step is saved."""
+        from srft_mcore.rollout.errors import RolloutError
+
         cfg, timer = self.cfg, self.timer
-        with timer("rollout"):  # sample prompts, n rollouts each, score them; every rank
-            indices, groups, rewards = self.rollouts.next_batch(self.step)
+        mark = self.rollouts.mark()
+        try:
+            with timer("rollout"):  # sample prompts, n rollouts each, score them; every rank
+                indices, groups, rewards = self.rollouts.next_batch(self.step)
+        except RolloutError as e:  # the servers could not be brought back: save, stop
+            raise self.rollout_stopped(e, mark) from e
         # prompt groups (the demonstration joins its prompt's) and their advantages, Eq. 7
         seqs = build_sequences(self.dataset.batch(indices), groups, rewards, cfg.algorithm)
         lag = policy_lag(groups, trained_from=self.step)
         with timer("train"):
             self.engine.before_train()  # colocated: SGLang frees its GPU memory
+            self.offloader.mark("train")
+            self.offloader.restore()  # the state offloaded for the rollout
             parts, minis = self.policy.mini_batches(seqs)  # whole prompt groups each
             # old log-probs, the step's entropy H (for w_SFT, w_RL), the SGLang mismatch
             record = self.policy.old_policy_pass(minis)
@@ -201,22 +220,34 @@ class Trainer:
         if self.rollouts.ahead is not None:
             with timer("rollout_wait"):  # the next batch, before the servers' weights change
                 self.rollouts.finish_ahead()
+        due = self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.steps
+        more, saved = self.step < cfg.train.steps, None  # more: another rollout follows
+        if more and self.offloader.active:
+            if due:  # while the state is here and the servers' memory is still released
+                saved = self.save()
+            with timer("offload"):  # before the sync gives the servers their memory back
+                self.offloader.offload(weights=False)
+        self.offloader.mark("rollout")
         with timer("sync"):  # failed for good: the step is logged, saved, then we stop
             sync_error = self.sync_or_error()
+        if more and self.offloader.what == "all":
+            with timer("offload"):  # the weights too, once the servers have them
+                self.offloader.offload()
         record.update(lag)
         if sync_error is None and self.eval_splits and (self.step % cfg.eval.every == 0
                                                         or self.step == cfg.train.steps):
             with timer("eval"):
                 record.update(self.evaluate())
         record.update(rollout_metrics(groups, rewards, seqs))
+        record.update(self.rollouts.reward_metrics())  # reward/timeouts
         record.update(self.engine.metrics())
+        record.update(self.offloader.metrics(self.layout.cpu_group))  # mem/*, offload/*
         record.update(self._step_costs(seqs))
         record.update(step_ledger(groups, seqs))
         self.metrics.log(self.step, record)
         self.bar.update(record)
-        saved = None
-        if (sync_error is not None or self.step % cfg.checkpoint.every == 0
-                or self.step == cfg.train.steps):
+        if saved is None and (sync_error is not None or due):
+            self.offloader.restore()  # (a failed sync stops the run: saved with its state)
             saved = self.save()
         if sync_error is not None:
             raise self.sync_stopped(sync_error, saved)
@@ -229,7 +260,8 @@ class Trainer:
                 "perf/train_tokens_per_s": sum(len(s.tokens) for s in seqs) / max(
                     times["time/train"], 1e-9),
                 "train/skipped_total": self.policy.skipped_total,
-                "perf/peak_mem_gb": peak_memory_gb(self.layout.cpu_group)}
+                "perf/peak_mem_gb": peak_memory_gb(self.layout.cpu_group,
+                                                   at_least=self.offloader.peak_gb)}
 
     def evaluate(self) -> dict:
         """Score the held-out splits through the live rollout servers (rank 0; every rank
@@ -276,6 +308,28 @@ class Trainer:
             f"{resume_command(self.run_dir)} (overrides such as rollout.urls=[...] may follow "
             f"--config); it syncs the saved weights to the servers before its first rollout")
 
+    def rollout_stopped(self, error, mark) -> TrainingStopped:
+        """The paragraph a run stops with when generation failed for good (a server that
+        stopped answering and, attached by URL, did not come back): the trained steps are
+        saved, with the prompt draw rewound so that the resumed run makes this batch."""
+        saved = None
+        if self.step > 0:
+            latest = ckpt.latest_checkpoint(self.ckpt_dir)
+            if latest is not None and os.path.basename(latest) == f"step_{self.step:06d}":
+                saved = latest
+            else:
+                self.offloader.restore()
+                self.rollouts.rewind(mark)
+                saved = self.save()
+        kept = (f"The trained steps are saved in {saved}" if saved else
+                "No step was trained, so there is nothing to save")
+        return TrainingStopped(
+            f"step {self.step + 1}: generating the rollouts failed for good: {error}. {kept}. "
+            f"Fix: bring the server back (its log; restart it, or list another in "
+            f"rollout.urls), then resume with: {resume_command(self.run_dir)} (overrides such "
+            f"as rollout.urls=[...] may follow --config); it syncs the saved weights to the "
+            f"servers before its first rollout")
+
     # ------------------------------------------------------------------ checkpoints
     def save(self):
         p = self.policy
@@ -304,6 +358,8 @@ class Trainer:
     def close(self):
         if self.engine is not None:
             self.engine.shutdown()
+        if self.rollouts is not None:
+            self.rollouts.close()  # the reward worker processes
 
 
 def resume_command(run_dir: str) -> str:
@@ -331,12 +387,13 @@ def step_ledger(groups, seqs) -> dict:
             "ledger/trained_tokens": sum(n for _, n in trained)}
 
 
-def peak_memory_gb(group=None) -> float:
+def peak_memory_gb(group=None, at_least: float = 0.0) -> float:
     """The trainer's peak memory so far, the largest over the ranks of ``group``: CUDA's peak
     allocation on GPU; on CPU the process's peak resident set (Python and libraries
-    included, so an upper bound of what the model needs)."""
+    included, so an upper bound of what the model needs). ``at_least``: the peak of earlier
+    phases (the offloader resets CUDA's counter per phase)."""
     if torch.cuda.is_available():
-        value = torch.cuda.max_memory_allocated() / 1e9
+        value = max(torch.cuda.max_memory_allocated() / 1e9, at_least)
     else:
         import resource
 
