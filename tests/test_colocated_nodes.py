@@ -10,9 +10,9 @@ import pytest
 
 from test_trainer import CONFIG, SMALL, metrics, stable
 
-# memory requests are made only in colocated mode, and memory peaks (process RSS on CPU)
-# vary from run to run; the rest of every step's row must agree
-SKIP = ("rollout/memory_requests", "mem/")
+# memory requests are made only in colocated mode; the rest of every step's row must agree
+# (test_trainer.stable drops what varies from run to run)
+SKIP = ("rollout/memory_requests",)
 RUN = ["train.steps=2", "parallel.tp=1", "rollout.num_servers=2", "train.prompts_per_step=4"]
 
 

@@ -18,7 +18,8 @@ SMALL = ["train.prompts_per_step=8", "rollout.n_samples=2", "train.micro_batch_s
          "checkpoint.every=1", "checkpoint.keep=10", "eval.every=0"]
 # wall-clock and throughput figures differ between runs; everything else must not
 VOLATILE = ("time/", "perf/", "wall_time", "rollout/sync_s", "rollout/sync_gb_per_s",
-            "rollout/weight_syncs")  # counts the syncs of this process (restarts on resume)
+            "rollout/weight_syncs",  # counts the syncs of this process (restarts on resume)
+            "mem/", "offload/seconds")  # process RSS on CPU, copy times
 
 
 def launch(run_dir, *overrides, nproc=2, **popen):
