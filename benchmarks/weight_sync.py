@@ -18,6 +18,7 @@ fan-outs: ``per_server`` (one group per server, broadcast in turn: the layout be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -79,7 +80,7 @@ def _timed_syncs(eng, model, tag: str, repeats: int):
     import torch.distributed as dist
 
     eng.sync_weights(model, version=f"warm-{tag}")
-    times, stats = [], None
+    times, transfers, stats = [], [], None
     for i in range(repeats):
         with torch.no_grad():  # new weights each time, as after an optimizer step
             for p in model.parameters():
@@ -87,8 +88,11 @@ def _timed_syncs(eng, model, tag: str, repeats: int):
         dist.barrier()
         stats = eng.sync_weights(model, version=f"{tag}-{i}")
         times.append(stats.seconds)
+        transfers.append(stats.transfer_seconds)
     eng.transport.close()
-    return statistics.median(times), stats
+    # the medians of the whole sync and of its transfer part; the last sync's byte counts
+    return statistics.median(times), dataclasses.replace(
+        stats, transfer_seconds=statistics.median(transfers))
 
 
 def _count_params(model_dir: str) -> int:
