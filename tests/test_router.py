@@ -224,6 +224,8 @@ def _router_job(urls: list, logs: list, model_dir: str, work_dir: str) -> dict:
                for k, v in weights.items()}
         stats = engine.sync_tensors(lambda: iter(new.items()), version="v7")
         out["synced_servers"] = stats.servers
+        # one weight-update group spans both servers: one broadcast per bucket reaches both
+        out["groups"] = [len(members) for members in engine.transport._groups]
         out["versions"] = [SGLangClient([u]).weight_version(u) for u in urls]
         after = engine.generate([PROMPT] * 4, n=2, sampling=greedy)
         out["after"] = {tuple(c.token_ids) for g in after for c in g}
@@ -291,6 +293,7 @@ def test_two_real_servers_behind_a_launched_router(tmp_path):
     assert len(out["before"]) == 1  # greedy: the same continuation from either server
     # the weight update reached both servers directly: their version and their outputs
     assert out["synced_servers"] == 2 and out["versions"] == ["v7", "v7"]
+    assert out["groups"] == [2]
     assert out["after_versions"] == {"v7"}
     assert out["after"] != out["before"] and len(out["after"]) == 1
     assert out["direct"][0] == out["direct"][1] == next(iter(out["after"]))
