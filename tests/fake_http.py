@@ -76,9 +76,8 @@ class FakeSGLang(JsonHandler):
         st = self.server.state
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
         st["calls"].append([self.path, body.get("new_version", body.get("tags"))])
-        if (self.path == "/generate" and st["down_at_version"] is not None
-                and st["version"] == st["down_at_version"]):
-            st["down_at_version"] = None
+        if self.path == "/generate" and st["version"] in st["down_at_version"]:
+            st["down_at_version"].remove(st["version"])
             st["down"] = True  # until a test clears it
         if st["down"]:
             return self._reply(503, {"detail": "down"})
@@ -171,14 +170,14 @@ def fake_state(busy: int = 0, cuda: bool = False, routes=ROUTES, openapi: bool =
                fail=(), sglang_version: str = "0.5.23", fail_after=None,
                down_at_version=None) -> dict:
     """``fail``: routes that always answer 400; ``fail_after``: route -> n, the route answers
-    400 from its (n + 1)-th call on; ``down_at_version``: the first /generate with that
-    weight version takes the server down (every request 503, /health too) until
+    400 from its (n + 1)-th call on; ``down_at_version``: weight versions whose first
+    /generate takes the server down (every request 503, /health too) until
     ``state["down"]`` is cleared; ``state["down_polls"]`` counts the GETs it refused."""
     return {"calls": [], "updates": [], "released": set(), "session": False, "paused": False,
             "version": None, "busy": busy, "cuda": cuda, "routes": frozenset(routes),
             "openapi": openapi, "fail": frozenset(fail), "sglang_version": sglang_version,
             "fail_after": dict(fail_after or {}), "down": False, "down_polls": 0,
-            "down_at_version": down_at_version}
+            "down_at_version": list(down_at_version or ())}
 
 
 def start_fake(state: dict):

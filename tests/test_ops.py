@@ -80,6 +80,30 @@ def test_tp1_matches_reference(dtype, temperature):
     _check_all(dtype, temperature=temperature)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_cpu_blocks_match_reference(dtype, monkeypatch):
+    """Many vocabulary blocks per chunk (partial last block, targets in every block) and
+    default chunking with a small budget give the same results as one block."""
+    from srft_mcore.ops import logprob_entropy
+
+    monkeypatch.setattr(logprob_entropy, "CPU_BLOCK_ELEMS", 64)
+    _check_all(dtype, temperature=0.7)
+    monkeypatch.setattr(logprob_entropy, "DEFAULT_CHUNK_BYTES", 3 * 320 * 4)
+    monkeypatch.setattr(logprob_entropy, "CPU_CHUNK_SCALE", 3)
+    # at most 9 tokens a chunk (budget x CPU_CHUNK_SCALE 3): 5 chunks of 8, the last of 5
+    assert logprob_entropy._chunk_len(None, 320, 37, torch.device("cpu")) == 8
+    vocab = 290
+    h, w, tg, g_lp, g_h = _problem(dtype=dtype)
+    _, ref_logits, ref_linear = _references(h, w, tg, g_lp, g_h, vocab)
+    fused = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
+        hh, ww, tg, vocab_size=vocab), h, w, g_lp, g_h)
+    chunked = _run_logits(lambda z: vocab_parallel_logprob_entropy(z, tg, vocab_size=vocab),
+                          h @ w.t(), g_lp, g_h)
+    for got, ref in ((fused, ref_linear), (chunked, ref_logits)):
+        for a, b in zip(got, ref):
+            assert _max_rel(a, b) <= TOL[dtype]
+
+
 def test_padding_is_excluded():
     h, w, tg, _, _ = _problem()
     logits = h @ w.t()
