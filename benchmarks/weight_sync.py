@@ -28,7 +28,6 @@ import time
 
 
 def _rank(args: dict, model_dir: str, work_dir: str) -> dict:
-    import torch
     import torch.distributed as dist
 
     from srft_mcore.config import ModelConfig, ParallelConfig, RolloutConfig

@@ -122,3 +122,23 @@ def sglang_url(shared_sglang):
     """The shared server's URL for one test (see :class:`SharedServer`)."""
     with shared_sglang.lease() as url:
         yield url
+
+
+@pytest.fixture
+def fakes():
+    """``fakes(state)``: the URL of a FakeSGLang (tests/fake_http.py) serving ``state``;
+    every one started is shut down after the test."""
+    from fake_http import start_fake
+
+    started = []
+
+    def start(state):
+        httpd, url = start_fake(state)
+        started.append(httpd)
+        return url
+
+    yield start
+    for httpd in started:
+        httpd.shutdown()
+        httpd.server_close()
+

@@ -118,7 +118,11 @@ def test_each_algorithm_gets_its_own_defaults(name):
     # a value the user sets wins; a negative clip means no clipping
     cfg = load_config(None, [f"algorithm.name={name}", "algorithm.loss_agg=token-mean",
                              "algorithm.clip_eps=-1"])
-    assert cfg.algorithm.loss_agg == "token-mean" and cfg.algorithm.clip_eps is None
+    assert cfg.algorithm.loss_agg == "token-mean" and cfg.algorithm.clip_eps < 0
+    # it stays off through validation's second resolution (and in the saved config)
+    from srft_mcore.algo.losses import clip_range
+
+    assert clip_range(validate(cfg).algorithm) == (None, None)
 
 
 def test_baseline_defaults_from_their_papers():

@@ -208,23 +208,6 @@ def posts(state):
     return [p for p, _ in state["calls"]]
 
 
-@pytest.fixture
-def fakes():
-    from fake_http import start_fake
-
-    started = []
-
-    def start(state):
-        httpd, url = start_fake(state)
-        started.append(httpd)
-        return url
-
-    yield start
-    for httpd in started:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def stopped_paragraph(out) -> str:
     """The run stopped with exit status 2 and no traceback; its last line (one paragraph)."""
     assert out.returncode == 2, out.stderr[-4000:]

@@ -478,3 +478,105 @@ def test_overlap_correction_is_the_decoupled_objective_by_hand():
     assert g[1, 1].item() == pytest.approx(-0.8 * 0.5 * 0.5 / 3, abs=1e-6)
     assert g[2, 0].item() == pytest.approx(1.0 * 0.5 * 1.25 / 3, abs=1e-6)
     assert m["tis/weight"].tolist() == pytest.approx([2.0 + 0.5 + 1.25, 3.0])
+
+
+# --------------------------------------------------------------------------- schedules, B
+def test_schedule_weights_replace_the_entropy_weights_on_every_token():
+    """BatchTotals.weights (algorithm.weight_schedule): the step's two scalars weight every
+    demonstration / positive rollout token, whatever the per-token entropy; the ablations
+    keep their fixed side."""
+    logp, ent, batch, totals = _batch()
+    totals.weights = (0.3, 0.2)
+    off = -0.75 / 5
+
+    def loss(name, **kw):
+        x = logp.clone().requires_grad_()
+        out, m = L.srft_loss(x, ent, batch, AlgorithmConfig(name=name, entropy_weighting="token",
+                                                            **kw), totals)
+        return out.item(), m
+
+    got, m = loss("srft")
+    assert got == pytest.approx(0.3 * (LN2 + LN4) / 2 + off + (1 - 2 * 0.2) / 5, abs=1e-6)
+    assert m["w_sft"].tolist() == pytest.approx([0.6, 2.0])
+    assert m["w_rl"].tolist() == pytest.approx([0.4, 2.0])
+    got, m = loss("srft_no_wsft")  # w_SFT stays fixed_weight (1.0), w_RL from the schedule
+    assert got == pytest.approx(1.0 * (LN2 + LN4) / 2 + off + (1 - 2 * 0.2) / 5, abs=1e-6)
+    got, m = loss("srft_no_wrl", fixed_weight=0.7)  # w_RL stays fixed_weight
+    assert got == pytest.approx(0.3 * (LN2 + LN4) / 2 + off + (1 - 2 * 0.7) / 5, abs=1e-6)
+
+
+def test_entropy_of_positive_and_negative_rollouts_by_hand():
+    """entropy/rollout_pos|neg: the mean entropy over the rollout tokens of reward > 0 and
+    <= 0; a side without tokens reduces to NaN (logged null), like w_rl."""
+    for name in ("srft", "grpo", "sft"):
+        _, _, m = _loss(name)
+        # positive rollout: tokens of entropy ln2, ln2; negative: its one unmasked token, 0
+        assert m["entropy/rollout_pos"].tolist() == pytest.approx([2 * LN2, 2.0]), name
+        assert m["entropy/rollout_neg"].tolist() == pytest.approx([0.0, 1.0]), name
+    logp, ent, batch, totals = _batch()
+    batch["rewards"] = torch.tensor([1.0, 1.0, 1.0])  # no negative rollout
+    halves = [L.srft_loss(logp[sl], ent[sl], {k: v[sl] for k, v in batch.items()},
+                          AlgorithmConfig(entropy_weighting="token"), totals)[1]
+              for sl in (slice(0, 2), slice(2, 3))]
+    out = L.reduce_metrics(halves)  # summed over micro-batches, then divided
+    assert out["entropy/rollout_pos"] == pytest.approx((2 * LN2 + 0.0) / 3)
+    assert math.isnan(out["entropy/rollout_neg"])
+
+
+# --------------------------------------------------------------------------- clip-higher
+def test_decoupled_clip_by_hand():
+    """algorithm.clip_eps_low / clip_eps_high (DAPO's clip-higher): the ratio is clamped to
+    [1 - low, 1 + high]. Ratio 1.3 with A > 0 stops at 1.28; ratio 0.75 with A < 0 at 0.8;
+    clipped tokens get no gradient; inside the range the loss is -A * ratio."""
+    ratio = torch.tensor([1.3, 0.75, 1.25, 0.75])
+    adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    old = torch.zeros(4)
+    logp = ratio.log().requires_grad_()
+    loss, r, clipped = L.ppo_token_loss(logp, old, adv, clip_eps=0.2, clip_eps_high=0.28)
+    assert torch.allclose(r, ratio)
+    # 1.25 < 1.28 is not clipped (the symmetric 0.2 would); A > 0 at 0.75: pessimistic min
+    assert loss.tolist() == pytest.approx([-1.28, 0.8, -1.25, -0.75])
+    assert clipped.tolist() == [True, True, False, False]
+    (g,) = torch.autograd.grad(loss.sum(), logp)
+    assert g.tolist() == pytest.approx([0.0, 0.0, -1.25, -0.75])
+    # clip_eps_high None: the symmetric clip of before, 1.25 clipped at 1.2
+    sym, _, _ = L.ppo_token_loss(logp, old, adv, clip_eps=0.2)
+    assert sym.tolist() == pytest.approx([-1.2, 0.8, -1.2, -0.75])
+    assert torch.equal(L.ppo_token_loss(logp, old, adv, 0.2, None)[0], sym)
+
+
+def test_clip_range_from_the_config_and_in_the_loss():
+    assert L.clip_range(AlgorithmConfig(name="grpo", clip_eps=0.2)) == (0.2, 0.2)
+    assert L.clip_range(AlgorithmConfig(clip_eps=0.2, clip_eps_high=0.28)) == (0.2, 0.28)
+    assert L.clip_range(AlgorithmConfig(clip_eps_low=0.1, clip_eps_high=0.3)) == (0.1, 0.3)
+    assert L.clip_range(AlgorithmConfig()) == (None, None)  # srft: no clip
+    with pytest.raises(ValueError, match="set both"):
+        L.clip_range(AlgorithmConfig(clip_eps_high=0.3))
+    # srft_loss passes the pair: ratio e^0.1 = 1.105 is clipped by 0.05 but not by 0.2
+    logp, ent, batch, totals = _batch()
+    batch["old_logprobs"] = logp - 0.1
+
+    def clipfrac(**kw):
+        cfg = AlgorithmConfig(name="grpo", entropy_weighting="token", **kw)
+        return L.srft_loss(logp, ent, batch, cfg, totals)[1]["ppo/clipfrac"][0].item()
+
+    assert clipfrac(clip_eps=0.05) > 0 and clipfrac(clip_eps=0.05, clip_eps_high=0.2) == 0
+    assert clipfrac(clip_eps=0.05) == clipfrac(clip_eps_low=0.05, clip_eps_high=0.05)
+
+
+def test_decoupled_clip_validation():
+    from srft_mcore.config import ConfigError, load_config, validate
+
+    a = validate(load_config(None, ["algorithm.name=grpo", "algorithm.clip_eps_high=0.28"]))
+    assert (a.algorithm.clip_eps, a.algorithm.clip_eps_low, a.algorithm.clip_eps_high) == (
+        0.2, None, 0.28)
+    validate(load_config(None, ["algorithm.clip_eps_low=0.2", "algorithm.clip_eps_high=0.28"]))
+    with pytest.raises(ConfigError, match=r"algorithm\.clip_eps_high=-0\.1: must be >= 0\. "
+                                          r"Fix:"):
+        validate(load_config(None, ["algorithm.name=grpo", "algorithm.clip_eps_high=-0.1"]))
+    # srft clips nothing by default: one side alone has no other side
+    with pytest.raises(ConfigError, match=r"algorithm\.clip_eps_high=0\.28: sets one side.*"
+                                          r"Fix: set algorithm\.clip_eps_low too"):
+        validate(load_config(None, ["algorithm.clip_eps_high=0.28"]))
+    with pytest.raises(ConfigError, match=r"clip_eps_low=0\.2: sets one side.*name=luffy"):
+        validate(load_config(None, ["algorithm.name=luffy", "algorithm.clip_eps_low=0.2"]))

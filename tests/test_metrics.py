@@ -115,6 +115,9 @@ def test_plot_groups():
     assert group_of("loss/sft") == "loss" and group_of("loss/entropy_bonus") == "loss"
     assert group_of("len/response_mean") == "length" and group_of("time/rollout") == "time"
     assert group_of("optim/lr") == "optim" and group_of("something") is None
+    # the weight schedule: its weights beside w_sft / w_rl, its averages beside the entropy
+    assert group_of("schedule/w_rl") == "weights" and group_of("schedule/h_ema") == "entropy"
+    assert group_of("entropy/rollout_pos") == "entropy"
 
 
 def test_srft_plot(tmp_path, capsys):
@@ -126,8 +129,8 @@ def test_srft_plot(tmp_path, capsys):
                       "time/rollout": 1.0, "time/train": 0.5})
     assert plot_main([str(run)]) == 0
     names = sorted(os.listdir(run / "plots"))
-    assert names == ["entropy.png", "length.png", "loss.png", "overview.png", "reward.png",
-                     "time.png", "weights.png"]
+    assert names == ["entropy.png", "entropy_weights.png", "length.png", "loss.png",
+                     "overview.png", "reward.png", "time.png", "weights.png"]
     for n in names:
         assert (run / "plots" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_main([str(run), "--out", str(tmp_path / "o"), "--keys", "reward/mean",

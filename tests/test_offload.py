@@ -295,18 +295,3 @@ def test_a_failed_sync_with_offloaded_state_saves_the_restored_step(tmp_path, fa
     assert any(v.abs().sum() > 0 for v in moments)  # the trained step's Adam state
 
 
-@pytest.fixture
-def fakes():
-    from fake_http import start_fake
-
-    started = []
-
-    def start(state):
-        httpd, url = start_fake(state)
-        started.append(httpd)
-        return url
-
-    yield start
-    for httpd in started:
-        httpd.shutdown()
-        httpd.server_close()

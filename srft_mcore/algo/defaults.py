@@ -54,14 +54,13 @@ FIELDS = tuple(next(iter(DEFAULTS.values())))
 def resolve(algo):
     """A copy of ``algo`` (an AlgorithmConfig) with its null fields filled from the table.
 
-    clip_eps: an explicit negative value means "no clipping" and becomes None.
+    clip_eps: an explicit negative value means "no clipping"; it stays negative, so that
+    resolving again (validation does) or resuming from the saved config keeps it off instead
+    of filling in the algorithm's default (:func:`srft_mcore.algo.losses.clip_range`).
     """
     table = DEFAULTS[algo.name]
     filled = {f: table[f] for f in FIELDS if getattr(algo, f) is None}
-    out = dataclasses.replace(algo, **filled)
-    if out.clip_eps is not None and out.clip_eps < 0:
-        out = dataclasses.replace(out, clip_eps=None)
-    return out
+    return dataclasses.replace(algo, **filled)
 
 
 OVERLAP_TIS_CAP = 2.0

@@ -23,7 +23,9 @@ log-probs (``ppo_token_loss``'s pi_old: ratio exactly 1 on the first mini-batch,
 from the second on; the config refuses dropout, which that pass would not apply) and the
 step's entropy H, one detached scalar shared by every micro-batch and rank, in
 w_SFT = 0.5 exp(-H) and w_RL = 0.1 exp(H) (the paper's "policy entropy over the current
-batch"; ``entropy_weighting=token`` is the per-token variant).
+batch"; ``entropy_weighting=token`` is the per-token variant). ``algorithm.weight_schedule``
+other than ``exp`` replaces the two by the step's scalars (:class:`BatchTotals` ``weights``,
+from :mod:`srft_mcore.algo.weight_schedule`).
 
 Shape suffixes: b sequences of a micro-batch, s positions; ``_bs`` per token, ``_b`` per
 sequence. Per-token inputs are aligned with targets: ``logp_bs[i, j]`` is the log-prob of
@@ -89,21 +91,38 @@ def sign_advantage(positive_bs: torch.Tensor) -> torch.Tensor:
 
 
 def ppo_token_loss(logp_bs: torch.Tensor, old_logp_bs: Optional[torch.Tensor],
-                   adv_bs: torch.Tensor, clip_eps: Optional[float] = None):
+                   adv_bs: torch.Tensor, clip_eps: Optional[float] = None,
+                   clip_eps_high: Optional[float] = None):
     """Clipped-ratio policy gradient, the general form of Eq. 11-12 (and GRPO's loss).
 
     ratio = pi / pi_old with pi_old the policy that generated the step (the old-log-prob
     pass); the detached current policy when none is given, so ratio = 1 with gradient
-    -A * grad log pi. Without ``clip_eps``: -A * ratio; with it, PPO's pessimistic clip.
-    Returns (loss_bs, ratio_bs, clipped_bs).
+    -A * grad log pi. Without ``clip_eps``: -A * ratio; with it, PPO's pessimistic clip of
+    the ratio to [1 - clip_eps, 1 + clip_eps_high] (``clip_eps_high`` None: clip_eps; DAPO's
+    clip-higher raises it). Returns (loss_bs, ratio_bs, clipped_bs).
     """
     old_bs = logp_bs.detach() if old_logp_bs is None else old_logp_bs.float()
     ratio_bs = torch.exp(logp_bs - old_bs)
     unclipped_bs = -adv_bs * ratio_bs
     if clip_eps is None:
         return unclipped_bs, ratio_bs, torch.zeros_like(ratio_bs, dtype=torch.bool)
-    clipped_bs = -adv_bs * ratio_bs.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped_bs = -adv_bs * ratio_bs.clamp(1.0 - clip_eps, 1.0 + high)
     return torch.maximum(unclipped_bs, clipped_bs), ratio_bs, clipped_bs > unclipped_bs
+
+
+def clip_range(cfg) -> tuple:
+    """(low, high) of the ratio clip from a resolved AlgorithmConfig: clip_eps_low /
+    clip_eps_high, each null taking clip_eps; (None, None): no clip (clip_eps null or
+    negative)."""
+    clip = None if cfg.clip_eps is not None and cfg.clip_eps < 0 else cfg.clip_eps  # off
+    low, high = getattr(cfg, "clip_eps_low", None), getattr(cfg, "clip_eps_high", None)
+    low = clip if low is None else low
+    high = clip if high is None else high
+    if (low is None) != (high is None):
+        raise ValueError(f"one side of the ratio clip is set (low={low}, high={high}) and "
+                         f"the other has no clip_eps to fall back on: set both")
+    return low, high
 
 
 def kl_penalty(logp_bs: torch.Tensor, ref_logp_bs: torch.Tensor, estimator: str = "k3"):
@@ -132,6 +151,9 @@ class BatchTotals:
     Computed once per optimizer step with :func:`batch_totals`. ``batch_entropy``: the
     step's mean entropy (``entropy_weighting=batch``), the same detached scalar on every
     micro-batch, mini-batch and rank, from the old-log-prob pass before the first update.
+    ``weights``: the step's (w_SFT, w_RL) scalars from ``algorithm.weight_schedule``
+    (:mod:`srft_mcore.algo.weight_schedule`), used for every token instead of the paper's
+    weights of the entropy; None (``exp``): the paper's.
     """
 
     demo_tokens: float
@@ -140,6 +162,7 @@ class BatchTotals:
     rollout_seqs: float
     max_len: int = 1
     batch_entropy: Optional[float] = None
+    weights: Optional[tuple] = None
 
 
 def batch_totals(loss_mask_bs: torch.Tensor, is_demo_b: torch.Tensor, max_len: int = 1,
@@ -298,15 +321,23 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
     # the RL terms are pooled over rollouts and, when trained off-policy, demonstrations
     rl_tokens = t.rollout_tokens + (t.demo_tokens if has_offpolicy else 0.0)
     rl_seqs = t.rollout_seqs + (t.demo_seqs if has_offpolicy else 0.0)
-    h_w_bs = entropy_for_weights(entropy_bs, cfg.entropy_weighting, t.batch_entropy)
-    cap = cfg.token_weight_cap if cfg.entropy_weighting == "token" else math.inf
+    w_sft_e_bs = w_rl_e_bs = None  # the entropy-aware weights (SRFT only)
+    if t.weights is None:  # the paper's weights of the entropy (weight_schedule=exp)
+        h_w_bs = entropy_for_weights(entropy_bs, cfg.entropy_weighting, t.batch_entropy)
+        cap = cfg.token_weight_cap if cfg.entropy_weighting == "token" else math.inf
+        if name in _SRFT:
+            w_sft_e_bs = sft_weight(h_w_bs, cfg.c_sft, cfg.sft_entropy_sign).clamp(max=cap)
+            w_rl_e_bs = rl_weight(h_w_bs, cfg.c_rl).clamp(max=cap)
+    else:  # a schedule's two scalars for the whole step
+        w_sft_e_bs = torch.full_like(logp_bs, float(t.weights[0]))
+        w_rl_e_bs = torch.full_like(logp_bs, float(t.weights[1]))
 
     zero = logp_bs.sum() * 0.0  # keeps the graph connected when a term is absent
     terms = {}
     metrics = {}
     if name == "sft" or name in _SRFT:
         if name in ("srft", "srft_no_wrl"):
-            w_sft_bs = sft_weight(h_w_bs, cfg.c_sft, cfg.sft_entropy_sign).clamp(max=cap)
+            w_sft_bs = w_sft_e_bs
         else:
             w_sft_bs = torch.full_like(logp_bs, 1.0 if name == "sft" else cfg.fixed_weight)
         terms["sft"] = aggregate(w_sft_bs * sft_token_loss(logp_bs), demo_bs, agg,
@@ -320,8 +351,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
     if has_onpolicy:
         positive_bs = per_token(batch["rewards"].float(), seq_bs) > 0
         if name in _SRFT:
-            w_pos_bs = (rl_weight(h_w_bs, cfg.c_rl).clamp(max=cap)
-                        if name in ("srft", "srft_no_wsft")
+            w_pos_bs = (w_rl_e_bs if name in ("srft", "srft_no_wsft")
                         else torch.full_like(logp_bs, cfg.fixed_weight))
             w_rl_bs = torch.where(positive_bs, w_pos_bs, torch.ones_like(w_pos_bs))
             metrics["w_rl"] = _masked_metric(w_pos_bs, roll_bs * positive_bs)
@@ -333,7 +363,7 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         else:
             w_rl_bs = torch.ones_like(logp_bs)
         on_adv_bs = sign_advantage(positive_bs) if name in _SRFT and form == "sign" else adv_bs
-        on_bs, ratio_bs, clipped_bs = ppo_token_loss(logp_bs, old_bs, on_adv_bs, cfg.clip_eps)
+        on_bs, ratio_bs, clipped_bs = ppo_token_loss(logp_bs, old_bs, on_adv_bs, *clip_range(cfg))
         if cfg.tis_cap is not None and "rollout_logprobs" in batch and old_bs is not None:
             have_bs = batch["rollout_logprob_mask"].float()
             tis_bs = torch.where(have_bs > 0, tis_weight(old_bs, batch["rollout_logprobs"],
@@ -377,6 +407,10 @@ def srft_loss(logp_bs: torch.Tensor, entropy_bs: torch.Tensor, batch: dict, cfg,
         metrics[f"loss/{k}"] = _metric(v, metric_share, logp_bs)
     metrics["entropy/demo"] = _masked_metric(entropy_bs, demo_bs)
     metrics["entropy/rollout"] = _masked_metric(entropy_bs, roll_bs)
+    if "rewards" in batch:  # by outcome; a side without tokens reduces to NaN (logged null)
+        pos_bs = per_token(batch["rewards"].float(), seq_bs) > 0
+        metrics["entropy/rollout_pos"] = _masked_metric(entropy_bs, roll_bs * pos_bs)
+        metrics["entropy/rollout_neg"] = _masked_metric(entropy_bs, roll_bs * ~pos_bs)
     metrics["logp/demo"] = _masked_metric(logp_bs, demo_bs)
     metrics["logp/rollout"] = _masked_metric(logp_bs, roll_bs)
     if adv_bs is not None:

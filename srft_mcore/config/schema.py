@@ -65,6 +65,29 @@ class ParallelConfig:
 
 
 @dataclass
+class DemoQualityConfig:
+    """data.demo_quality: corruption of the training demonstrations (srft_mcore/data/
+    demo_quality.py), a pure function of the records, these fields and seed."""
+    wrong_fraction: float = 0.0
+    """Fraction of demonstrations (rounded half up) replaced by a well-formed wrong one."""
+    wrong_kind: str = "auto"
+    """slip (an arithmetic slip carried through an embedded-task chain) | swap (another
+    problem's demonstration, with a different answer) | auto (slip when every demonstration
+    is an embedded-task chain, else swap)."""
+    truncate_fraction: float = 0.0
+    """Fraction of the other demonstrations cut at a seeded character position before the
+    final answer."""
+    source: Optional[str] = None
+    """Read demonstrations from this file instead (data.prompt_key / data.demo_key fields, the
+    formats data.path accepts), matched to the training records by exact prompt text."""
+    source_missing: str = "error"
+    """A training prompt the source file lacks: error | keep (its own demonstration)."""
+    seed: int = 0
+    """Seed of the corruption: fixed (not data.shuffle_seed, which a comparison varies per
+    run), so every method and train seed corrupts the same demonstrations."""
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None
     """jsonl / parquet / arrow file or a datasets save_to_disk directory; None = embedded task."""
@@ -82,6 +105,11 @@ class DataConfig:
     """Maximum rollout length; demonstrations longer than this are filtered out."""
     shuffle_seed: int = 1234
     """Seed of the deterministic epoch shuffle."""
+    demo_quality: DemoQualityConfig = field(default_factory=DemoQualityConfig)
+    """Deliberately imperfect demonstrations (training data only), for robustness studies."""
+    verify_demos: bool = False
+    """Score each demonstration with reward.fn against its answer (a wrong one gets reward 0
+    in its group) instead of trusting it as reward 1; false: the paper's trusted expert."""
 
 
 SGLANG_MEM_FRACTION = {"dedicated": 0.85, "colocated": 0.6}
@@ -156,6 +184,18 @@ class RolloutConfig:
     """Colocated servers (weight_sync=tensor): what the trainer moves to pinned host memory
     while they generate: none | state (gradient buffers, Adam state, fp32 master weights) |
     all (and the weights) | auto (state when colocated on CUDA, else none)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose rewards are all one value (no
+    group-relative advantage) and draw more prompts, one further rollout call per round,
+    until train.prompts_per_step groups are kept or max_resample_rounds further rounds ran;
+    short: the kept groups plus reused dropped ones up to a multiple of train.mini_batches x
+    DP (srft_mcore/training/dynamic_sampling.py). Logged as dynamic/*. Not with sft."""
+    dynamic_sampling_count_demo: Optional[bool] = None
+    """The demonstration's reward (1) joins its group's for that test, so only groups whose
+    rollouts all score 1 are dropped (an all-wrong group keeps its demonstration's advantage);
+    null: on for luffy and the srft variants, which train the demonstration through its group."""
+    max_resample_rounds: int = 3
+    """rollout.dynamic_sampling: further rounds after the first, at most (0: filter only)."""
 
 
 @dataclass
@@ -214,6 +254,11 @@ class AlgorithmConfig:
     clip_eps: Optional[float] = None
     """PPO ratio clip epsilon (acts from the second mini-batch on); null: per algorithm;
     a negative value turns clipping off."""
+    clip_eps_low: Optional[float] = None
+    """Decoupled clip (DAPO's clip-higher): the ratio is clamped to [1 - clip_eps_low,
+    1 + clip_eps_high]; null: clip_eps (both null: clip_eps's symmetric clip)."""
+    clip_eps_high: Optional[float] = None
+    """Upper side of the decoupled clip (DAPO: 0.28 with clip_eps_low 0.2); null: clip_eps."""
     entropy_coef: Optional[float] = None
     """Entropy bonus coefficient (LUFFY 0.001; the paper 0); null: per algorithm."""
     tis_cap: Optional[float] = None
@@ -226,6 +271,27 @@ class AlgorithmConfig:
     """KL penalty to a frozen reference policy (the start weights); 0 = off (the paper)."""
     kl_estimator: str = "k3"
     """KL estimator on rollout tokens: k1 (log pi - log pi_ref) | k3 (unbiased, >= 0)."""
+    weight_schedule: str = "exp"
+    """Where w_SFT / w_RL come from (srft_mcore/algo/weight_schedule.py): exp (the paper's,
+    from H per entropy_weighting) | ema (the paper's form at an average of the step entropy)
+    | ema2 (at a slow average plus entropy_trend_gain times the fast-minus-slow trend) |
+    target (integral control towards target_entropy) | fixed (both = fixed_weight). Not
+    exp: one weight per step; only for the srft algorithms."""
+    entropy_ema_halflife: float = 10.0
+    """ema / ema2: half-life in steps of the (fast) entropy average; decay 0.5 ** (1 / it)."""
+    entropy_ema_slow_halflife: float = 50.0
+    """ema2: half-life in steps of the slow entropy average (> entropy_ema_halflife)."""
+    entropy_trend_gain: float = 2.0
+    """ema2: k in h_eff = h_slow + k (h_fast - h_slow) (0: slow only, 1: fast only)."""
+    target_entropy: Optional[float] = None
+    """target: the step entropy (nats) the controller holds; required by target."""
+    target_gain: float = 0.2
+    """target: log w_RL moves by target_gain * (H - target_entropy) per step, log w_SFT
+    the opposite way."""
+    weight_min: float = 0.01
+    """ema2 / target: lower bound of both weights (0: none)."""
+    weight_max: float = 1.0
+    """ema2 / target: upper bound of both weights."""
 
 
 @dataclass
@@ -362,6 +428,7 @@ CHOICES = {
     "algorithm.loss_agg": (None, "token-mean", "seq-mean-token-mean", "sum-max-len",
                            "seq-sum-max-len"),
     "algorithm.kl_estimator": ("k1", "k3"),
+    "algorithm.weight_schedule": ("exp", "ema", "ema2", "target", "fixed"),
     "optimizer.lr_schedule": ("constant", "cosine", "linear"),
 }
 

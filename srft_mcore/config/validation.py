@@ -4,6 +4,7 @@ checked before any process group or model is created."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
 from srft_mcore.config.errors import ConfigError, _err
@@ -99,6 +100,75 @@ def _check_rollout_endpoints(r: RolloutConfig) -> None:
                    "use e.g. 0.85 on dedicated GPUs, 0.6 colocated, or null for these defaults")
 
 
+def _check_demo_quality(d) -> None:
+    """data.demo_quality: fractions, choices, and the source file's existence (read and
+    matched when the data is loaded, still before the model is built)."""
+    q = d.demo_quality
+    for key in ("wrong_fraction", "truncate_fraction"):
+        if not 0.0 <= getattr(q, key) <= 1.0:
+            raise _err(f"data.demo_quality.{key}", getattr(q, key), "must be in [0, 1]",
+                       "give the fraction of demonstrations to corrupt, e.g. 0.25")
+    if q.wrong_fraction + q.truncate_fraction > 1.0 + 1e-9:  # float sums like 0.7 + 0.3
+        raise _err("data.demo_quality.truncate_fraction", q.truncate_fraction,
+                   f"wrong and truncated demonstrations are disjoint, and with "
+                   f"data.demo_quality.wrong_fraction={q.wrong_fraction} they exceed 1",
+                   "make the two fractions sum to at most 1")
+    for key, allowed in (("wrong_kind", ("auto", "slip", "swap")),
+                         ("source_missing", ("error", "keep"))):
+        if getattr(q, key) not in allowed:
+            raise _err(f"data.demo_quality.{key}", getattr(q, key), "not a supported choice",
+                       f"use one of: {', '.join(allowed)}")
+    if q.source is not None and not os.path.exists(q.source):
+        raise _err("data.demo_quality.source", q.source, "does not exist",
+                   "give a file of prompts and demonstrations (jsonl, json, parquet, arrow or "
+                   "a save_to_disk directory), or null to keep data.path's demonstrations")
+
+
+def _check_dynamic_sampling(cfg: Config) -> None:
+    """rollout.dynamic_sampling and its options (srft_mcore/training/dynamic_sampling.py)."""
+    from srft_mcore.training.dynamic_sampling import DEMO_GROUP_ALGORITHMS, counts_demo
+
+    r, name = cfg.rollout, cfg.algorithm.name
+    if r.max_resample_rounds < 0:
+        raise _err("rollout.max_resample_rounds", r.max_resample_rounds, "must be >= 0",
+                   "give the further rounds a step may draw, e.g. 3 (0: only filter)")
+    if not r.dynamic_sampling:
+        return
+    if name == "sft":
+        raise _err("rollout.dynamic_sampling", True, "algorithm.name=sft trains on the "
+                   "demonstrations only: there are no rollout groups to filter",
+                   "set rollout.dynamic_sampling=false, or an algorithm that trains on "
+                   "rollouts (grpo, luffy, srft)")
+    if r.dynamic_sampling_count_demo and name not in DEMO_GROUP_ALGORITHMS:
+        raise _err("rollout.dynamic_sampling_count_demo", True, f"algorithm.name={name} puts "
+                   f"no demonstration in the rollout groups",
+                   "set rollout.dynamic_sampling_count_demo=false or null")
+    if r.n_samples == 1 and not counts_demo(cfg):
+        raise _err("rollout.n_samples", 1, "with one rollout per prompt every group has one "
+                   "reward, so dynamic sampling would drop every group",
+                   "sample several rollouts per prompt (e.g. rollout.n_samples=8), or set "
+                   "rollout.dynamic_sampling=false")
+
+
+def _check_clip(a) -> None:
+    """The decoupled ratio clip: each side >= 0, and a side left null needs clip_eps (resolved:
+    null for the algorithms without a clip, or a negative value, is no clip)."""
+    for key in ("clip_eps_low", "clip_eps_high"):
+        value = getattr(a, key)
+        if value is not None and not value >= 0:
+            raise _err(f"algorithm.{key}", value, "must be >= 0",
+                       "use e.g. algorithm.clip_eps_low=0.2 algorithm.clip_eps_high=0.28 "
+                       "(DAPO), or null for algorithm.clip_eps")
+    no_clip = a.clip_eps is None or a.clip_eps < 0
+    if no_clip and (a.clip_eps_low is None) != (a.clip_eps_high is None):
+        given, other = (("clip_eps_low", "clip_eps_high") if a.clip_eps_high is None
+                        else ("clip_eps_high", "clip_eps_low"))
+        raise _err(f"algorithm.{given}", getattr(a, given), f"sets one side of the ratio clip, "
+                   f"but algorithm.{other} is null and there is no algorithm.clip_eps to take "
+                   f"its place (algorithm.name={a.name} clips nothing by default)",
+                   f"set algorithm.{other} too, or algorithm.clip_eps")
+
+
 def _check_loss_scale(o: OptimizerConfig) -> None:
     """The float16 dynamic loss scaler's settings (Megatron asserts the same ranges)."""
     if not o.min_loss_scale > 0:
@@ -111,6 +181,63 @@ def _check_loss_scale(o: OptimizerConfig) -> None:
         if getattr(o, key) < 1:
             raise _err(f"optimizer.{key}", getattr(o, key), "must be >= 1",
                        f"set optimizer.{key} to a positive integer")
+
+
+def _check_weight_schedule(a) -> None:
+    """algorithm.weight_schedule and its settings (srft_mcore/algo/weight_schedule.py)."""
+    s = a.weight_schedule
+    key = "algorithm.weight_schedule"
+    if s == "exp":
+        return
+    if a.name not in ("srft", "srft_no_wsft", "srft_no_wrl"):
+        raise _err(key, s, f"algorithm.name={a.name} has no entropy weights (w_SFT / w_RL) "
+                   f"to schedule", "use weight_schedule=exp, or an srft algorithm (srft, "
+                   "srft_no_wsft, srft_no_wrl)")
+    if s in ("ema", "ema2", "target") and a.entropy_weighting != "batch":
+        raise _err("algorithm.entropy_weighting", a.entropy_weighting,
+                   f"weight_schedule={s} gives one weight per step from the step's entropy",
+                   "set algorithm.entropy_weighting=batch (or weight_schedule=exp for "
+                   "per-token weights)")
+    halflives = {"ema": ("entropy_ema_halflife",),
+                 "ema2": ("entropy_ema_halflife", "entropy_ema_slow_halflife")}
+    for f in halflives.get(s, ()):
+        if not 0 < getattr(a, f) < float("inf"):
+            raise _err(f"algorithm.{f}", getattr(a, f), "must be a finite number of steps > 0",
+                       "give the half-life of the entropy average in steps, e.g. 10")
+    if s == "ema2":
+        if not a.entropy_ema_slow_halflife > a.entropy_ema_halflife:
+            raise _err("algorithm.entropy_ema_slow_halflife", a.entropy_ema_slow_halflife,
+                       f"the slow average must have a longer half-life than the fast one "
+                       f"(algorithm.entropy_ema_halflife={a.entropy_ema_halflife})",
+                       "use e.g. entropy_ema_halflife=10 entropy_ema_slow_halflife=50")
+        if not a.entropy_trend_gain >= 0:
+            raise _err("algorithm.entropy_trend_gain", a.entropy_trend_gain, "must be >= 0 (a "
+                       "negative gain would give a falling entropy less SFT, against Eq. 8)",
+                       "use e.g. 2.0 (0: the slow average alone)")
+    if s == "target":
+        if a.target_entropy is None:
+            raise _err("algorithm.target_entropy", None, "weight_schedule=target needs the "
+                       "entropy to hold", "set algorithm.target_entropy to a step entropy in "
+                       "nats, e.g. the entropy/step of the run's first steps")
+        if not 0 < a.target_entropy < float("inf"):
+            raise _err("algorithm.target_entropy", a.target_entropy,
+                       "must be a finite entropy > 0 (nats)", "use e.g. 0.5")
+        if not 0 <= a.target_gain < float("inf"):
+            raise _err("algorithm.target_gain", a.target_gain, "must be >= 0 (a negative gain "
+                       "drives the entropy away from the target)", "use e.g. 0.2")
+        if not a.c_rl > 0:
+            raise _err("algorithm.c_rl", a.c_rl, "weight_schedule=target moves log w_RL, so "
+                       "c_rl must be > 0", "use the paper's 0.1")
+    if s in ("ema2", "target"):
+        if not a.weight_min >= 0:
+            raise _err("algorithm.weight_min", a.weight_min, "must be >= 0",
+                       "use e.g. 0.01 (0: no lower bound)")
+        if not a.weight_min <= a.weight_max < float("inf"):
+            raise _err("algorithm.weight_max", a.weight_max,
+                       f"must be finite and >= algorithm.weight_min ({a.weight_min})",
+                       "use e.g. weight_min=0.01 weight_max=1.0")
+        if not a.weight_max > 0:
+            raise _err("algorithm.weight_max", a.weight_max, "must be > 0", "use e.g. 1.0")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None,
@@ -170,9 +297,12 @@ def validate(cfg: Config, world_size: Optional[int] = None,
                    "set rollout.seeded=false, or algorithm.tis_cap=null")
     if a.kl_coef < 0:
         raise _err("algorithm.kl_coef", a.kl_coef, "must be >= 0", "use 0 (off) or e.g. 0.001")
+    _check_weight_schedule(a)
     if a.token_weight_cap <= 0:
         raise _err("algorithm.token_weight_cap", a.token_weight_cap, "must be > 0",
                    "use e.g. 1.0")
+    _check_clip(a)
+    _check_dynamic_sampling(cfg)
     dropout = {k: getattr(cfg.model, k) for k in ("hidden_dropout", "attention_dropout")
                if getattr(cfg.model, k) > 0}
     if dropout and a.name != "sft":
@@ -196,6 +326,7 @@ def validate(cfg: Config, world_size: Optional[int] = None,
         raise _err("train.mini_batches", cfg.train.mini_batches,
                    f"does not divide train.prompts_per_step ({cfg.train.prompts_per_step})",
                    "choose a divisor: each mini-batch holds whole prompt groups")
+    _check_demo_quality(cfg.data)
     if cfg.eval.every < 0:
         raise _err("eval.every", cfg.eval.every, "must be >= 0", "use 0 (off) or a step count")
     if cfg.eval.every and cfg.eval.splits is None and cfg.data.path is not None:

@@ -35,6 +35,9 @@ class Example:
     """Expert demonstration text (None without demonstrations)."""
     demo_ids: Optional[list] = None
     """Token ids of the demonstration, ending with the eos id (None without demonstrations)."""
+    demo_reward: Optional[float] = None
+    """The demonstration's reward in its group: None = trusted as 1.0 (the paper); set from
+    reward.fn by data.verify_demos (srft_mcore/data/demo_quality.py)."""
 
 
 @dataclass
@@ -58,6 +61,8 @@ class FilterStats:
 class PromptDataset:
     examples: list
     stats: FilterStats = field(default_factory=FilterStats)
+    demo_quality: Optional[object] = None
+    """What data.demo_quality did (a DemoQualityReport), None when it did nothing."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -127,7 +132,9 @@ def build_dataset(data_cfg, tokenizer, run_dir: Optional[str] = None, require_de
     ``<run_dir>/embedded_task.jsonl`` (``embedded``: keyword arguments of
     :func:`write_embedded_dataset`, default 2000 records from seed 0) and reads it back
     through the same code as user data. ``require_demo=False`` (pure RL)
-    does not read demonstrations. ``report`` receives the filtering summary (default: log).
+    does not read demonstrations; otherwise ``data_cfg.demo_quality`` corrupts them (before
+    tokenising and length filtering; ``ds.demo_quality`` holds its report). ``report``
+    receives the filtering and corruption summaries (default: log).
     """
     path = data_cfg.path
     if path is None:
@@ -139,8 +146,19 @@ def build_dataset(data_cfg, tokenizer, run_dir: Optional[str] = None, require_de
                                         **(embedded or {})})
     records = load_records(path, data_cfg.prompt_key,
                            data_cfg.demo_key if require_demo else None, data_cfg.answer_key)
+    quality = None
+    if require_demo:  # the one place training demonstrations are corrupted (never eval data)
+        from .demo_quality import corrupt
+
+        records, quality = corrupt(records, data_cfg.demo_quality, data_cfg.prompt_key,
+                                   data_cfg.demo_key)
+        if quality.active:
+            (report or log.info)(quality.summary())
+        else:
+            quality = None
     ds = tokenize_records(records, tokenizer, data_cfg.template, data_cfg.max_prompt_len,
                           data_cfg.max_response_len)
+    ds.demo_quality = quality
     msg = ds.stats.summary(data_cfg.max_prompt_len, data_cfg.max_response_len)
     (report or log.info)(msg)
     if len(ds) == 0:

@@ -31,15 +31,17 @@ class PromptSampler:
             self._order = rng.permutation(self.num_records)
         return self._order
 
-    def next_batch(self) -> list:
-        """Indices (into the dataset) of the next step's prompts."""
-        if self.position + self.batch_size > self.num_records:
+    def next_batch(self, size: int = None) -> list:
+        """Indices (into the dataset) of the next step's prompts; ``size``: that many instead
+        of ``batch_size`` (rollout.dynamic_sampling's further draws, at most a batch)."""
+        size = self.batch_size if size is None else size
+        if self.position + size > self.num_records:
             self.epoch += 1
             self.position = 0
             self._order = None
         order = self._epoch_order()
-        batch = order[self.position:self.position + self.batch_size].tolist()
-        self.position += self.batch_size
+        batch = order[self.position:self.position + size].tolist()
+        self.position += size
         return batch
 
     def __iter__(self):

@@ -41,7 +41,8 @@ def build_sequences(examples, completions, rewards, algo_cfg) -> list:
 
     examples: the step's prompts (``srft_mcore.data.Example``); completions[i]: the n
     rollouts of prompt i (objects with ``token_ids``); rewards[i]: their rewards. A
-    demonstration counts as reward 1 (the expert's answer is the reference).
+    demonstration counts as reward 1 (the expert's answer is the reference), or as
+    ``ex.demo_reward`` when data.verify_demos scored it against the answer.
     """
     from srft_mcore.algo.defaults import resolve
 
@@ -62,8 +63,11 @@ def build_sequences(examples, completions, rewards, algo_cfg) -> list:
             if ex.demo_ids is None:
                 raise ValueError(f"algorithm {algo_cfg.name!r} needs demonstrations, record "
                                  f"{ex.index} has none (data.demo_key)")
+            # trusted as the expert's (1.0) unless data.verify_demos scored it (demo_reward)
+            demo_reward = getattr(ex, "demo_reward", None)
             seqs.append(TrainSequence(list(ex.prompt_ids) + list(ex.demo_ids),
-                                      len(ex.prompt_ids), True, 1.0, g))
+                                      len(ex.prompt_ids), True,
+                                      1.0 if demo_reward is None else float(demo_reward), g))
     if seqs:
         adv = group_advantages(torch.tensor([s.reward for s in seqs]),
                                torch.tensor([s.group for s in seqs]),

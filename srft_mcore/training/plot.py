@@ -2,7 +2,9 @@
 
 Without ``--keys`` it draws one PNG per group of keys found in the run (reward / accuracy,
 entropy, w_SFT / w_RL, loss terms, response length, time split, optimizer) plus
-``overview.png`` with all groups; with ``--keys`` one PNG, ``keys.png``, a panel per key.
+``overview.png`` with all groups and ``entropy_weights.png``, the entropies (by token type,
+the weight schedule's averages) above the weights they drive on one step axis; with
+``--keys`` one PNG, ``keys.png``, a panel per key.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def group_of(key: str) -> Optional[str]:
         return "off_policy"
     if k.startswith("loss"):
         return "loss"
+    if k.startswith("schedule/h_"):  # the weight schedule's entropy averages (nats)
+        return "entropy"
     if k.startswith("weight/") or "w_sft" in k or "w_rl" in k:
         return "weights"
     if "entropy" in k:
@@ -110,6 +114,14 @@ def plot_run(run_dir: str, out_dir: Optional[str] = None, keys: Optional[list] =
         _draw(ax, rows, ks, TITLES[g])
         fig.tight_layout()
         written.append(os.path.join(out_dir, f"{g}.png"))
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    if "entropy" in grouped and "weights" in grouped:  # the weights beside their input
+        fig, axes = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
+        _draw(axes[0], rows, grouped["entropy"], TITLES["entropy"])
+        _draw(axes[1], rows, grouped["weights"], TITLES["weights"])
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, "entropy_weights.png"))
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     n = len(grouped)

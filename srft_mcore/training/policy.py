@@ -78,6 +78,7 @@ class Policy:
         self.skipped_in_a_row = 0
         self.skipped_total = 0
         self.overflow_steps = 0  # float16: optimizer steps the loss-scale overflow skipped
+        self.weight_state = {}  # algorithm.weight_schedule's state (saved in checkpoints)
         p = cfg.parallel
         model = self._build_start_model(ddp=True)
         use_distopt = p.use_distributed_optimizer and layout.dp > 1
@@ -150,17 +151,25 @@ class Policy:
         """One optimizer step per mini-batch (:meth:`train_batch`), their metrics combined.
         From the second on the policy has moved, so the ratio to the old log-probs is no
         longer 1 and clips. ``entropy``: the step's H, the weights' with
-        ``algorithm.entropy_weighting=batch``."""
+        ``algorithm.entropy_weighting=batch``; it first advances
+        ``algorithm.weight_schedule`` (once per step, so the step's own H enters its
+        weights, as in batch mode), whose scalars then weight every mini-batch."""
+        from srft_mcore.algo.weight_schedule import schedule_metrics, schedule_step
         from srft_mcore.training.batching import sequence_totals
 
         cfg = self.cfg
+        weights, self.weight_state = schedule_step(self.weight_state, entropy, cfg.algorithm)
+        pair = None if weights is None else (weights.w_sft, weights.w_rl)
         entropy = entropy if cfg.algorithm.entropy_weighting == "batch" else None
         updates = []
         for part, micro in zip(parts, minis):
             totals = sequence_totals(part, max_len=cfg.data.max_response_len,
                                      batch_entropy=entropy)
+            totals.weights = pair
             updates.append(self.train_batch(micro, totals, step))
-        return combine_updates(updates)
+        out = combine_updates(updates)
+        out.update(schedule_metrics(weights, self.weight_state))
+        return out
 
     def _micro_batches(self, seqs) -> list:
         """This DP rank's micro-batches of ``seqs``, on the layout's device."""

@@ -7,6 +7,8 @@ answer within ``reward.timeout_s``: :mod:`srft_mcore.reward.pool`); the prompts'
 completions and rewards are broadcast so that every rank builds the same sequences. The
 overlapped batch (made by weights a checkpoint no longer holds) is saved as JSON with the
 checkpoint, so a resumed run trains on exactly the batch an uninterrupted one would have.
+With ``rollout.dynamic_sampling`` a batch takes rounds of rollout calls until enough groups
+have rewards that differ (:mod:`srft_mcore.training.dynamic_sampling`).
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ class RolloutSide:
         self.reward_pool = None
         self.batch_timeouts = 0  # of the batch next_batch returned last (reward/timeouts)
         self.pending_timeouts = 0  # of self.pending
+        # rollout.dynamic_sampling: the dynamic/* counts of that batch and of self.pending
+        self.batch_dynamic, self.pending_dynamic = {}, {}
         if cfg is not None and layout.rank == 0 and cfg.reward.workers > 0:
             from srft_mcore.reward.pool import open_pool
 
@@ -53,15 +57,22 @@ class RolloutSide:
         """The step's count of answers that hit reward.timeout_s (rank 0's; 0 elsewhere)."""
         return {"reward/timeouts": self.batch_timeouts}
 
+    def dynamic_metrics(self) -> dict:
+        """rollout.dynamic_sampling: the step's dynamic/* counts, and its ledger/prompts and
+        ledger/rollout_tokens over every round (empty without dynamic sampling)."""
+        return dict(self.batch_dynamic)
+
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         return {"rollout_calls": self.rollout_calls, "sampler": self.sampler.state_dict(),
-                "pending": pending_to_json(self.pending)}
+                "pending": pending_to_json(self.pending),
+                "pending_dynamic": dict(self.pending_dynamic)}
 
     def load_state_dict(self, state: dict) -> None:
         self.rollout_calls = state["rollout_calls"]
         self.sampler.load_state_dict(state["sampler"])
         self.pending = pending_from_json(state.get("pending"))
+        self.pending_dynamic = dict(state.get("pending_dynamic") or {})
 
     def mark(self) -> tuple:
         """Where the prompt draw and the sampling seeds stand (before a rollout)."""
@@ -85,6 +96,7 @@ class RolloutSide:
         if overlap and self.pending is not None:  # made while the last step trained
             batch, self.pending = self.pending, None
             self.batch_timeouts = self.pending_timeouts
+            self.batch_dynamic = self.pending_dynamic
         else:
             batch = self.batch_now()
         if overlap and step + 1 < cfg.train.steps:
@@ -140,6 +152,9 @@ class RolloutSide:
 
     def batch_now(self):
         """Draw the step's prompts, generate and score them now (every rank gets them)."""
+        if self.cfg.rollout.dynamic_sampling:
+            batch, self.batch_dynamic, self.batch_timeouts = self.dynamic_batch()
+            return batch
         indices = self.sampler.next_batch()
         examples = self.dataset.batch(indices)
         groups = self.rollout(examples)
@@ -148,12 +163,46 @@ class RolloutSide:
         groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
         return indices, groups, rewards
 
+    # ------------------------------------------------------------------ dynamic sampling
+    def collect_dynamic(self, generate) -> tuple:
+        """rollout.dynamic_sampling's rounds (:func:`.dynamic_sampling.collect`), each
+        ``generate(indices) -> (groups, rewards)``: ``(batch, stats)``."""
+        from srft_mcore.training.dynamic_sampling import collect, counts_demo, demo_reward_of
+
+        cfg = self.cfg
+
+        def demo_rewards(indices):
+            return [demo_reward_of(ex) for ex in self.dataset.batch(indices)]
+
+        return collect(self.sampler.next_batch, generate, cfg.train.prompts_per_step,
+                       cfg.rollout.max_resample_rounds,
+                       multiple=cfg.train.mini_batches * (cfg.parallel.dp or 1),
+                       demo_rewards=demo_rewards if counts_demo(cfg) else None, log=log0)
+
+    def dynamic_batch(self) -> tuple:
+        """Dynamic sampling now (collective): each round's groups and rewards are broadcast,
+        so every rank keeps the same groups and draws the same prompts next. Returns
+        ``(batch, stats, timeouts)``."""
+        timeouts = [0]
+
+        def generate(indices):
+            examples = self.dataset.batch(indices)
+            groups = self.rollout(examples)  # one rollout call, its own seed
+            rewards, n = self.score_counted(examples, groups)
+            timeouts[0] += n
+            return broadcast_object((groups, rewards), self.layout.cpu_group)
+
+        batch, stats = self.collect_dynamic(generate)
+        return batch, stats, timeouts[0]
+
     # ------------------------------------------------------------------ overlapped rollout
     def start_ahead(self):
         """rollout.overlap: draw the next step's prompts and generate them in a background
         thread on rank 0 with the weights the servers hold now, while this step trains."""
         import threading
 
+        if self.cfg.rollout.dynamic_sampling:
+            return self._start_ahead_dynamic()
         indices = self.sampler.next_batch()
         examples = self.dataset.batch(indices)
         sampling = self.sampling()
@@ -184,6 +233,8 @@ class RolloutSide:
         if self.layout.rank == 0:
             box["thread"].join()
         error = broadcast_object(box.get("error"), self.layout.cpu_group)
+        if "mark" in box:  # rollout.dynamic_sampling
+            return self._finish_ahead_dynamic(box, error)
         examples = self.dataset.batch(box["indices"])
         if error is None:
             groups, rewards = broadcast_object((box.get("groups"), box.get("rewards")),
@@ -195,6 +246,51 @@ class RolloutSide:
             rewards, self.pending_timeouts = self.score_counted(examples, groups)
             groups, rewards = broadcast_object((groups, rewards), self.layout.cpu_group)
         self.pending = (box["indices"], groups, rewards)
+
+    def _start_ahead_dynamic(self):
+        """:meth:`start_ahead` with rollout.dynamic_sampling: rank 0 runs every round in the
+        background thread (its sampler and call count advance there, the same way as
+        :meth:`dynamic_batch`; :meth:`finish_ahead` hands them to the other ranks)."""
+        import threading
+
+        box = {"mark": self.mark(), "timeouts": 0}  # where a failed run starts over
+        cfg = self.cfg
+
+        def generate(indices):
+            examples = self.dataset.batch(indices)
+            groups = self.engine.client.generate(
+                [ex.prompt_ids for ex in examples], n=cfg.rollout.n_samples,
+                sampling=self.sampling(), return_logprob=not cfg.rollout.seeded)
+            self.engine._check_versions(groups)
+            rewards, n = self.score_counted(examples, groups)
+            box["timeouts"] += n
+            return groups, rewards
+
+        def work():
+            try:
+                box["batch"], box["stats"] = self.collect_dynamic(generate)
+            except Exception as e:  # noqa: BLE001 - redone collectively in finish_ahead
+                box["error"] = f"{type(e).__name__}: {e}"
+
+        if self.layout.rank == 0:
+            box["thread"] = threading.Thread(target=work, name="rollout-ahead", daemon=True)
+            box["thread"].start()
+        self.ahead = box
+
+    def _finish_ahead_dynamic(self, box, error):
+        """The background rounds' batch to every rank, with rank 0's sampler position and
+        call count; if they failed, every rank goes back to where they started and runs them
+        again now (same prompts, same seeds)."""
+        if error is None:
+            batch, stats, timeouts, position = broadcast_object(
+                (box.get("batch"), box.get("stats"), box["timeouts"],
+                 (self.rollout_calls, self.sampler.state_dict())), self.layout.cpu_group)
+            self.rewind(position)
+        else:
+            log0(f"background rollout failed ({error}); generating the batch again")
+            self.rewind(box["mark"])
+            batch, stats, timeouts = self.dynamic_batch()
+        self.pending, self.pending_dynamic, self.pending_timeouts = batch, stats, timeouts
 
 
 # --------------------------------------------------------------------------- metrics and state

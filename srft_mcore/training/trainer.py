@@ -112,6 +112,7 @@ class Trainer:
                                 seed=cfg.data.shuffle_seed)
         self.rollouts = RolloutSide(cfg, self.layout, self.tokenizer, self.dataset, sampler,
                                     get_reward_fn(cfg.reward.fn))
+        self._demo_quality()
         self.eval_splits = self._load_eval_splits()
         self._init_policy()
 
@@ -128,6 +129,32 @@ class Trainer:
             self.offloader.offload()
         self.offloader.mark("rollout")
         return self
+
+    def _demo_quality(self):
+        """data.verify_demos: rank 0 scores every demonstration once (in the reward workers)
+        and every rank takes the scores as the demonstrations' rewards; rank 0 records this
+        and data.demo_quality's corruption in <run_dir>/demo_quality.json."""
+        from srft_mcore.data.demo_quality import (score_demonstrations, set_demo_rewards,
+                                                  verification_summary, write_record)
+
+        ds, verified = self.dataset, None
+        if ds.demo_quality is not None:  # every rank corrupted alike (swap checks use math-verify)
+            digest = broadcast_object(ds.demo_quality.digest, self.layout.cpu_group)
+            if digest != ds.demo_quality.digest:
+                raise RuntimeError(f"data.demo_quality: rank {self.layout.rank}'s corrupted "
+                                   f"demonstrations differ from rank 0's (a math-verify timeout "
+                                   f"in a swap check?). Fix: rerun; if it persists, use "
+                                   f"data.demo_quality.wrong_kind=slip or another seed")
+        if self.cfg.data.verify_demos and ds.examples[0].demo_ids is not None:
+            scored = (score_demonstrations(ds.examples, self.rollouts.reward_fn,
+                                           self.rollouts.reward_pool)
+                      if self.layout.rank == 0 else None)
+            scores, timeouts = broadcast_object(scored, self.layout.cpu_group)
+            verified = set_demo_rewards(ds.examples, scores)
+            log0(verification_summary(verified, timeouts))
+        if self.layout.rank == 0:
+            write_record(os.path.join(self.run_dir, "demo_quality.json"), ds.demo_quality,
+                         verified)
 
     def _load_eval_splits(self) -> dict:
         """The held-out splits of ``eval``, checked now (bad files fail before training).
@@ -244,6 +271,7 @@ class Trainer:
         record.update(self.offloader.metrics(self.layout.cpu_group))  # mem/*, offload/*
         record.update(self._step_costs(seqs))
         record.update(step_ledger(groups, seqs))
+        record.update(self.rollouts.dynamic_metrics())  # dynamic/*; its ledger: every round
         self.metrics.log(self.step, record)
         self.bar.update(record)
         if saved is None and (sync_error is not None or due):
@@ -334,7 +362,8 @@ class Trainer:
     def save(self):
         p = self.policy
         state = {"skipped_total": p.skipped_total, "overflow_steps": p.overflow_steps,
-                 "scheduler": p.scheduler.state_dict(), **self.rollouts.state_dict()}
+                 "scheduler": p.scheduler.state_dict(), "weight_schedule": p.weight_state,
+                 **self.rollouts.state_dict()}
         path = ckpt.save_checkpoint(self.ckpt_dir, self.step, p.model.module, p.optimizer,
                                     state, keep=self.cfg.checkpoint.keep)
         log0(f"saved checkpoint {path}")
@@ -350,6 +379,7 @@ class Trainer:
         self.step = state["step"]
         p.skipped_total = state["skipped_total"]
         p.overflow_steps = state.get("overflow_steps", 0)  # (the loss scaler: optimizer state)
+        p.weight_state = state.get("weight_schedule", {})  # the entropy averages, controller
         self.rollouts.load_state_dict(state)
         p.scheduler.load_state_dict(state["scheduler"])
         log0(f"resumed from {path} at step {self.step}")
