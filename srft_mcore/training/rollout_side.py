@@ -199,8 +199,6 @@ class RolloutSide:
     def start_ahead(self):
         """rollout.overlap: draw the next step's prompts and generate them in a background
         thread on rank 0 with the weights the servers hold now, while this step trains."""
-        import threading
-
         if self.cfg.rollout.dynamic_sampling:
             return self._start_ahead_dynamic()
         indices = self.sampler.next_batch()
@@ -209,18 +207,28 @@ class RolloutSide:
         box = {"indices": indices, "sampling": sampling}
 
         def work():
+            groups = self.engine.client.generate(
+                [ex.prompt_ids for ex in examples], n=self.cfg.rollout.n_samples,
+                sampling=sampling, return_logprob=not self.cfg.rollout.seeded)
+            self.engine._check_versions(groups)
+            box["groups"] = groups
+            box["rewards"], box["timeouts"] = self.score_counted(examples, groups)
+
+        self._in_background(box, work)
+
+    def _in_background(self, box: dict, work) -> None:
+        """Run ``work`` in a thread on rank 0; an error goes to ``box["error"]``, and
+        :meth:`finish_ahead` makes the batch again collectively."""
+        import threading
+
+        def guarded():
             try:
-                groups = self.engine.client.generate(
-                    [ex.prompt_ids for ex in examples], n=self.cfg.rollout.n_samples,
-                    sampling=sampling, return_logprob=not self.cfg.rollout.seeded)
-                self.engine._check_versions(groups)
-                box["groups"] = groups
-                box["rewards"], box["timeouts"] = self.score_counted(examples, groups)
-            except Exception as e:  # noqa: BLE001 - regenerated collectively in finish_ahead
+                work()
+            except Exception as e:  # noqa: BLE001 - redone collectively in finish_ahead
                 box["error"] = f"{type(e).__name__}: {e}"
 
         if self.layout.rank == 0:
-            box["thread"] = threading.Thread(target=work, name="rollout-ahead", daemon=True)
+            box["thread"] = threading.Thread(target=guarded, name="rollout-ahead", daemon=True)
             box["thread"].start()
         self.ahead = box
 
@@ -251,8 +259,6 @@ class RolloutSide:
         """:meth:`start_ahead` with rollout.dynamic_sampling: rank 0 runs every round in the
         background thread (its sampler and call count advance there, the same way as
         :meth:`dynamic_batch`; :meth:`finish_ahead` hands them to the other ranks)."""
-        import threading
-
         box = {"mark": self.mark(), "timeouts": 0}  # where a failed run starts over
         cfg = self.cfg
 
@@ -267,15 +273,9 @@ class RolloutSide:
             return groups, rewards
 
         def work():
-            try:
-                box["batch"], box["stats"] = self.collect_dynamic(generate)
-            except Exception as e:  # noqa: BLE001 - redone collectively in finish_ahead
-                box["error"] = f"{type(e).__name__}: {e}"
+            box["batch"], box["stats"] = self.collect_dynamic(generate)
 
-        if self.layout.rank == 0:
-            box["thread"] = threading.Thread(target=work, name="rollout-ahead", daemon=True)
-            box["thread"].start()
-        self.ahead = box
+        self._in_background(box, work)
 
     def _finish_ahead_dynamic(self, box, error):
         """The background rounds' batch to every rank, with rank 0's sampler position and
