@@ -101,8 +101,10 @@ class ServerRecovery:
             restarted.append(server.url)
         return restarted
 
-    def wait_for(self, server: SGLangServer, poll_s: float = 5.0) -> bool:
-        """Wait up to :attr:`reattach_timeout_s` for ``server`` to answer /health."""
+    def wait_for(self, server: SGLangServer) -> bool:
+        """Wait up to :attr:`reattach_timeout_s` for ``server`` to answer /health (polled
+        every tenth of that, between 0.2 and 5 s)."""
+        poll_s = min(5.0, max(0.2, self.reattach_timeout_s / 10))
         deadline = time.monotonic() + self.reattach_timeout_s
         print(f"[srft] server {server.url} does not answer; waiting up to "
               f"{self.reattach_timeout_s:g} s for it (rollout.reattach_timeout_s)", flush=True)
