@@ -10,6 +10,7 @@
 # docs/figures/compare_tiny_cpu_*.png. Re-running the same command skips finished runs.
 # Extra arguments go to srft-compare (options, then a.b.c=value overrides), e.g.
 #   bash examples/compare_tiny_cpu.sh --methods srft grpo --seeds 1 --dry-run
+# NAME=... names the exported files instead (the studies built on this script set it).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
@@ -17,7 +18,8 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 cd "$ROOT"
 # one fixed directory (OUT=... for another), so that a second invocation continues the first
-OUT=${OUT:-runs/compare_tiny_cpu}
+NAME=${NAME:-compare_tiny_cpu}
+OUT=${OUT:-runs/$NAME}
 set +e
 "$PY" -m srft_mcore.comparison --config examples/configs/srft_tiny_cpu.yaml --out "$OUT" \
   --steps "${STEPS:-40}" --lr-grid ${LR_GRID:-1e-3 3e-3 1e-2} --seeds ${SEEDS:-1 2 3} \
@@ -26,17 +28,17 @@ set +e
 rc=$?
 set -e
 if [[ -f "$OUT/results.json" && " $* " != *" --dry-run "* && -z "${NO_EXPORT:-}" ]]; then
-  "$PY" - "$OUT" <<'PY'
+  "$PY" - "$OUT" "$NAME" <<'PY'
 import json, os, shutil, sys
-out = sys.argv[1]
+out, name = sys.argv[1:3]
 res = json.load(open(os.path.join(out, "results.json")))
 keep = {k: res[k] for k in ("settings", "selection", "wall_seconds", "records", "methods")}
-with open("benchmarks/results/compare_tiny_cpu.json", "w") as f:
+with open(f"benchmarks/results/{name}.json", "w") as f:
     json.dump(keep, f, indent=1, sort_keys=True)
-for name in os.listdir(os.path.join(out, "plots")):
-    shutil.copy(os.path.join(out, "plots", name), os.path.join("docs", "figures",
-                                                               "compare_tiny_cpu_" + name))
-print("wrote benchmarks/results/compare_tiny_cpu.json and docs/figures/compare_tiny_cpu_*.png")
+for plot in os.listdir(os.path.join(out, "plots")):
+    shutil.copy(os.path.join(out, "plots", plot), os.path.join("docs", "figures",
+                                                               f"{name}_{plot}"))
+print(f"wrote benchmarks/results/{name}.json and docs/figures/{name}_*.png")
 PY
 fi
 exit $rc

@@ -579,3 +579,56 @@ def test_base_row_from_the_shared_server_scores(tmp_path, capsys):
     assert "| base model | - | 10.0 ± 0.0 | 20.0 ± 24.8 | 0.0 ± 0.0 | 75.0 | 3/3 |" in table
     # SRFT id 0.5 0.6 0.7 minus base 0.1 0.2 0.3: +40.0 on every seed
     assert "| base model | +40.0 ± 0.0 | +30.0 ± 65.7 |" in table
+
+
+def test_variants_are_methods_with_their_own_overrides(tmp_path, capsys):
+    """--variant NAME=METHOD with NAME.a.b=c words: a method of its own, run, labelled and
+    recorded like the built-in ones; the shared overrides still reach every run."""
+    from srft_mcore.comparison.run_plan import CompareError
+
+    args = parse_args(["--config", CONFIG, "--out", str(tmp_path / "cmp"), "--seeds", "1",
+                       "--methods", "srft", "srft_ema", "sft_bad",
+                       "--variant", "srft_ema=srft", "--variant", "sft_bad=sft",
+                       "srft_ema.algorithm.weight_schedule=ema", "train.prompts_per_step=4",
+                       "sft_bad.data.demo_quality.wrong_fraction=0.5"])
+    assert args.overrides == ["train.prompts_per_step=4"]
+    plan = build_plan(args)
+    over = {r.method: r.phases[0].overrides for r in plan.runs}
+    assert "algorithm.weight_schedule=ema" in over["srft_ema"]
+    assert "algorithm.name=srft" in over["srft_ema"]
+    assert "data.demo_quality.wrong_fraction=0.5" in over["sft_bad"]
+    assert "algorithm.name=sft" in over["sft_bad"]
+    assert not any("weight_schedule" in o or "demo_quality" in o for o in over["srft"])
+    assert all("train.prompts_per_step=4" in o for o in over.values())
+    assert plan.settings()["variants"] == {
+        "srft_ema": ["srft", "algorithm.weight_schedule=ema"],
+        "sft_bad": ["sft", "data.demo_quality.wrong_fraction=0.5"]}
+    assert [r.label for r in plan.runs if r.method == "srft_ema"] == ["srft_ema"]
+    bad = [(["--variant", "srft=sft", "srft.algorithm.c_rl=1"], "new identifier"),
+           (["--variant", "x=nope", "x.algorithm.c_rl=1"], "not a built-in method"),
+           (["--variant", "x=srft"], "no x.a.b=c overrides"),
+           (["--methods", "srft", "--variant", "y=srft", "y.algorithm.c_rl=1"],
+            "not in --methods")]
+    for words, match in bad:
+        with pytest.raises(CompareError, match=match):
+            parse_args(["--config", CONFIG, "--out", str(tmp_path / "x"), *words])
+
+
+@pytest.mark.parametrize("script,methods", [
+    ("entropy_schedules_tiny_cpu.sh", ["srft", "srft_ema", "srft_ema2", "srft_target",
+                                       "srft_fixed"]),
+    ("demo_quality_tiny_cpu.sh", ["srft", "sft", "srft_wrong25", "sft_wrong25",
+                                  "srft_wrong50", "sft_wrong50"])])
+def test_study_scripts_plan_their_methods(tmp_path, script, methods):
+    """The two studies built on compare_tiny_cpu.sh: their dry runs plan every method at
+    every lr of the grid (seed 1), each trainer config valid, into their own directory."""
+    import subprocess
+
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", script), "--dry-run"],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OUT=str(tmp_path / "study")))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["runs"] == 3 * len(methods) and summary["out"] == str(tmp_path / "study")
+    launched = [ln for ln in out.stdout.splitlines() if "srft_mcore.training" in ln]
+    assert sorted({ln.split("/runs/")[-1].split("/")[0] for ln in launched}) == sorted(methods)

@@ -4,6 +4,7 @@
                [--lr-grid LR LR LR ...] [--val-split NAME] [--shared-server]
                [--sft-rl-warmup N] [--sft-rl-carry-optimizer] [--luffy-demo-slot]
                [--final-eval srft-eval|trainer] [--dry-run] [a.b.c=value ...]
+               [--variant NAME=METHOD NAME.a.b.c=value ...]
 
 Methods (arXiv 2506.19767, Table 1 and the ablation): ``sft``, ``grpo``, ``sft_rl`` (SFT for
 half the steps, then GRPO from the SFT run's final checkpoint for the other half, its lr
@@ -127,6 +128,37 @@ def _split_words(values: Optional[list], overrides: list, kind=str) -> Optional[
     return out
 
 
+def _register_variants(args) -> None:
+    """--variant NAME=METHOD: take the NAME.a.b=c overrides out of the shared ones and
+    register the method (run_plan.add_variant)."""
+    from srft_mcore.comparison.run_plan import add_variant
+
+    names = []
+    for text in args.variant:
+        name, sep, method = text.partition("=")
+        if not sep:
+            raise CompareError(f"--variant {text}: expected NAME=METHOD. Fix: e.g. "
+                               f"--variant srft_ema=srft srft_ema.algorithm.weight_schedule=ema")
+        names.append((name.strip(), method.strip()))
+    own = {name: [] for name, _ in names}
+    shared = []
+    for word in args.overrides:
+        head, dot, rest = word.partition(".")
+        (own[head] if dot and head in own else shared).append(rest if head in own else word)
+    args.overrides = shared
+    for name, method in names:
+        if not own[name]:
+            raise CompareError(f"--variant {name}={method}: no {name}.a.b=c overrides, so it "
+                               f"would repeat {method}. Fix: add e.g. {name}.algorithm.X=Y")
+        add_variant(name, method, own[name])
+    if args.methods is None and names:
+        args.methods = [*DEFAULT_METHODS, *(name for name, _ in names)]
+    missing = [name for name, _ in names if name not in (args.methods or [])]
+    if missing:
+        raise CompareError(f"--variant {', '.join(missing)}: declared but not in --methods. "
+                           f"Fix: add {' '.join(missing)} to --methods")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="srft-compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -168,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one SGLang server for every launch (each run syncs its weights into "
                         "it first) instead of one per launch: started by the driver, or the "
                         "running server at URL")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD",
+                   help="a method of your own: METHOD (a built-in one) with the overrides "
+                        "given as NAME.a.b=c words, e.g. --variant srft_ema=srft "
+                        "srft_ema.algorithm.weight_schedule=ema; list it in --methods "
+                        "(without --methods: the defaults and every variant)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("overrides", nargs="*", help="a.b.c=value overrides for every run")
     return p
@@ -190,6 +227,7 @@ def parse_args(argv=None):
             and not args.shared_server.startswith(("http://", "https://"))):
         args.overrides.insert(0, args.shared_server)  # an a.b=c word, not a URL
         args.shared_server = "launch"
+    _register_variants(args)
     unknown = [m for m in args.methods or [] if m not in METHODS]
     if unknown:
         raise CompareError(f"--methods: unknown {unknown}. Fix: choose from "

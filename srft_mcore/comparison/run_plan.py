@@ -28,6 +28,28 @@ METHOD_OVERRIDES = {"srft_adv": ["algorithm.onpolicy_form=ppo"]}
 its advantage form (-A * ratio with Eq. 7 advantages) instead of Eq. 11's sign form."""
 DEFAULT_METHODS = ("sft", "grpo", "sft_rl", "luffy", "srft", "srft_no_wsft", "srft_no_wrl")
 """The paper's Table 2 methods and ablations: what ``--methods`` defaults to."""
+VARIANT_BASE: dict = {}
+"""``--variant NAME=METHOD``: the method each variant copies (with its own overrides)."""
+
+
+def base_method(method: str) -> str:
+    """The built-in method a run is (a variant's base, else itself)."""
+    return VARIANT_BASE.get(method, method)
+
+
+def add_variant(name: str, method: str, overrides: list) -> None:
+    """Register ``name``: ``method`` with ``overrides`` added to every launch (e.g. SRFT with
+    another entropy-weight schedule, or SFT on corrupted demonstrations). Registering a
+    variant's name again replaces it."""
+    if not name.isidentifier() or (name in METHODS and name not in VARIANT_BASE):
+        raise CompareError(f"--variant {name}={method}: the name must be a new identifier "
+                           f"(not one of {', '.join(METHODS)}). Fix: e.g. srft_ema=srft")
+    if method not in METHODS or method in VARIANT_BASE:
+        raise CompareError(f"--variant {name}={method}: {method!r} is not a built-in method. "
+                           f"Fix: one of {', '.join(m for m in METHODS if m not in VARIANT_BASE)}")
+    METHODS[name] = (name, METHODS[method][1])
+    METHOD_OVERRIDES[name] = [*METHOD_OVERRIDES.get(method, []), *overrides]
+    VARIANT_BASE[name] = method
 PHASE_NAMES = {1: ("train",), 2: ("sft", "rl")}
 """Subdirectory of each trainer launch of a method (one launch: the run directory itself)."""
 DEFAULT_SEEDS = (1, 2, 3)
@@ -139,7 +161,9 @@ class Plan:
         return {"config_sha256": hashlib.sha256(resolved.encode()).hexdigest(),
                 "steps": self.steps, "final_eval": self.final_eval,
                 "eval_limit": self.eval_limit, "lrs": self.lrs, "val_split": self.val_split,
-                "options": {k: v for k, v in self.options.items() if k != "shared_server"}}
+                "options": {k: v for k, v in self.options.items() if k != "shared_server"},
+                "variants": {m: [VARIANT_BASE[m], *METHOD_OVERRIDES[m]] for m in self.methods
+                             if m in VARIANT_BASE}}
 
     def budget(self) -> dict:
         t, r = self.base.train, self.base.rollout
@@ -288,7 +312,7 @@ def make_run(plan: Plan, method: str, seed: int, lr: Optional[float] = None) -> 
     shared += METHOD_OVERRIDES.get(method, [])
     if lr is not None:
         shared.append(f"optimizer.lr={lr!r}")
-    if method == "luffy" and plan.options.get("luffy_demo_slot"):
+    if base_method(method) == "luffy" and plan.options.get("luffy_demo_slot"):
         shared.append(f"rollout.n_samples={luffy_rollouts(plan)}")
     phases = []
     for i, (name, algo, n) in enumerate(zip(PHASE_NAMES[len(algos)], algos, phase_steps)):
