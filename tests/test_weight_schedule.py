@@ -94,6 +94,18 @@ def test_target_by_hand():
     assert steps[0][0].w_rl < 0.1 * E(1.0) < 0.5 and steps[0][0].w_sft > 0.5 * E(-1.0)
 
 
+def test_target_null_holds_the_first_steps_entropy():
+    """target_entropy null: the first step's entropy is the target (kept in the state, so a
+    resumed run holds the same one): step 1 at it, then the controller moves from there."""
+    cfg = AlgorithmConfig(weight_schedule="target", target_gain=0.5)
+    steps = run(cfg, [0.8, 0.6, 1.0])
+    # target 0.8: h_eff 0.8 (no move at the target), 0.8 - 0.1 = 0.7, 0.7 + 0.1 = 0.8
+    for (w, state), h in zip(steps, [0.8, 0.7, 0.8]):
+        assert state == {"schedule": "target", "h_eff": pytest.approx(h),
+                         "target": pytest.approx(0.8)}
+        assert w.w_rl == pytest.approx(0.1 * E(h)) and w.w_sft == pytest.approx(0.5 * E(-h))
+
+
 def test_target_is_bounded_without_wind_up():
     cfg = AlgorithmConfig(weight_schedule="target", target_entropy=1.0, target_gain=10.0,
                           weight_min=0.01, weight_max=1.0)
@@ -138,8 +150,6 @@ def test_state_is_pure_json_and_resumes_exactly():
      "algorithm.entropy_ema_slow_halflife=50.0", "entropy_ema_slow_halflife=50"),
     (["algorithm.weight_schedule=ema2", "algorithm.entropy_trend_gain=-1"],
      "algorithm.entropy_trend_gain=-1", "2.0"),
-    (["algorithm.weight_schedule=target"], "algorithm.target_entropy=None",
-     "set algorithm.target_entropy"),
     (["algorithm.weight_schedule=target", "algorithm.target_entropy=0.5",
       "algorithm.target_gain=-0.1"], "algorithm.target_gain=-0.1", "0.2"),
     (["algorithm.weight_schedule=target", "algorithm.target_entropy=0.5",

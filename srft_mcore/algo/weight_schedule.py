@@ -23,7 +23,8 @@ direction and that form; they differ in the entropy the form is evaluated at (``
   k = 1: the fast one's weights; k > 1 leads: for a steady ramp, k = L_s / (L_s - L_f) with
   L = a / (1 - a) the lag of an average in steps tracks the ramp without lag). Both weights
   are clamped to [``weight_min``, ``weight_max``].
-- ``target``: integral control of the entropy towards ``target_entropy`` (H*):
+- ``target``: integral control of the entropy towards ``target_entropy`` (H*; null: the
+  first step's entropy, kept in the state, so the controller holds the start policy's):
   h_eff_t = clamp(h_eff_{t-1} + g (H_t - H*), lo, hi), h_eff_0 = H*, g = ``target_gain``,
   with [lo, hi] = [ln(weight_min / c_rl), ln(weight_max / c_rl)], the range in which w_RL
   stays inside the bounds (the integrator stops there: no wind-up). An entropy below the
@@ -121,15 +122,19 @@ def schedule_step(state: dict, entropy: float, cfg) -> tuple:
         w_sft, w_rl = paper_weights(h_eff, cfg)
         return (StepWeights(_clamp(w_sft, lo_w, hi_w), _clamp(w_rl, lo_w, hi_w), h_eff),
                 {"schedule": name, "h_fast": fast, "h_slow": slow})
-    # target
-    target = cfg.target_entropy
+    # target (null target_entropy: the first step's entropy, kept in the state)
+    target = cfg.target_entropy if cfg.target_entropy is not None else prev.get("target", h)
+    if not math.isfinite(target):  # no entropy yet to hold: the paper's weights at it later
+        return StepWeights(*paper_weights(h, cfg), h), {}
     lo, hi = target_range(cfg)
     h_eff = prev.get("h_eff", _clamp(target, lo, hi))
     if math.isfinite(h):
         h_eff = _clamp(h_eff + cfg.target_gain * (h - target), lo, hi)
     w_sft, w_rl = paper_weights(h_eff, cfg)
-    return (StepWeights(_clamp(w_sft, lo_w, hi_w), _clamp(w_rl, lo_w, hi_w), h_eff),
-            {"schedule": name, "h_eff": h_eff})
+    state = {"schedule": name, "h_eff": h_eff}
+    if cfg.target_entropy is None:
+        state["target"] = target
+    return (StepWeights(_clamp(w_sft, lo_w, hi_w), _clamp(w_rl, lo_w, hi_w), h_eff), state)
 
 
 def schedule_metrics(weights: Optional[StepWeights], state: dict) -> dict:

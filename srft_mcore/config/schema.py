@@ -284,7 +284,8 @@ class AlgorithmConfig:
     entropy_trend_gain: float = 2.0
     """ema2: k in h_eff = h_slow + k (h_fast - h_slow) (0: slow only, 1: fast only)."""
     target_entropy: Optional[float] = None
-    """target: the step entropy (nats) the controller holds; required by target."""
+    """target: the step entropy (nats) the controller holds; null: the first step's (the
+    start policy's entropy on the training prompts)."""
     target_gain: float = 0.2
     """target: log w_RL moves by target_gain * (H - target_entropy) per step, log w_SFT
     the opposite way."""

@@ -215,11 +215,7 @@ def _check_weight_schedule(a) -> None:
                        "negative gain would give a falling entropy less SFT, against Eq. 8)",
                        "use e.g. 2.0 (0: the slow average alone)")
     if s == "target":
-        if a.target_entropy is None:
-            raise _err("algorithm.target_entropy", None, "weight_schedule=target needs the "
-                       "entropy to hold", "set algorithm.target_entropy to a step entropy in "
-                       "nats, e.g. the entropy/step of the run's first steps")
-        if not 0 < a.target_entropy < float("inf"):
+        if a.target_entropy is not None and not 0 < a.target_entropy < float("inf"):
             raise _err("algorithm.target_entropy", a.target_entropy,
                        "must be a finite entropy > 0 (nats)", "use e.g. 0.5")
         if not 0 <= a.target_gain < float("inf"):
