@@ -18,7 +18,7 @@ def srft_train(*args, timeout=120):
 
 def test_bad_override_is_refused_before_torchrun_starts(tmp_path):
     out = srft_train("--nproc-per-node", "2", "--config", CONFIG,
-                     f"logging.run_dir={tmp_path / 'run'}", "algorithm.weight_schedule=ema")
+                     f"logging.run_dir={tmp_path / 'run'}", "algorithm.weight_schedule=cosine")
     assert out.returncode == 2, out.stderr[-3000:]
     assert "Traceback" not in out.stderr + out.stdout
     lines = out.stderr.strip().splitlines()
