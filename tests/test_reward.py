@@ -147,16 +147,21 @@ def hang_pool():
 
 
 def test_pool_hanging_answer_scores_zero_counted_and_the_pool_goes_on(hang_pool):
-    import time
+    import threading
 
     before = hang_pool.pids()
     assert len(before) == 2
-    t0 = time.monotonic()
-    scores, timeouts = hang_pool.score(["1", "hang", "2", "x", "3"], ["1", "1", "2", "2", "3"])
-    elapsed = time.monotonic() - t0
+    box = {}
+    # the call must return at all (the hang lasts forever): a thread keeps a broken pool
+    # from stalling the suite, with a bound far above any machine's speed
+    th = threading.Thread(target=lambda: box.update(out=hang_pool.score(
+        ["1", "hang", "2", "x", "3"], ["1", "1", "2", "2", "3"])), daemon=True)
+    th.start()
+    th.join(600)
+    assert "out" in box, "score() did not return: the hanging answer was not timed out"
+    scores, timeouts = box["out"]
     assert scores == [1.0, 0.0, 1.0, 0.0, 1.0]
     assert timeouts == 1 and hang_pool.timeouts_total == 1
-    assert elapsed < 20, elapsed  # bounded by the timeout, not by the hang
     assert len(hang_pool.logs) == 1 and "sample 1" in hang_pool.logs[0]
     # the stuck worker was killed and replaced; the next batch scores normally
     after = hang_pool.pids()
@@ -190,13 +195,10 @@ def test_pool_kills_a_hang_inside_c_code():
 
 
 def test_pool_truncated_responses_are_not_sent(hang_pool):
-    import time
-
-    t0 = time.monotonic()
-    # a response sent to a worker would hang for the whole timeout
+    # a response sent to a worker would hang until the timeout and be counted (the 0 below)
     assert hang_pool.score(["hang", "hang", "z"], ["1", "1", "z"],
                            finish_reasons=["length", "length", "stop"]) == ([0.0, 0.0, 1.0], 0)
-    assert time.monotonic() - t0 < 1.5
+    assert hang_pool.timeouts_total == 0
     assert hang_pool.logs == []
 
 
@@ -274,7 +276,7 @@ def test_pool_workers_die_with_their_parent(tmp_path):
     finally:
         parent.kill()
         parent.wait()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120  # ends as soon as they are gone
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids)
