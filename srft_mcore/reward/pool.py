@@ -317,29 +317,14 @@ def open_pool(spec: Optional[str], workers: int, timeout_s: float,
 
 
 # --------------------------------------------------------------------------- the worker
-def _die_with_parent(parent: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the polling thread below still runs
-        pass
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-
-    def poll():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
-
-
 def worker_main(argv: Sequence[str]) -> None:
     """A worker's loop: resolve the spec sent first, then score answers until EOF."""
     fd, parent = int(argv[0]), int(argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    _die_with_parent(parent)
+    # the trainer's own rule for its ranks: die with the parent, by signal and by polling
+    from srft_mcore.training.lifecycle import follow_parent
+
+    follow_parent(parent, lambda _: os._exit(1), poll_s=1.0)
     conn = Connection(fd)
     try:
         init = conn.recv()

@@ -65,16 +65,23 @@ def watch_launcher(force: bool = False, death_signal: bool = True,
     global _watching
     if _watching or not (force or launched_by_torchrun()):
         return _watching
-    launcher = os.getppid()
-    if death_signal:
-        _set_parent_death_signal(signal.SIGKILL)
-    # the launcher may have died before the signal was armed: then we are already re-parented
-    if launcher == 1 or os.getppid() != launcher:
-        _launcher_died(launcher)
-    threading.Thread(target=_poll_parent, args=(launcher, poll_s, _launcher_died),
-                     name="srft-launcher-watch", daemon=True).start()
+    follow_parent(os.getppid(), _launcher_died, poll_s, death_signal)
     _watching = True
     return True
+
+
+def follow_parent(parent: int, on_death: Callable[[int], None], poll_s: float = POLL_S,
+                  death_signal: bool = True) -> None:
+    """End this process with its parent: ``PR_SET_PDEATHSIG`` = SIGKILL (Linux), and a
+    daemon thread that calls ``on_death(parent)`` once ``os.getppid()`` changes (no prctl
+    elsewhere; the signal only fires for a parent alive when it is armed)."""
+    if death_signal:
+        _set_parent_death_signal(signal.SIGKILL)
+    # the parent may have died before the signal was armed: then we are already re-parented
+    if parent == 1 or os.getppid() != parent:
+        on_death(parent)
+    threading.Thread(target=_poll_parent, args=(parent, poll_s, on_death),
+                     name="srft-parent-watch", daemon=True).start()
 
 
 def _set_parent_death_signal(sig: int) -> bool:
