@@ -151,6 +151,15 @@ def broadcast_object(obj, group=None, group_src: int = 0):
     return box[0]
 
 
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj`` of ``group``, in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return [obj]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def destroy_distributed() -> None:
     from megatron.core import parallel_state as ps
 

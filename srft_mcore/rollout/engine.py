@@ -49,7 +49,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from srft_mcore.config import sglang_mem_fraction
-from srft_mcore.launching.distributed import broadcast_object
+from srft_mcore.launching.distributed import all_gather_objects, broadcast_object
 from srft_mcore.rollout.client import Completion, GenerateError, Prompt, SamplingParams, SGLangClient
 from srft_mcore.rollout.errors import RolloutError, WeightSyncError
 from srft_mcore.rollout.recovery import ServerRecovery
@@ -250,7 +250,7 @@ class RolloutEngine:
             mine = ("ok", fn())
         except Exception as e:  # noqa: BLE001 - every rank raises below
             mine = ("error", f"rank {self.rank}: {type(e).__name__}: {e}")
-        results = all_gather(mine, self.group)
+        results = all_gather_objects(mine, self.group)
         errors = [text for status, text in results if status == "error"]
         if errors:
             raise RolloutError("; ".join(errors))
@@ -408,7 +408,7 @@ def start_servers(cfg, model_path: Optional[str], work_dir: Optional[str],
             _stop_owned(servers)
             servers = []
     mine = (error is None, [s.url for s in servers], [s.owned for s in servers])
-    launched = all_gather(mine, group)
+    launched = all_gather_objects(mine, group)
     router = None
     if all(ok for ok, _, _ in launched) and rank == 0:
         try:
@@ -446,16 +446,6 @@ def _stop_owned(servers) -> None:
         if s.owned:
             s.stop()
 
-
-def all_gather(obj, group=None) -> list:
-    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return [obj]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
 
 
 def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:

@@ -49,8 +49,8 @@ import time
 from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
+from srft_mcore.launching.distributed import all_gather_objects
 from srft_mcore.rollout.disk_transport import DiskTransport
 from srft_mcore.rollout.distributed_transport import DistributedTransport
 from srft_mcore.rollout.errors import WeightSyncError
@@ -78,10 +78,7 @@ def make_transport(mode: str, work_dir: Optional[str] = None, server_tp: int = 1
 # ---------------------------------------------------------------------- the collective
 def _agree(error: Optional[tuple], extra=None, group=None) -> tuple[list[tuple], list]:
     """All ranks exchange (error, extra); returns every rank's errors and extras."""
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return ([error] if error else []), [extra]
-    out = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, (error, extra), group=group)
+    out = all_gather_objects((error, extra), group)
     return [e for e, _ in out if e], [x for _, x in out]
 
 
