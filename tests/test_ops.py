@@ -104,6 +104,52 @@ def test_small_cpu_blocks_match_reference(dtype, monkeypatch):
             assert _max_rel(a, b) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_logits_any_budget_match_reference(dtype, monkeypatch):
+    """The linear kernel's kept tail (none, the default, part of a chunk, every token) changes nothing but which logits are recomputed; a call without
+    gradient keeps none."""
+    from srft_mcore.ops import logprob_entropy
+
+    vocab = 290
+    h, w, tg, g_lp, g_h = _problem(dtype=dtype)
+    _, _, ref_linear = _references(h, w, tg, g_lp, g_h, vocab)
+    per_tok = 320 * (4 if dtype == torch.float32 else 6)
+    # default: the fp32 weight gradient's bytes, 4 * 320 * 16 (bf16 logits also keep a
+    # bf16 copy: 6 bytes a value)
+    default = 16 if dtype == torch.float32 else 10
+    for keep, tail in ((0, 0), (None, default), (5 * per_tok + 3, 5), (10**9, 37)):
+        assert logprob_entropy._keep_len(keep, 37, 320, 16, dtype) == tail
+        fused = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
+            hh, ww, tg, vocab_size=vocab, chunk_size=7, keep_bytes=keep), h, w, g_lp, g_h)
+        for a, b in zip(fused, ref_linear):
+            assert _max_rel(a, b) <= TOL[dtype], (keep, _max_rel(a, b))
+    seen = []
+    monkeypatch.setattr(logprob_entropy, "_spans",
+                        lambda *a, _f=logprob_entropy._spans: seen.append(a[3]) or _f(*a))
+    with torch.no_grad():
+        linear_vocab_parallel_logprob_entropy(h, w.requires_grad_(), tg, vocab_size=vocab)
+    linear_vocab_parallel_logprob_entropy(h, w.detach(), tg, vocab_size=vocab)
+    assert seen == [0, 0]
+    with pytest.raises(ValueError, match="keep_bytes"):
+        linear_vocab_parallel_logprob_entropy(h, w, tg, keep_bytes=-1)
+
+
+def test_running_max_raised_by_later_blocks(monkeypatch):
+    """Logits that grow block after block (each raises the running max by far more than
+    exp can hold) give the reference's values, with no overflow."""
+    from srft_mcore.ops import logprob_entropy
+
+    monkeypatch.setattr(logprob_entropy, "CPU_BLOCK_ELEMS", 64)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=g) + torch.arange(300).float().div(8).floor() * 120
+    tg = torch.randint(0, 300, (6,), generator=g)
+    for t in (1.0, 0.5):
+        lp, ent = vocab_parallel_logprob_entropy(logits, tg, temperature=t)
+        ref_lp, ref_ent = reference_logprob_entropy(logits, tg, temperature=t)
+        assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
+        assert torch.allclose(lp, ref_lp, atol=1e-3) and torch.allclose(ent, ref_ent, atol=1e-4)
+
+
 def test_padding_is_excluded():
     h, w, tg, _, _ = _problem()
     logits = h @ w.t()

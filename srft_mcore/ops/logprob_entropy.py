@@ -7,8 +7,11 @@ per-token reductions over the vocabulary, so each token chunk costs two TP all-r
 MAX of the local maxima, then one SUM of the stacked (sum exp, sum exp*z, target logit).
 
 Memory: nothing of size [T, V] is kept besides the caller's own logits (the chunked
-function) or nothing at all (the linear-fused function recomputes one chunk of logits at a
-time in backward). Only per-token fp32 statistics (log-sum-exp, entropy) are saved. Every
+function). The linear-fused function recomputes the logits one chunk at a time in backward,
+except its last chunk's, which the forward keeps: a budget of the size of the weight
+gradient (V/tp x h in fp32) that the backward allocates anyway, so memory stays
+independent of T while min(T, h) tokens skip the recomputing matmul (at T = 4096, h = 896,
+a fifth of it). Otherwise only per-token fp32 statistics (log-sum-exp, entropy) are saved. Every
 pass over a chunk writes into buffers allocated once per call (fresh large allocations cost
 a page fault per 4 KiB on the CPU), and the chunked function reads the given logits in place.
 
@@ -80,10 +83,11 @@ def _chunk_len(chunk_size: Optional[int], n_cols: int, n_tok: int, device) -> in
 
 
 def _block_len(n_tok: int, n_valid: int, device) -> int:
-    """Vocabulary columns per elementwise block: the whole shard on GPUs (one kernel per
-    pass), cache-sized blocks on the CPU."""
+    """Vocabulary columns per elementwise block: on GPUs the whole shard (one kernel per
+    pass) up to a chunk's worth of values (the linear kernel's kept tail can be longer than
+    a chunk), cache-sized blocks on the CPU."""
     if device.type != "cpu":
-        return max(n_valid, 1)
+        return max(1, min(n_valid, DEFAULT_CHUNK_BYTES // (4 * max(n_tok, 1))))
     return max(1, CPU_BLOCK_ELEMS // max(n_tok, 1))
 
 
@@ -115,13 +119,14 @@ def _scaled_minus(z, shift, temperature: float, out: torch.Tensor) -> torch.Tens
     return out.sub_(shift)
 
 
-def _max(z, vd: int, blk: int) -> torch.Tensor:
-    """fp32 max over the vocabulary dim, block by block (a strided whole-tensor reduction over
-    the outer dim is slower on the CPU)."""
-    m_t = z.narrow(vd, 0, min(blk, z.shape[vd])).amax(dim=vd).float()
-    for v0 in range(blk, z.shape[vd], blk):
-        torch.maximum(m_t, z.narrow(vd, v0, min(blk, z.shape[vd] - v0)).amax(dim=vd), out=m_t)
-    return m_t
+def _rescale(s0_t, s1_t, d_t) -> None:
+    """Move the sums ``s0 = sum exp(z - m)`` and ``s1 = sum exp(z - m) (z - m)`` to a new
+    offset m' = m - d (d <= 0), in place: s0' = e^d s0, s1' = e^d (s1 + d s0). A token with
+    no columns yet (s0 = 0, m = -inf) keeps its zeros."""
+    d_t = torch.where(s0_t > 0, d_t, torch.zeros_like(d_t))
+    r_t = d_t.exp()
+    s1_t.add_(d_t * s0_t).mul_(r_t)
+    s0_t.mul_(r_t)
 
 
 def _forward_stats(z, vd: int, targets_t, start: int, temperature: float, group, blk: int,
@@ -129,17 +134,14 @@ def _forward_stats(z, vd: int, targets_t, start: int, temperature: float, group,
     """Per-token max, log-sum-exp offset, entropy and target log-prob of ``z / temperature``.
 
     ``z``: this shard's real columns of one chunk, the vocabulary along dim ``vd``, any float
-    dtype. The passes run on blocks of ``blk`` columns: the shifted logits go to ``tmp_a``
-    (``None``: over ``z`` itself, a private fp32 buffer), their exponentials to ``tmp_b``.
+    dtype. One pass over blocks of ``blk`` columns with a running max (online softmax: the
+    sums are rescaled when a block raises it), so each block is read once while it is in
+    cache. The shifted logits go to ``tmp_a`` (``None``: over ``z`` itself, a private fp32
+    buffer), their exponentials to ``tmp_b``. Under TP the shards' sums are moved to the
+    global max before they are added.
     """
     n, nv = z.shape[1 - vd], z.shape[vd]
-    if nv > 0:
-        m_t = _max(z, vd, blk)
-        if temperature != 1.0:
-            m_t.div_(temperature)  # max(z / T) = max(z) / T exactly (division is monotone)
-    else:
-        m_t = torch.full((n,), float("-inf"), dtype=torch.float32, device=z.device)
-    _all_reduce(m_t, dist.ReduceOp.MAX, group)
+    m_t = torch.full((n,), float("-inf"), dtype=torch.float32, device=z.device)
     sums = torch.zeros(3, n, dtype=torch.float32, device=z.device)
     if nv > 0:
         # the target before ``z`` is overwritten
@@ -147,14 +149,29 @@ def _forward_stats(z, vd: int, targets_t, start: int, temperature: float, group,
         picked_t = z.gather(vd, cols_t.unsqueeze(vd)).squeeze(vd).float()
         if temperature != 1.0:
             picked_t.div_(temperature)
+    for v0 in range(0, nv, blk):
+        zb = z.narrow(vd, v0, min(blk, nv - v0))
+        top_t = zb.amax(dim=vd).float()
+        if temperature != 1.0:
+            top_t.div_(temperature)  # max(z / T) = max(z) / T exactly (division is monotone)
+        if v0:
+            new_t = torch.maximum(m_t, top_t)
+            _rescale(sums[0], sums[1], m_t - new_t)
+            m_t = new_t
+        else:
+            m_t = top_t
+        zs = _scaled_minus(zb, m_t.unsqueeze(vd), temperature,
+                           zb if tmp_a is None else _like(tmp_a, zb))
+        e = torch.exp(zs, out=_like(tmp_b, zb))
+        sums[0] += e.sum(dim=vd)
+        sums[1] += e.mul_(zs).sum(dim=vd)
+    if _group_size_rank(group)[0] > 1:
+        global_t = m_t.clone()
+        _all_reduce(global_t, dist.ReduceOp.MAX, group)
+        _rescale(sums[0], sums[1], m_t - global_t)
+        m_t = global_t
+    if nv > 0:
         sums[2] = torch.where(here_t, picked_t - m_t, torch.zeros_like(picked_t))
-        shift = m_t.unsqueeze(vd)
-        for v0 in range(0, nv, blk):
-            zb = z.narrow(vd, v0, min(blk, nv - v0))
-            zs = _scaled_minus(zb, shift, temperature, zb if tmp_a is None else _like(tmp_a, zb))
-            e = torch.exp(zs, out=_like(tmp_b, zb))
-            sums[0] += e.sum(dim=vd)
-            sums[1] += e.mul_(zs).sum(dim=vd)
     _all_reduce(sums, dist.ReduceOp.SUM, group)
     log_s_t = sums[0].log()
     entropy_t = log_s_t - sums[1] / sums[0]
@@ -299,10 +316,17 @@ def vocab_parallel_logprob_entropy(logits: torch.Tensor, targets: torch.Tensor, 
 # The chunk's logits are computed transposed, [v, t] = weight @ hidden.T: on the CPU this
 # matmul runs faster than hidden @ weight.T, and the vocabulary blocks of the elementwise
 # passes are then contiguous rows.
-def _chunk_logits(h_ch, w_vh, buf, low_buf, ld):
-    """fp32 logits [n_valid, c] of one chunk, a view of ``buf`` with row stride ``ld``
+def _ld(c: int) -> int:
+    """Row stride of a chunk of ``c`` tokens: a multiple of 16 values (a stride that is not a
+    whole number of cache lines slows the CPU matmul down by a third)."""
+    return -(-max(c, 1) // 16) * 16
+
+
+def _chunk_logits(h_ch, w_vh, buf, low_buf):
+    """fp32 logits [n_valid, c] of one chunk, a view of ``buf`` with row stride ``_ld(c)``
     (matmul in the parameter dtype)."""
     n_valid, c = w_vh.shape[0], h_ch.shape[0]
+    ld = _ld(c)
     z_vt = buf[:n_valid * ld].view(n_valid, ld)[:, :c]
     h_t = h_ch.to(w_vh.dtype).t()
     if w_vh.dtype == torch.float32:
@@ -311,40 +335,64 @@ def _chunk_logits(h_ch, w_vh, buf, low_buf, ld):
     return z_vt.copy_(torch.mm(w_vh, h_t, out=low))
 
 
-def _linear_buffers(chunk, n_tok, n_valid, dtype, dev):
-    """Scratch of the linear-fused kernel: the chunk's logits, rows padded to a multiple of
-    16 values (a row stride that is not a whole number of cache lines slows the CPU matmul
-    down by a third), and the elementwise passes' block."""
-    c = min(chunk, n_tok)
-    ld = -(-max(c, 1) // 16) * 16
-    blk = _block_len(c, n_valid, dev)
-    z_buf = _scratch(ld * n_valid, dev)
-    tmp = _scratch(c * min(blk, n_valid), dev)
-    low = None if dtype == torch.float32 else torch.empty(ld * n_valid, dtype=dtype, device=dev)
-    return blk, ld, z_buf, tmp, low
+def _spans(n_tok: int, v_local: int, chunk_size, keep_tok: int, dev) -> list:
+    """Token ranges of the chunks: the first ``n_tok - keep_tok`` tokens in equal chunks,
+    then the kept tail as one chunk. Only padded widths enter, so every TP rank agrees."""
+    head = n_tok - keep_tok
+    chunk = _chunk_len(chunk_size, v_local, head, dev)
+    spans = [(s, min(s + chunk, head)) for s in range(0, head, chunk)]
+    return spans + ([(head, n_tok)] if keep_tok else [])
+
+
+def _linear_buffers(width, n_valid, dtype, dev):
+    """Scratch for chunks of up to ``width`` tokens: their logits (and the parameter-dtype
+    matmul output) and two elementwise blocks."""
+    blk = _block_len(width, n_valid, dev)
+    z_buf = _scratch(_ld(width) * n_valid, dev)
+    n_tmp = width * min(blk, n_valid)
+    tmp_a, tmp_b = _scratch(n_tmp, dev), _scratch(n_tmp, dev)
+    low = None if dtype == torch.float32 else torch.empty(_ld(width) * n_valid, dtype=dtype,
+                                                         device=dev)
+    return blk, z_buf, tmp_a, tmp_b, low
+
+
+def _keep_len(keep_bytes: Optional[int], n_tok: int, v_local: int, hidden: int, dtype) -> int:
+    """Tokens whose logits the forward keeps for the backward. Default: as many bytes as the
+    fp32 weight gradient the backward allocates anyway, so the peak stays independent of the
+    token count (at most about twice that gradient plus one chunk) and the last
+    min(T, h) tokens skip the recomputing matmul."""
+    per_tok = v_local * (4 + (0 if dtype == torch.float32 else dtype.itemsize))
+    budget = 4 * v_local * hidden if keep_bytes is None else keep_bytes
+    if budget < 0:
+        raise ValueError(f"keep_bytes must be >= 0, got {keep_bytes}")
+    return min(n_tok, budget // max(per_tok, 1))
 
 
 class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_th, weight_vh, targets_t, vocab_size, temperature, chunk_size,
-                group, entropy_grad, reduce_hidden_grad):
+                group, entropy_grad, reduce_hidden_grad, keep_tok):
         n_tok = hidden_th.shape[0]
         dev = hidden_th.device
         start, n_valid = _shard_range(weight_vh.shape[0], vocab_size, group)
-        chunk = _chunk_len(chunk_size, weight_vh.shape[0], n_tok, dev)
+        spans = _spans(n_tok, weight_vh.shape[0], chunk_size, keep_tok, dev)
         w_vh = weight_vh[:n_valid]  # padded rows are never multiplied
-        blk, ld, z_buf, tmp, low = _linear_buffers(chunk, n_tok, n_valid, weight_vh.dtype, dev)
+        width = max((e - s for s, e in spans), default=1)
+        blk, z_buf, tmp_a, tmp_b, low = _linear_buffers(width, n_valid, weight_vh.dtype, dev)
         stats = torch.empty(4, n_tok, dtype=torch.float32, device=dev)
-        for s in range(0, n_tok, chunk):
-            z_vt = _chunk_logits(hidden_th[s:s + chunk], w_vh, z_buf, low, ld)
-            out = _forward_stats(z_vt, 0, targets_t[s:s + chunk], start, temperature, group,
-                                 blk, None, tmp)
+        for i, (s, e) in enumerate(spans):
+            z_vt = _chunk_logits(hidden_th[s:e], w_vh, z_buf, low)
+            # the kept tail's logits stay intact for the backward; the others are overwritten
+            out = _forward_stats(z_vt, 0, targets_t[s:e], start, temperature, group, blk,
+                                 tmp_a if keep_tok and i == len(spans) - 1 else None, tmp_b)
             for i, x in enumerate(out):
-                stats[i, s:s + chunk] = x
-        del z_buf, tmp, low
+                stats[i, s:e] = x
+        # the kept tail's logits (and the scratch they live in) wait for the backward
+        ctx.kept = (z_buf, low) if keep_tok and n_valid else None
+        del z_buf, tmp_a, tmp_b, low
         m_t, log_s_t, entropy_t, logp_t = stats
         ctx.save_for_backward(hidden_th, weight_vh, targets_t, m_t + log_s_t, entropy_t)
-        ctx.cfg = (start, n_valid, chunk, temperature, group, reduce_hidden_grad)
+        ctx.cfg = (start, n_valid, spans, width, temperature, group, reduce_hidden_grad)
         ctx.set_materialize_grads(False)
         logp_t, entropy_out_t = logp_t.clone(), entropy_t.clone()
         if not entropy_grad:
@@ -354,10 +402,11 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp_t, g_h_t):
         hidden_th, weight_vh, targets_t, lse_t, entropy_t = ctx.saved_tensors
-        start, n_valid, chunk, temperature, group, reduce_hidden_grad = ctx.cfg
+        start, n_valid, spans, width, temperature, group, reduce_hidden_grad = ctx.cfg
+        kept, ctx.kept = ctx.kept, None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if g_lp_t is None and g_h_t is None:
-            return (None,) * 9
+            return (None,) * 10
         n_tok, dev = hidden_th.shape[0], hidden_th.device
         w_vh = weight_vh[:n_valid]
         fp32 = weight_vh.dtype == torch.float32
@@ -372,14 +421,21 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
                 grad_w.zero_()
         if need_h and n_valid == 0:
             grad_h.zero_()
-        blk, ld, z_buf, tmp, low = _linear_buffers(chunk, n_tok, n_valid, weight_vh.dtype, dev)
+        blk = _block_len(width, n_valid, dev)
+        if kept is None:
+            _, z_buf, _, tmp, low = _linear_buffers(width, n_valid, weight_vh.dtype, dev)
+        else:
+            (z_buf, low), tmp = kept, _scratch(width * min(blk, n_valid), dev)
         # d loss / d hidden of a chunk, transposed: weight.T @ grad is the faster CPU matmul
-        gh_buf = _scratch(hidden_th.shape[1] * min(chunk, n_tok), dev) if need_h and fp32 \
-            else None
-        for s in range(0, n_tok if n_valid else 0, chunk):
-            sl = slice(s, s + chunk)
+        gh_buf = _scratch(hidden_th.shape[1] * width, dev) if need_h and fp32 else None
+        # the last chunk first: with a kept tail its logits are still in the scratch
+        for i, (s, e) in enumerate(reversed(spans) if n_valid else ()):
+            sl = slice(s, e)
             h_ch = hidden_th[sl]
-            z_vt = _chunk_logits(h_ch, w_vh, z_buf, low, ld)
+            if i == 0 and kept is not None:
+                z_vt = z_buf[:n_valid * _ld(e - s)].view(n_valid, _ld(e - s))[:, :e - s]
+            else:
+                z_vt = _chunk_logits(h_ch, w_vh, z_buf, low)
             _grad_z(z_vt, 0, z_vt, targets_t[sl], start, temperature, lse_t[sl], entropy_t[sl],
                     None if g_lp_t is None else g_lp_t[sl].float(),
                     None if g_h_t is None else g_h_t[sl].float(), blk, None, tmp)
@@ -393,24 +449,24 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
                     grad_h[sl] = g_vt.t() @ w_vh
             if need_w:
                 if fp32 and h_ch.dtype == torch.float32:
-                    if s == 0:
+                    if i == 0:
                         torch.mm(g_vt, h_ch, out=grad_w[:n_valid])
                     else:
                         grad_w[:n_valid].addmm_(g_vt, h_ch)
                 else:
                     prod = (g_vt @ h_ch.to(g_vt.dtype)).float()
-                    if s == 0:
+                    if i == 0:
                         grad_w[:n_valid] = prod
                     else:
                         grad_w[:n_valid] += prod
                     del prod
-        del z_buf, tmp, low, gh_buf
+        del z_buf, tmp, low, gh_buf, kept
         if need_h and reduce_hidden_grad:
             # each shard contributes its vocabulary's part of d loss / d hidden
             _all_reduce(grad_h, dist.ReduceOp.SUM, group)
         return (None if grad_h is None else grad_h.to(hidden_th.dtype),
                 None if grad_w is None else grad_w.to(weight_vh.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def linear_vocab_parallel_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor,
@@ -419,19 +475,26 @@ def linear_vocab_parallel_logprob_entropy(hidden: torch.Tensor, weight: torch.Te
                                           temperature: float = 1.0,
                                           chunk_size: Optional[int] = None,
                                           entropy_grad: bool = True,
-                                          reduce_hidden_grad: bool = True):
+                                          reduce_hidden_grad: bool = True,
+                                          keep_bytes: Optional[int] = None):
     """Log-prob and entropy of ``hidden @ weight.T`` without materialising the logits.
 
     hidden: [..., h], the same on every TP rank. weight: [V/tp, h], this rank's vocabulary
     shard of the output layer (rows past ``vocab_size`` are padding, never used).
-    Logits exist for one chunk of tokens at a time and are recomputed in backward.
+    Logits exist for one chunk of tokens at a time and are recomputed in backward, except
+    the last tokens' (up to ``keep_bytes`` of fp32 logits; default: the size of the fp32
+    weight gradient; 0: none), which the forward keeps when a backward will follow.
     reduce_hidden_grad: all-reduce d loss / d hidden over ``tp_group`` (each rank holds
     only its vocabulary's part); pass False when the caller's own collective already sums
     it (e.g. the reduce-scatter of a sequence-parallel gather).
     Other arguments and the result as in :func:`vocab_parallel_logprob_entropy`.
     """
     lead = targets.shape
+    hidden_th = _flat(hidden, 1)
+    training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    keep_tok = _keep_len(keep_bytes, hidden_th.shape[0], weight.shape[0], weight.shape[1],
+                         weight.dtype) if training else 0
     logp, ent = _LinearVocabParallelLogProbEntropy.apply(
-        _flat(hidden, 1), weight, _flat(targets, 0).long(), vocab_size, float(temperature),
-        chunk_size, tp_group, entropy_grad, reduce_hidden_grad)
+        hidden_th, weight, _flat(targets, 0).long(), vocab_size, float(temperature),
+        chunk_size, tp_group, entropy_grad, reduce_hidden_grad, keep_tok)
     return logp.view(lead), ent.view(lead)

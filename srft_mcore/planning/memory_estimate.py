@@ -142,15 +142,19 @@ def final_norm_and_loss_bytes(m: ModelShape, tp: int, sp: bool, a: Assumptions) 
 def logprob_scratch_bytes(m: ModelShape, tp: int, tokens: int, a: Assumptions) -> int:
     """The linear-fused log-prob/entropy kernel's backward on the last stage.
 
-    Chunk: c = min(tokens, chunk_bytes / (4 * V_pad/t)) tokens of fp32 logits [c, V_pad/t];
-    its working set is 2 chunks (logits and softmax; bf16: + the bf16 matmul output and
-    gradient, 2.5). Plus the fp32 gradient of the hidden states 4*h per token (+ e*h for
-    its cast), and of the output weight 4*V_pad/t*h (bf16: + a bf16 product and its fp32
-    copy per chunk, 6*V_pad/t*h)."""
+    Chunk: c = min(tokens, chunk_bytes / (4 * V_pad/t)) tokens of fp32 logits [c, V_pad/t].
+    The logits buffer holds max(c, k) tokens, k the tail the forward keeps for the backward
+    (min(tokens, 4h / (4 + e)) with bf16's extra matmul output: the weight gradient's
+    bytes), at 4 bytes a value (bf16: + e for the matmul output and gradient); the softmax
+    block is at most one chunk of fp32. Plus the fp32 gradient of the hidden states 4*h per
+    token (+ e*h for its cast), and of the output weight 4*V_pad/t*h (bf16: + a bf16
+    product and its fp32 copy per chunk, 6*V_pad/t*h)."""
     e = DTYPE_BYTES[a.dtype]
     v_local = padded_vocab(m.vocab, tp) // tp
     chunk_tokens = min(tokens, max(1, a.lp_chunk_bytes // (4 * v_local)))
-    chunks = (2.0 if e == 4 else 2.5) * chunk_tokens * v_local * 4
+    per_value = 4 if e == 4 else 4 + e
+    kept_tokens = min(tokens, 4 * m.hidden // per_value)
+    chunks = max(chunk_tokens, kept_tokens) * v_local * per_value + chunk_tokens * v_local * 4
     grad_h = tokens * m.hidden * (4 + (e if e != 4 else 0))
     grad_w = v_local * m.hidden * (4 if e == 4 else 10)
     return int(chunks + grad_h + grad_w)
