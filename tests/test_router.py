@@ -262,27 +262,25 @@ def _pid_alive(pid) -> bool:
 
 
 @pytest.mark.slow
-def test_two_real_servers_behind_a_launched_router(tmp_path):
+def test_two_real_servers_behind_a_launched_router(tmp_path, shared_sglang):
     from srft_mcore.launching.local import spawn_ranks
     from srft_mcore.models.tiny import EMBEDDED_MODEL_DIR
 
-    used: set = set()
-    servers = [SGLangServer(EMBEDDED_MODEL_DIR, port=_port_in_range(used),
-                            log_path=str(tmp_path / f"sglang-{i}.log"), startup_timeout_s=300)
-               for i in range(2)]
+    # the session's shared server (reset to the stock weights after the lease) and one more
+    own = SGLangServer(EMBEDDED_MODEL_DIR, port=_port_in_range(set()),
+                       log_path=str(tmp_path / "sglang-own.log"), startup_timeout_s=300)
     try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_healthy()
-        urls = [s.url for s in servers]
-        out = spawn_ranks(_router_job, 1, (urls, [s.log_path for s in servers],
-                                           EMBEDDED_MODEL_DIR, str(tmp_path / "work")),
-                          timeout_s=600)[0]
-        alive = [s.is_alive() for s in servers]
+        own.start()
+        with shared_sglang.lease():
+            own.wait_healthy()
+            servers = [shared_sglang.server, own]
+            urls = [s.url for s in servers]
+            out = spawn_ranks(_router_job, 1, (urls, [s.log_path for s in servers],
+                                               EMBEDDED_MODEL_DIR, str(tmp_path / "work")),
+                              timeout_s=600)[0]
+            alive = [s.is_alive() for s in servers]
     finally:
-        for s in servers:
-            s.stop()
+        own.stop()
     assert out["router_url"].startswith("http://127.0.0.1:3")
     cmd = out["router_cmd"]
     assert cmd[cmd.index("--prometheus-host") + 1] == "127.0.0.1"
