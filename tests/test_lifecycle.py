@@ -195,6 +195,44 @@ def test_lock_held_by_another_process_until_it_dies(tmp_path):
         holder.wait(10)
 
 
+# a rank that has saved: Megatron's checkpoint writer has its results-queue Manager process
+WRITER_RANK = """
+import os, threading, time
+from srft_mcore.training import checkpoint
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+def start():
+    checkpoint._writer_queue_ends_with_this_process()
+    filesystem_async._results_queue.put("ok")  # the queue Megatron's writer will use works
+    assert filesystem_async._results_queue.get() == "ok"
+
+t = threading.Thread(target=start) if os.environ.get("OFF_MAIN") else None
+t.start() if t else start()
+t.join() if t else None
+print(checkpoint._writer_manager._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("thread", ["main", "other"])
+def test_checkpoint_writer_queue_process_ends_with_a_killed_rank(thread):
+    """kill -9 on a rank leaves no Megatron writer-queue Manager behind (it used to stay,
+    re-parented to init): started from the main thread (death signal) or another (polling)."""
+    env = dict(ENV, **({"OFF_MAIN": "1"} if thread == "other" else {}))
+    rank = subprocess.Popen([sys.executable, "-c", WRITER_RANK], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    manager = None
+    try:
+        manager = psutil.Process(int(rank.stdout.readline()))
+        assert manager.ppid() == rank.pid and manager.is_running()
+        rank.kill()
+        rank.wait(10)
+        assert not wait_gone([manager], 15), describe([manager])
+    finally:
+        rank.kill()
+        kill_all([manager] if manager else [])
+
+
 # the "rank": arms the watch, starts a stand-in server (a sleeping child registered like a
 # SGLang server) and reports both pids; it never exits by itself
 FAKE_RANK = """

@@ -96,10 +96,40 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+_writer_manager = None
+
+
+def _writer_queue_ends_with_this_process() -> None:
+    """Megatron's torch_dist writer returns its results through a queue served by a
+    multiprocessing Manager process that it starts at the first save and never stops: a
+    killed rank would leave it behind, re-parented to init. Start that process here instead,
+    set to exit with this one (the queue is Megatron's module global)."""
+    global _writer_manager
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # another Megatron layout: its own queue, as before
+        return
+    if _writer_manager is not None or getattr(filesystem_async, "_results_queue", 1) is not None:
+        return
+    import multiprocessing
+    import threading
+    from multiprocessing.managers import SyncManager
+
+    from srft_mcore.training.lifecycle import end_with_parent
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=end_with_parent,
+                  initargs=(os.getpid(), threading.current_thread() is threading.main_thread()))
+    filesystem_async._results_queue = manager.Queue()
+    _writer_manager = manager
+
+
 def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
                     keep: int = 2) -> str:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     from megatron.core import dist_checkpointing
+
+    _writer_queue_ends_with_this_process()
 
     rank = _rank()
     final = os.path.join(root, step_dir_name(step))

@@ -115,6 +115,13 @@ def _launcher_died(launcher: int) -> None:
     os._exit(1)
 
 
+def end_with_parent(parent: int, death_signal: bool = True) -> None:
+    """Initializer of a helper process (e.g. a multiprocessing Manager started by a rank):
+    exit as soon as ``parent`` is gone. ``death_signal`` only when the parent starts it from
+    its main thread (the signal follows the starting thread, not the process)."""
+    follow_parent(parent, lambda _: os._exit(0), death_signal=death_signal)
+
+
 def _say(message: str) -> None:
     try:
         print(message, file=sys.stderr, flush=True)
