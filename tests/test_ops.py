@@ -148,6 +148,12 @@ def test_running_max_raised_by_later_blocks(monkeypatch):
         ref_lp, ref_ent = reference_logprob_entropy(logits, tg, temperature=t)
         assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
         assert torch.allclose(lp, ref_lp, atol=1e-3) and torch.allclose(ent, ref_ent, atol=1e-4)
+    # masked (-inf) logits filling the first blocks: the log-probs stay right
+    masked = torch.randn(6, 300, generator=g)
+    masked[:, :100] = float("-inf")
+    tg = torch.randint(100, 300, (6,), generator=g)
+    lp, _ = vocab_parallel_logprob_entropy(masked, tg)
+    assert torch.allclose(lp, reference_logprob_entropy(masked, tg)[0], atol=1e-5)
 
 
 def test_padding_is_excluded():

@@ -160,7 +160,9 @@ def _forward_stats(z, vd: int, targets_t, start: int, temperature: float, group,
             m_t = new_t
         else:
             m_t = top_t
-        zs = _scaled_minus(zb, m_t.unsqueeze(vd), temperature,
+        # masked (-inf) columns so far: shift by 0, not by -inf (which gives NaN)
+        shift_t = torch.where(m_t == float("-inf"), torch.zeros_like(m_t), m_t)
+        zs = _scaled_minus(zb, shift_t.unsqueeze(vd), temperature,
                            zb if tmp_a is None else _like(tmp_a, zb))
         e = torch.exp(zs, out=_like(tmp_b, zb))
         sums[0] += e.sum(dim=vd)
@@ -344,23 +346,26 @@ def _spans(n_tok: int, v_local: int, chunk_size, keep_tok: int, dev) -> list:
     return spans + ([(head, n_tok)] if keep_tok else [])
 
 
-def _linear_buffers(width, n_valid, dtype, dev):
-    """Scratch for chunks of up to ``width`` tokens: their logits (and the parameter-dtype
-    matmul output) and two elementwise blocks."""
-    blk = _block_len(width, n_valid, dev)
+def _logits_buffers(width, n_valid, dtype, dev):
+    """The logits of a chunk of up to ``width`` tokens (and the parameter-dtype matmul
+    output)."""
     z_buf = _scratch(_ld(width) * n_valid, dev)
-    n_tmp = width * min(blk, n_valid)
-    tmp_a, tmp_b = _scratch(n_tmp, dev), _scratch(n_tmp, dev)
     low = None if dtype == torch.float32 else torch.empty(_ld(width) * n_valid, dtype=dtype,
                                                          device=dev)
-    return blk, z_buf, tmp_a, tmp_b, low
+    return z_buf, low
+
+
+def _block_scratch(spans, n_valid, dev) -> torch.Tensor:
+    """One elementwise block of the largest chunk (each chunk has its own block length)."""
+    return _scratch(max((e - s) * min(_block_len(e - s, n_valid, dev), n_valid)
+                        for s, e in spans), dev)
 
 
 def _keep_len(keep_bytes: Optional[int], n_tok: int, v_local: int, hidden: int, dtype) -> int:
     """Tokens whose logits the forward keeps for the backward. Default: as many bytes as the
     fp32 weight gradient the backward allocates anyway, so the peak stays independent of the
     token count (at most about twice that gradient plus one chunk) and the last
-    min(T, h) tokens skip the recomputing matmul."""
+    min(T, h) tokens (fp32; bf16 keeps a bf16 copy too: 2h/3) skip the recomputing matmul."""
     per_tok = v_local * (4 + (0 if dtype == torch.float32 else dtype.itemsize))
     budget = 4 * v_local * hidden if keep_bytes is None else keep_bytes
     if budget < 0:
@@ -378,16 +383,22 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
         spans = _spans(n_tok, weight_vh.shape[0], chunk_size, keep_tok, dev)
         w_vh = weight_vh[:n_valid]  # padded rows are never multiplied
         width = max((e - s for s, e in spans), default=1)
-        blk, z_buf, tmp_a, tmp_b, low = _linear_buffers(width, n_valid, weight_vh.dtype, dev)
+        z_buf, low = _logits_buffers(width, n_valid, weight_vh.dtype, dev)
+        spans_or_1 = spans or [(0, 1)]
+        tmp_b = _block_scratch(spans_or_1, n_valid, dev)
+        # the kept tail's shifted logits go to a block of their own: its logits stay intact
+        tmp_a = _block_scratch(spans[-1:], n_valid, dev) if keep_tok else None
         stats = torch.empty(4, n_tok, dtype=torch.float32, device=dev)
-        for i, (s, e) in enumerate(spans):
+        for s, e in spans:
             z_vt = _chunk_logits(hidden_th[s:e], w_vh, z_buf, low)
-            # the kept tail's logits stay intact for the backward; the others are overwritten
-            out = _forward_stats(z_vt, 0, targets_t[s:e], start, temperature, group, blk,
-                                 tmp_a if keep_tok and i == len(spans) - 1 else None, tmp_b)
-            for i, x in enumerate(out):
-                stats[i, s:e] = x
-        # the kept tail's logits (and the scratch they live in) wait for the backward
+            kept_here = keep_tok and e == n_tok
+            out = _forward_stats(z_vt, 0, targets_t[s:e], start, temperature, group,
+                                 _block_len(e - s, n_valid, dev), tmp_a if kept_here else None,
+                                 tmp_b)
+            for row, x in enumerate(out):
+                stats[row, s:e] = x
+        # the kept tail's logits (and the scratch they live in) wait for the backward: a plain
+        # attribute, so saved-tensor hooks (offload to CPU) do not see them
         ctx.kept = (z_buf, low) if keep_tok and n_valid else None
         del z_buf, tmp_a, tmp_b, low
         m_t, log_s_t, entropy_t, logp_t = stats
@@ -421,11 +432,9 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
                 grad_w.zero_()
         if need_h and n_valid == 0:
             grad_h.zero_()
-        blk = _block_len(width, n_valid, dev)
-        if kept is None:
-            _, z_buf, _, tmp, low = _linear_buffers(width, n_valid, weight_vh.dtype, dev)
-        else:
-            (z_buf, low), tmp = kept, _scratch(width * min(blk, n_valid), dev)
+        z_buf, low = kept if kept is not None else _logits_buffers(width, n_valid,
+                                                                   weight_vh.dtype, dev)
+        tmp = _block_scratch(spans or [(0, 1)], n_valid, dev)
         # d loss / d hidden of a chunk, transposed: weight.T @ grad is the faster CPU matmul
         gh_buf = _scratch(hidden_th.shape[1] * width, dev) if need_h and fp32 else None
         # the last chunk first: with a kept tail its logits are still in the scratch
@@ -438,7 +447,8 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
                 z_vt = _chunk_logits(h_ch, w_vh, z_buf, low)
             _grad_z(z_vt, 0, z_vt, targets_t[sl], start, temperature, lse_t[sl], entropy_t[sl],
                     None if g_lp_t is None else g_lp_t[sl].float(),
-                    None if g_h_t is None else g_h_t[sl].float(), blk, None, tmp)
+                    None if g_h_t is None else g_h_t[sl].float(),
+                    _block_len(e - s, n_valid, dev), None, tmp)
             # matmuls in the parameter dtype (tensor cores), accumulation in fp32
             g_vt = z_vt if fp32 else _like(low, z_vt).copy_(z_vt)
             if need_h:
@@ -482,8 +492,9 @@ def linear_vocab_parallel_logprob_entropy(hidden: torch.Tensor, weight: torch.Te
     hidden: [..., h], the same on every TP rank. weight: [V/tp, h], this rank's vocabulary
     shard of the output layer (rows past ``vocab_size`` are padding, never used).
     Logits exist for one chunk of tokens at a time and are recomputed in backward, except
-    the last tokens' (up to ``keep_bytes`` of fp32 logits; default: the size of the fp32
-    weight gradient; 0: none), which the forward keeps when a backward will follow.
+    the last tokens' (up to ``keep_bytes`` of logits; default: the size of the fp32 weight
+    gradient, and at most ``chunk_size`` tokens when that is given; 0: none), which the
+    forward keeps when a backward will follow.
     reduce_hidden_grad: all-reduce d loss / d hidden over ``tp_group`` (each rank holds
     only its vocabulary's part); pass False when the caller's own collective already sums
     it (e.g. the reduce-scatter of a sequence-parallel gather).
@@ -494,6 +505,8 @@ def linear_vocab_parallel_logprob_entropy(hidden: torch.Tensor, weight: torch.Te
     training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     keep_tok = _keep_len(keep_bytes, hidden_th.shape[0], weight.shape[0], weight.shape[1],
                          weight.dtype) if training else 0
+    if keep_bytes is None and chunk_size is not None:  # a chunk size given bounds it too
+        keep_tok = min(keep_tok, chunk_size)
     logp, ent = _LinearVocabParallelLogProbEntropy.apply(
         hidden_th, weight, _flat(targets, 0).long(), vocab_size, float(temperature),
         chunk_size, tp_group, entropy_grad, reduce_hidden_grad, keep_tok)

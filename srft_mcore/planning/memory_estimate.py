@@ -144,9 +144,9 @@ def logprob_scratch_bytes(m: ModelShape, tp: int, tokens: int, a: Assumptions) -
 
     Chunk: c = min(tokens, chunk_bytes / (4 * V_pad/t)) tokens of fp32 logits [c, V_pad/t].
     The logits buffer holds max(c, k) tokens, k the tail the forward keeps for the backward
-    (min(tokens, 4h / (4 + e)) with bf16's extra matmul output: the weight gradient's
-    bytes), at 4 bytes a value (bf16: + e for the matmul output and gradient); the softmax
-    block is at most one chunk of fp32. Plus the fp32 gradient of the hidden states 4*h per
+    (the weight gradient's bytes: min(tokens, h) in fp32, min(tokens, 4h / (4 + e)) with
+    the bf16 matmul output beside the fp32 logits), at 4 bytes a value (bf16: + e); the
+    softmax block is at most one chunk of fp32. Plus the fp32 gradient of the hidden states 4*h per
     token (+ e*h for its cast), and of the output weight 4*V_pad/t*h (bf16: + a bf16
     product and its fp32 copy per chunk, 6*V_pad/t*h)."""
     e = DTYPE_BYTES[a.dtype]
