@@ -480,6 +480,26 @@ class _OnlyValidation(dict):
     items = values
 
 
+def test_state_reloads_runs_and_base_scores_and_refuses_other_settings(tmp_path):
+    """A resumed comparison finds its finished runs and the base model's scores (not
+    evaluated again); a state made with other settings is refused."""
+    from srft_mcore.comparison.bookkeeping import State
+    from srft_mcore.comparison.run_plan import CompareError
+
+    plan = build_plan(parse_args(["--config", CONFIG, "--out", str(tmp_path / "cmp"),
+                                  "--methods", "srft", "--seeds", "1"]))
+    path = str(tmp_path / "state.json")
+    first = State(path, plan.settings())
+    first.run(plan.runs[0].key).update(status="done", acc={"val": 0.5})
+    first.data.setdefault("base", {})["1"] = {"acc": {"val": 0.1}}
+    first.save()
+    again = State(path, plan.settings())
+    assert again.data["base"] == {"1": {"acc": {"val": 0.1}}}
+    assert again.run(plan.runs[0].key)["acc"] == {"val": 0.5}
+    with pytest.raises(CompareError, match="other settings"):
+        State(path, dict(plan.settings(), steps=plan.steps + 1))
+
+
 def test_lr_choice_never_reads_the_held_out_splits(tmp_path):
     from srft_mcore.comparison.bookkeeping import State
     from srft_mcore.comparison.protocol import choose_lr, select_lrs

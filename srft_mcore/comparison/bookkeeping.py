@@ -29,7 +29,8 @@ class State:
                     f"{os.path.dirname(path)} holds a comparison made with other settings "
                     f"(then, now: {diff}); its runs cannot be mixed with these. Fix: use "
                     f"another --out, or the settings it was started with")
-            self.data["runs"] = old.get("runs", {})
+            # the runs and the base model's scores (evaluated once per seed) carry over
+            self.data.update({k: v for k, v in old.items() if k != "settings"})
 
     def run(self, key: str) -> dict:
         return self.data["runs"].setdefault(key, {"status": "pending", "phases": {}})
