@@ -33,8 +33,10 @@ import json, os, shutil, sys
 out, name = sys.argv[1:3]
 res = json.load(open(os.path.join(out, "results.json")))
 keep = {k: res[k] for k in ("settings", "selection", "wall_seconds", "records", "methods")}
+# paths relative to the repository root (the script runs there)
+text = json.dumps(keep, indent=1, sort_keys=True).replace(os.getcwd() + os.sep, "")
 with open(f"benchmarks/results/{name}.json", "w") as f:
-    json.dump(keep, f, indent=1, sort_keys=True)
+    f.write(text + "\n")
 for plot in os.listdir(os.path.join(out, "plots")):
     shutil.copy(os.path.join(out, "plots", plot), os.path.join("docs", "figures",
                                                                f"{name}_{plot}"))
