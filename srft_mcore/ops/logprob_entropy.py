@@ -357,8 +357,8 @@ def _logits_buffers(width, n_valid, dtype, dev):
 
 def _block_scratch(spans, n_valid, dev) -> torch.Tensor:
     """One elementwise block of the largest chunk (each chunk has its own block length)."""
-    return _scratch(max((e - s) * min(_block_len(e - s, n_valid, dev), n_valid)
-                        for s, e in spans), dev)
+    return _scratch(max(((e - s) * min(_block_len(e - s, n_valid, dev), n_valid)
+                         for s, e in spans), default=1), dev)
 
 
 def _keep_len(keep_bytes: Optional[int], n_tok: int, v_local: int, hidden: int, dtype) -> int:
@@ -384,8 +384,7 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
         w_vh = weight_vh[:n_valid]  # padded rows are never multiplied
         width = max((e - s for s, e in spans), default=1)
         z_buf, low = _logits_buffers(width, n_valid, weight_vh.dtype, dev)
-        spans_or_1 = spans or [(0, 1)]
-        tmp_b = _block_scratch(spans_or_1, n_valid, dev)
+        tmp_b = _block_scratch(spans, n_valid, dev)
         # the kept tail's shifted logits go to a block of their own: its logits stay intact
         tmp_a = _block_scratch(spans[-1:], n_valid, dev) if keep_tok else None
         stats = torch.empty(4, n_tok, dtype=torch.float32, device=dev)
@@ -434,7 +433,7 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
             grad_h.zero_()
         z_buf, low = kept if kept is not None else _logits_buffers(width, n_valid,
                                                                    weight_vh.dtype, dev)
-        tmp = _block_scratch(spans or [(0, 1)], n_valid, dev)
+        tmp = _block_scratch(spans, n_valid, dev)
         # d loss / d hidden of a chunk, transposed: weight.T @ grad is the faster CPU matmul
         gh_buf = _scratch(hidden_th.shape[1] * width, dev) if need_h and fp32 else None
         # the last chunk first: with a kept tail its logits are still in the scratch

@@ -447,7 +447,6 @@ def _stop_owned(servers) -> None:
             s.stop()
 
 
-
 def server_gpu_env(index: int, tp: int, num_servers: int) -> dict:
     """CUDA_VISIBLE_DEVICES of server ``index`` when SRFT_ROLLOUT_GPUS lists the rollout GPUs
     (e.g. "4,5,6,7": two TP2 servers on GPUs 4-5 and 6-7); empty otherwise."""
