@@ -3,8 +3,9 @@
 Paths: (a) naive: full logits, log_softmax, softmax, entropy (from hidden states through
 the output matmul, and from given logits); (b) the chunked kernel on given logits, with
 (a-logits) as its baseline; (c) the linear-fused kernel on hidden states and the output
-weight, with (a-hidden) as its baseline. Every path ends in the same scalar loss
-sum(logp) + sum(entropy) and its backward.
+weight, with (a-hidden) as its baseline; (d) the same with the loss in the kernel (its
+gradient formed in the forward, as the trainer runs it), baseline (a-hidden). Every path
+ends in the same scalar loss sum(logp) + sum(entropy) and its backward.
 
 Memory is the peak extra over what the inputs already hold: on CUDA from the allocator's
 peak; on CPU from the process RSS sampled every millisecond in a thread (glibc returns large
@@ -111,12 +112,12 @@ def _measure(fn, hidden, weight, logits, device, repeat):
         z = None if logits is None else logits.detach().requires_grad_()
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            logp, ent = fn(h, w, z)
-            (logp.sum() + ent.sum()).backward()
+            loss = fn(h, w, z)
+            loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            del logp, ent
+            del loss
             h.grad = w.grad = None
             if z is not None:
                 z.grad = None
@@ -130,6 +131,7 @@ def run(tokens, vocab, hidden_size, dtype_name, repeat, tp):
 
     from srft_mcore.models.builder import padded_vocab_size
     from srft_mcore.ops import linear_vocab_parallel_logprob_entropy as fused_linear
+    from srft_mcore.ops import linear_vocab_parallel_token_loss as fused_loss
     from srft_mcore.ops import vocab_parallel_logprob_entropy as chunked
 
     group = None
@@ -150,12 +152,18 @@ def run(tokens, vocab, hidden_size, dtype_name, repeat, tp):
     with torch.no_grad():
         logits = hidden @ weight.t()
 
+    def total(pair):
+        return pair[0].sum() + pair[1].sum()
+
     paths = {
-        "a_naive_from_hidden": lambda h, w, z, t: _naive(h, w, None, t, vocab, group),
-        "a_naive_from_logits": lambda h, w, z, t: _naive(None, None, z, t, vocab, group),
-        "b_chunked": lambda h, w, z, t: chunked(z, t, vocab_size=vocab, tp_group=group),
-        "c_linear_fused": lambda h, w, z, t: fused_linear(h, w, t, vocab_size=vocab,
-                                                          tp_group=group),
+        "a_naive_from_hidden": lambda h, w, z, t: total(_naive(h, w, None, t, vocab, group)),
+        "a_naive_from_logits": lambda h, w, z, t: total(_naive(None, None, z, t, vocab, group)),
+        "b_chunked": lambda h, w, z, t: total(chunked(z, t, vocab_size=vocab, tp_group=group)),
+        "c_linear_fused": lambda h, w, z, t: total(fused_linear(h, w, t, vocab_size=vocab,
+                                                                tp_group=group)),
+        "d_linear_fused_loss": lambda h, w, z, t: fused_loss(
+            h, w, t, lambda lp, ent: lp.sum() + ent.sum(), vocab_size=vocab,
+            tp_group=group)[0],
     }
     out = {}
     for name, fn in paths.items():
@@ -170,6 +178,9 @@ def run(tokens, vocab, hidden_size, dtype_name, repeat, tp):
         "c_vs_a_memory": round(out["c_linear_fused"]["peak_extra_gib"] /
                                max(a_h["peak_extra_gib"], 1e-9), 4),
         "c_vs_a_time": round(out["c_linear_fused"]["time_s"] / a_h["time_s"], 3),
+        "d_vs_a_memory": round(out["d_linear_fused_loss"]["peak_extra_gib"] /
+                               max(a_h["peak_extra_gib"], 1e-9), 4),
+        "d_vs_a_time": round(out["d_linear_fused_loss"]["time_s"] / a_h["time_s"], 3),
         "b_vs_a_memory": round(out["b_chunked"]["peak_extra_gib"] /
                                max(a_l["peak_extra_gib"], 1e-9), 4),
         "b_vs_a_time": round(out["b_chunked"]["time_s"] / a_l["time_s"], 3),

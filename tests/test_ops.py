@@ -4,6 +4,7 @@ import torch
 
 from srft_mcore.ops import (
     linear_vocab_parallel_logprob_entropy,
+    linear_vocab_parallel_token_loss,
     reference_logprob_entropy,
     vocab_parallel_logprob_entropy,
 )
@@ -41,6 +42,17 @@ def _run_linear(fn, hidden_th, weight_vh, g_lp, g_h):
     return [x.detach().float() for x in (logp, ent, h.grad, w.grad)]
 
 
+def _run_token_loss(hidden_th, weight_vh, targets_t, g_lp, g_h, **kw):
+    """The same loss formed inside the kernel (its gradient built in the forward)."""
+    h = hidden_th.detach().clone().requires_grad_()
+    w = weight_vh.detach().clone().requires_grad_()
+    loss, logp, ent = linear_vocab_parallel_token_loss(
+        h, w, targets_t, lambda lp, e: (lp * g_lp + e * g_h).sum(), **kw)
+    assert not logp.requires_grad and not ent.requires_grad
+    loss.backward()
+    return [x.detach().float() for x in (logp, ent, h.grad, w.grad)]
+
+
 def _references(hidden_th, weight_vh, targets_t, g_lp, g_h, vocab, temperature=1.0):
     """Full-vocabulary fp32 references on the logits the model produces (hidden @ weight.T
     in the input dtype, as Megatron's output layer). The linear references chain d/dlogits
@@ -65,12 +77,15 @@ def _check_all(dtype, device="cpu", temperature=1.0):
                           logits, g_lp, g_h)
     fused = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
         hh, ww, tg, chunk_size=7, **kw), h, w, g_lp, g_h)
+    in_kernel = _run_token_loss(h, w, tg, g_lp, g_h, chunk_size=7, **kw)
+    linear_names = ("logp", "entropy", "grad_hidden", "grad_weight")
     for got, ref, names in ((chunked, ref_logits, ("logp", "entropy", "grad_logits")),
-                            (fused, ref_linear, ("logp", "entropy", "grad_hidden",
-                                                 "grad_weight"))):
+                            (fused, ref_linear, linear_names),
+                            (in_kernel, ref_linear, linear_names)):
         for name, a, b in zip(names, got, ref):
             assert _max_rel(a, b) <= TOL[dtype], (name, _max_rel(a, b))
     assert fused[3][vocab:].abs().max().item() == 0.0  # padded rows get no gradient
+    assert in_kernel[3][vocab:].abs().max().item() == 0.0
     assert chunked[2][:, vocab:].abs().max().item() == 0.0
 
 
@@ -132,6 +147,48 @@ def test_kept_logits_any_budget_match_reference(dtype, monkeypatch):
     assert seen == [0, 0]
     with pytest.raises(ValueError, match="keep_bytes"):
         linear_vocab_parallel_logprob_entropy(h, w, tg, keep_bytes=-1)
+
+
+def test_loss_in_kernel_nonlinear_and_not_separable_losses():
+    """A nonlinear per-token loss (a clipped ratio, entropy weights detached, an entropy
+    term) formed in the kernel equals autograd through the plain kernel, on the fast path
+    (no warning). A loss whose token gradients read other tokens still gets the exact
+    gradient, by the second pass, and says so; a loss that is not a scalar is refused."""
+    import warnings
+
+    vocab = 290
+    h, w, tg, g_lp, g_h = _problem()
+    old = -torch.rand(h.shape[0]) * 4
+
+    def clipped(lp, ent):
+        r = torch.exp(lp - old)
+        return (-torch.minimum(r * g_lp, r.clamp(0.8, 1.2) * g_lp) * torch.exp(-ent.detach())
+                + 0.1 * ent * ent).sum()
+
+    def coupled(lp, ent):
+        return lp.sum() ** 2 / 100 + ent.mean() * lp.mean()
+
+    for loss_fn, expect_warning in ((clipped, False), (coupled, True)):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = linear_vocab_parallel_logprob_entropy(hh, ww, tg, vocab_size=vocab,
+                                                        chunk_size=7)
+        loss_fn(lp, ent).backward()
+        h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            from srft_mcore.ops import logprob_entropy
+            logprob_entropy._NOT_SEPARABLE_WARNED.clear()
+            loss, lp2, ent2 = linear_vocab_parallel_token_loss(h2, w2, tg, loss_fn,
+                                                               vocab_size=vocab, chunk_size=7)
+        (3 * loss).backward()
+        assert any("not a sum of per-token terms" in str(x.message) for x in seen) \
+            == expect_warning
+        assert loss.item() == pytest.approx(loss_fn(lp, ent).item(), rel=1e-6)
+        assert _max_rel(lp2, lp.detach()) <= 1e-6 and _max_rel(ent2, ent.detach()) <= 1e-6
+        assert _max_rel(h2.grad, 3 * hh.grad) <= 1e-5
+        assert _max_rel(w2.grad, 3 * ww.grad) <= 1e-5
+    with pytest.raises(ValueError, match="scalar"):
+        linear_vocab_parallel_token_loss(h, w, tg, lambda lp, e: lp * 2, vocab_size=vocab)
 
 
 def test_running_max_raised_by_later_blocks(monkeypatch):
@@ -240,12 +297,13 @@ def _tp_rank(dtype_name: str, vocab: int, padded: int, temperature: float):
                                   logits[:, shard], g_lp, g_h)
     fused_default = _run_linear(lambda hh, ww: linear_vocab_parallel_logprob_entropy(
         hh, ww, tg, **kw_default), h, w[shard], g_lp, g_h)
+    in_kernel = _run_token_loss(h, w[shard], tg, g_lp, g_h, **kw_default)
     want_chunked = [ref_logits[0], ref_logits[1], ref_logits[2][:, shard]]
     want_fused = [ref_linear[0], ref_linear[1], ref_linear[2], ref_linear[3][shard]]
     return {kind: [_max_rel(a, b) for a, b in zip(got, want)] for kind, got, want in (
         ("chunked", chunked, want_chunked), ("fused", fused, want_fused),
         ("chunked_default", chunked_default, want_chunked),
-        ("fused_default", fused_default, want_fused))}
+        ("fused_default", fused_default, want_fused), ("in_kernel", in_kernel, want_fused))}
 
 
 @pytest.mark.slow

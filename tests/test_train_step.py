@@ -269,6 +269,70 @@ def test_step_gradients_and_weights_do_not_depend_on_micro_batches_or_dp():
         assert diff <= 1e-6 * scale, (world, mbs, diff, scale)
 
 
+# --------------------------------------------------------------------------- loss in the kernel
+IN_KERNEL_CASES = [  # every algorithm and loss aggregation, the entropy bonus, the KL term
+    ["algorithm.name=srft", "train.mini_batches=2", "algorithm.entropy_coef=0.01",
+     "algorithm.kl_coef=0.1"],
+    ["algorithm.name=srft", "algorithm.entropy_weighting=batch",
+     "algorithm.onpolicy_form=ppo"],
+    ["algorithm.name=grpo", "algorithm.loss_agg=seq-mean-token-mean"],
+    ["algorithm.name=luffy", "algorithm.loss_agg=seq-sum-max-len",
+     "algorithm.entropy_coef=0.01"],
+    ["algorithm.name=sft", "algorithm.loss_agg=sum-max-len"],
+]
+
+
+def _in_kernel_rank():
+    """Per case: the step's metrics and gradients with the loss formed inside the kernel
+    and with autograd through the kernel's outputs; and whether the kernel ever fell back
+    to its second pass (a loss that is not a sum of per-token terms)."""
+    import warnings
+
+    from srft_mcore.ops import logprob_entropy
+
+    calls = []  # the kernel's loss evaluations (one per chunk and one at the end)
+    logprob_entropy._token_grads = lambda *a, _f=logprob_entropy._token_grads: (
+        calls.append(1) or _f(*a))
+    out = []
+    for case in IN_KERNEL_CASES:
+        runs = {}
+        for in_kernel in (True, False):
+            t = _trainer([*case, "optimizer.lr=1e-3", f"model.loss_in_kernel={in_kernel}"])
+            logprob_entropy._NOT_SEPARABLE_WARNED.clear()
+            calls.clear()
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                rec = t.train_on(_synthetic_step(t.hf["vocab_size"]))
+            runs[in_kernel] = {"record": rec, "grads": _grads(t), "calls": len(calls),
+                               "fallback": any("per-token terms" in str(x.message)
+                                               for x in seen)}
+        out.append(runs)
+    return out
+
+
+@pytest.mark.slow
+def test_loss_in_the_kernel_equals_autograd_through_its_outputs():
+    """The default path (the loss's gradient formed chunk by chunk in the kernel's forward)
+    gives every algorithm's step the metrics and gradients of autograd through the
+    log-probs and entropies, and never needs the kernel's second pass."""
+    for case, runs in zip(IN_KERNEL_CASES, spawn_ranks(_in_kernel_rank, 1, (),
+                                                       timeout_s=300)[0]):
+        fast, plain = runs[True], runs[False]
+        assert not fast["fallback"] and not plain["fallback"], case
+        assert fast["calls"] > 0 and plain["calls"] == 0, case
+        assert fast["record"]["loss"] != 0, case
+        for key, value in plain["record"].items():
+            if isinstance(value, float) and math.isfinite(value) and key.startswith(
+                    ("loss", "w_", "entropy", "ppo/", "logp")):
+                assert fast["record"][key] == pytest.approx(value, rel=1e-5, abs=1e-7), \
+                    (case, key)
+        scale = max(v.abs().max().item() for v in plain["grads"].values())
+        assert scale > 0, case
+        diff = max((fast["grads"][k] - plain["grads"][k]).abs().max().item()
+                   for k in plain["grads"])
+        assert diff <= 1e-5 * scale, (case, diff, scale)
+
+
 # --------------------------------------------------------------------------- KL
 def _kl_rank():
     """Per estimator: (a) the KL and its loss term on the second mini-batch, after the first

@@ -435,11 +435,24 @@ def make_loss_func(cfg, totals: BatchTotals, *, num_microbatches: int, dp_size: 
     scale = float(num_microbatches * dp_size)
 
     def loss_func(batch: dict, output):
+        if len(output) == 3:  # (loss, logp, entropy): the loss was formed in the kernel
+            loss, logp_bs, entropy_bs = output
+            metrics = srft_loss(logp_bs, entropy_bs, batch, cfg, totals, onpolicy_form,
+                                metric_share=1.0 / scale)[1]
+            return loss * scale, metrics
         logp_bs, entropy_bs = output
         loss, metrics = srft_loss(logp_bs, entropy_bs, batch, cfg, totals, onpolicy_form,
                                   metric_share=1.0 / scale)
         return loss * scale, metrics
 
+    def token_loss(batch: dict) -> Callable:
+        """The micro-batch's unscaled loss as a function of (logp_bs, entropy_bs) only, for
+        a kernel that forms its gradient (a sum of per-token terms: every normaliser is a
+        constant of ``totals``, every entropy weight detached)."""
+        return lambda logp_bs, entropy_bs: srft_loss(logp_bs, entropy_bs, batch, cfg, totals,
+                                                     onpolicy_form)[0]
+
+    loss_func.token_loss = token_loss
     return loss_func
 
 

@@ -27,6 +27,11 @@ class ModelConfig:
     """Vocab is padded to a multiple of this times TP (Megatron convention)."""
     recompute_granularity: Optional[str] = None
     """Megatron activation recomputation: None | full | selective."""
+    loss_in_kernel: bool = True
+    """Form the training loss's gradient inside the fused output-layer kernel, one chunk of
+    tokens at a time in the forward: three output-layer matmuls instead of four (the logits
+    are never recomputed). Every built-in algorithm's loss is a sum of per-token terms, which
+    this needs; false: the kernel returns log-probs and entropies and autograd runs the loss."""
     attention_dropout: float = 0.0
     """Dropout inside attention (0 for RL fine-tuning)."""
     hidden_dropout: float = 0.0

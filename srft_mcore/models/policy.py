@@ -15,7 +15,11 @@ from typing import Optional
 import torch
 
 from srft_mcore.models.builder import unwrap_gpt
-from srft_mcore.ops import linear_vocab_parallel_logprob_entropy, vocab_parallel_logprob_entropy
+from srft_mcore.ops import (
+    linear_vocab_parallel_logprob_entropy,
+    linear_vocab_parallel_token_loss,
+    vocab_parallel_logprob_entropy,
+)
 
 
 def output_weight(gpt) -> torch.Tensor:
@@ -29,7 +33,7 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
                    targets_bs: Optional[torch.Tensor], *, vocab_size: int, tp_group=None,
                    temperature: float = 1.0, fused: str = "linear",
                    chunk_size: Optional[int] = None, entropy_grad: bool = False,
-                   attention_mask=None, packed: Optional[dict] = None):
+                   attention_mask=None, packed: Optional[dict] = None, token_loss=None):
     """Run this rank's stage; on the last stage return (logp_bs, entropy_bs) for targets.
 
     tp_group: the tensor-parallel group (default: the model's ``pg_collection.tp``).
@@ -42,6 +46,10 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
     packed: rows holding several sequences (``seq_ids`` [b, s]; ``cu_seqlens`` and
     ``max_seqlen`` for one-row THD micro-batches): attention stays inside each sequence and
     positions restart (see models/packing.py).
+    token_loss: ``f(logp_bs, entropy_bs) -> scalar``, a sum of per-token terms; the last
+    stage then returns ``(loss, logp_bs, entropy_bs)``, the loss carrying the gradient (with
+    ``fused=linear`` formed inside the kernel, see ``linear_vocab_parallel_token_loss``) and
+    logp / entropy detached, for metrics.
     """
     from srft_mcore.models import packing
 
@@ -84,9 +92,16 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
 
             # its backward reduce-scatters, which also sums the vocabulary shards' parts
             hidden_sbh = gather_from_sequence_parallel_region(hidden_sbh, True, tp_group)
+        common.update(reduce_hidden_grad=not sequence_parallel)
+        if token_loss is not None:  # the kernel's tokens are [s, b]; the loss's [b, s]
+            loss, logp_sb, ent_sb = linear_vocab_parallel_token_loss(
+                hidden_sbh, output_weight(gpt), targets_sb,
+                lambda lp_sb, h_sb: token_loss(lp_sb.t(), h_sb.t()), **common)
+            return loss, logp_sb.t(), ent_sb.t()
         logp_sb, ent_sb = linear_vocab_parallel_logprob_entropy(
-            hidden_sbh, output_weight(gpt), targets_sb, reduce_hidden_grad=not sequence_parallel,
-            **common)
+            hidden_sbh, output_weight(gpt), targets_sb, **common)
     else:
         raise ValueError(f"fused must be 'linear' or 'logits', got {fused!r}")
+    if token_loss is not None:
+        return token_loss(logp_sb.t(), ent_sb.t()), logp_sb.t().detach(), ent_sb.t().detach()
     return logp_sb.t(), ent_sb.t()

@@ -373,6 +373,74 @@ def _keep_len(keep_bytes: Optional[int], n_tok: int, v_local: int, hidden: int, 
     return min(n_tok, budget // max(per_tok, 1))
 
 
+class _ParamGrads:
+    """d loss / d hidden and d loss / d weight (fp32), filled one chunk of tokens at a time from
+    the chunk's logits gradient; the matmuls run in the parameter dtype (tensor cores) and
+    accumulate in fp32."""
+
+    def __init__(self, hidden_th, weight_vh, n_valid: int, width: int, needs):
+        self.hidden_th, self.weight_vh, self.n_valid = hidden_th, weight_vh, n_valid
+        self.w_vh = weight_vh[:n_valid]
+        self.dev = dev = hidden_th.device
+        self.fp32 = weight_vh.dtype == torch.float32
+        n_tok = hidden_th.shape[0]
+        # every row is written by add_chunk (the first chunk's weight gradient is a plain
+        # matmul); padded rows and empty shards are zero
+        self.h = torch.empty(hidden_th.shape, dtype=torch.float32, device=dev) \
+            if needs[0] else None
+        self.w = torch.empty(weight_vh.shape, dtype=torch.float32, device=dev) \
+            if needs[1] else None
+        if self.w is not None:
+            self.w[n_valid:].zero_()
+            if n_valid == 0 or n_tok == 0:
+                self.w.zero_()
+        if self.h is not None and n_valid == 0:
+            self.h.zero_()
+        # d loss / d hidden of a chunk, transposed: weight.T @ grad is the faster CPU matmul
+        self.gh_buf = _scratch(hidden_th.shape[1] * width, dev) \
+            if self.h is not None and self.fp32 else None
+        self.first = True
+
+    def reset(self) -> None:
+        self.first = True
+
+    def add_chunk(self, g_vt, sl: slice, low) -> None:
+        """Tokens ``sl``: their logits gradient ``g_vt`` [n_valid, c] (fp32, may be the
+        chunk's logits buffer)."""
+        h_ch, w_vh = self.hidden_th[sl], self.w_vh
+        if not self.fp32:
+            g_vt = _like(low, g_vt).copy_(g_vt)
+        if self.h is not None:
+            if self.fp32:
+                gh_ht = self.gh_buf[:w_vh.shape[1] * h_ch.shape[0]].view(w_vh.shape[1], -1)
+                self.h[sl] = torch.mm(w_vh.t(), g_vt, out=gh_ht).t()
+            else:
+                self.h[sl] = g_vt.t() @ w_vh
+        if self.w is not None:
+            dst = self.w[:self.n_valid]
+            if self.fp32 and h_ch.dtype == torch.float32:
+                if self.first:
+                    torch.mm(g_vt, h_ch, out=dst)
+                else:
+                    dst.addmm_(g_vt, h_ch)
+            else:
+                prod = (g_vt @ h_ch.to(g_vt.dtype)).float()
+                if self.first:
+                    dst.copy_(prod)
+                else:
+                    dst += prod
+        self.first = False
+
+    def finish(self, reduce_group):
+        """(grad hidden, grad weight) in the inputs' dtypes; ``reduce_group``: all-reduce
+        d loss / d hidden over it (each shard holds its vocabulary's part)."""
+        self.gh_buf = None
+        if self.h is not None and reduce_group is not None:
+            _all_reduce(self.h, dist.ReduceOp.SUM, reduce_group)
+        return (None if self.h is None else self.h.to(self.hidden_th.dtype),
+                None if self.w is None else self.w.to(self.weight_vh.dtype))
+
+
 class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_th, weight_vh, targets_t, vocab_size, temperature, chunk_size,
@@ -414,68 +482,27 @@ class _LinearVocabParallelLogProbEntropy(torch.autograd.Function):
         hidden_th, weight_vh, targets_t, lse_t, entropy_t = ctx.saved_tensors
         start, n_valid, spans, width, temperature, group, reduce_hidden_grad = ctx.cfg
         kept, ctx.kept = ctx.kept, None
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if g_lp_t is None and g_h_t is None:
             return (None,) * 10
-        n_tok, dev = hidden_th.shape[0], hidden_th.device
-        w_vh = weight_vh[:n_valid]
-        fp32 = weight_vh.dtype == torch.float32
-        # every row is written below (the first chunk's weight gradient is a plain matmul)
-        grad_h = torch.empty(hidden_th.shape, dtype=torch.float32, device=dev) \
-            if need_h else None
-        grad_w = torch.empty(weight_vh.shape, dtype=torch.float32, device=dev) \
-            if need_w else None
-        if need_w:
-            grad_w[n_valid:].zero_()
-            if n_valid == 0 or n_tok == 0:
-                grad_w.zero_()
-        if need_h and n_valid == 0:
-            grad_h.zero_()
+        grads = _ParamGrads(hidden_th, weight_vh, n_valid, width, ctx.needs_input_grad[:2])
         z_buf, low = kept if kept is not None else _logits_buffers(width, n_valid,
-                                                                   weight_vh.dtype, dev)
-        tmp = _block_scratch(spans, n_valid, dev)
-        # d loss / d hidden of a chunk, transposed: weight.T @ grad is the faster CPU matmul
-        gh_buf = _scratch(hidden_th.shape[1] * width, dev) if need_h and fp32 else None
+                                                                   weight_vh.dtype, grads.dev)
+        tmp = _block_scratch(spans, n_valid, grads.dev)
         # the last chunk first: with a kept tail its logits are still in the scratch
         for i, (s, e) in enumerate(reversed(spans) if n_valid else ()):
             sl = slice(s, e)
-            h_ch = hidden_th[sl]
             if i == 0 and kept is not None:
                 z_vt = z_buf[:n_valid * _ld(e - s)].view(n_valid, _ld(e - s))[:, :e - s]
             else:
-                z_vt = _chunk_logits(h_ch, w_vh, z_buf, low)
+                z_vt = _chunk_logits(hidden_th[sl], grads.w_vh, z_buf, low)
             _grad_z(z_vt, 0, z_vt, targets_t[sl], start, temperature, lse_t[sl], entropy_t[sl],
                     None if g_lp_t is None else g_lp_t[sl].float(),
                     None if g_h_t is None else g_h_t[sl].float(),
-                    _block_len(e - s, n_valid, dev), None, tmp)
-            # matmuls in the parameter dtype (tensor cores), accumulation in fp32
-            g_vt = z_vt if fp32 else _like(low, z_vt).copy_(z_vt)
-            if need_h:
-                if fp32:
-                    gh_ht = gh_buf[:w_vh.shape[1] * h_ch.shape[0]].view(w_vh.shape[1], -1)
-                    grad_h[sl] = torch.mm(w_vh.t(), g_vt, out=gh_ht).t()
-                else:
-                    grad_h[sl] = g_vt.t() @ w_vh
-            if need_w:
-                if fp32 and h_ch.dtype == torch.float32:
-                    if i == 0:
-                        torch.mm(g_vt, h_ch, out=grad_w[:n_valid])
-                    else:
-                        grad_w[:n_valid].addmm_(g_vt, h_ch)
-                else:
-                    prod = (g_vt @ h_ch.to(g_vt.dtype)).float()
-                    if i == 0:
-                        grad_w[:n_valid] = prod
-                    else:
-                        grad_w[:n_valid] += prod
-                    del prod
-        del z_buf, tmp, low, gh_buf, kept
-        if need_h and reduce_hidden_grad:
-            # each shard contributes its vocabulary's part of d loss / d hidden
-            _all_reduce(grad_h, dist.ReduceOp.SUM, group)
-        return (None if grad_h is None else grad_h.to(hidden_th.dtype),
-                None if grad_w is None else grad_w.to(weight_vh.dtype),
-                None, None, None, None, None, None, None, None)
+                    _block_len(e - s, n_valid, grads.dev), None, tmp)
+            grads.add_chunk(z_vt, sl, low)
+        del z_buf, tmp, low, kept
+        grad_h, grad_w = grads.finish(group if reduce_hidden_grad else None)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def linear_vocab_parallel_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor,
@@ -510,3 +537,134 @@ def linear_vocab_parallel_logprob_entropy(hidden: torch.Tensor, weight: torch.Te
         hidden_th, weight, _flat(targets, 0).long(), vocab_size, float(temperature),
         chunk_size, tp_group, entropy_grad, reduce_hidden_grad, keep_tok)
     return logp.view(lead), ent.view(lead)
+
+
+# --------------------------------------------------------------------------- loss in the kernel
+# A loss that is a sum of per-token terms, l = sum_t f_t(log p_t, H_t), has per-token
+# gradients that depend on the token's own (log p_t, H_t) only. Those are known as soon as a
+# chunk's statistics are, so the forward can turn the chunk's logits into their gradient
+# while they are in memory and multiply it into d hidden and d weight: three output-layer
+# matmuls in all instead of four (the logits are never recomputed), and the backward only
+# scales the two stored gradients by the incoming scalar.
+_NOT_SEPARABLE_WARNED = []
+
+
+def _token_grads(token_loss, logp_t, entropy_t, entropy_grad: bool):
+    """(loss, d loss / d logp, d loss / d H or None) of ``token_loss`` at these values (fp32)."""
+    with torch.enable_grad():
+        lp = logp_t.detach().clone().requires_grad_()
+        ent = entropy_t.detach().clone().requires_grad_(entropy_grad)
+        loss = token_loss(lp, ent)
+        if not torch.is_tensor(loss) or loss.dim() != 0:
+            raise ValueError("token_loss must return a scalar tensor (the sum of per-token "
+                             f"terms), got {type(loss).__name__} "
+                             f"{tuple(getattr(loss, 'shape', ()))}")
+        inputs = (lp, ent) if entropy_grad else (lp,)
+        grads = (torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad
+                 else (None,) * len(inputs))
+    g_lp = torch.zeros_like(lp) if grads[0] is None else grads[0].float()
+    g_h = grads[1].float() if entropy_grad and grads[1] is not None else None
+    return loss.detach().float(), g_lp.detach(), None if g_h is None else g_h.detach()
+
+
+class _LinearVocabParallelTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden_th, weight_vh, targets_t, vocab_size, temperature, chunk_size,
+                group, entropy_grad, reduce_hidden_grad, token_loss):
+        n_tok, dev = hidden_th.shape[0], hidden_th.device
+        start, n_valid = _shard_range(weight_vh.shape[0], vocab_size, group)
+        spans = _spans(n_tok, weight_vh.shape[0], chunk_size, 0, dev)
+        width = max((e - s for s, e in spans), default=1)
+        z_buf, low = _logits_buffers(width, n_valid, weight_vh.dtype, dev)
+        # the shifted logits go to tmp_a: each chunk's logits stay intact for its gradient
+        tmp_a, tmp_b = (_block_scratch(spans, n_valid, dev) for _ in range(2))
+        grads = _ParamGrads(hidden_th, weight_vh, n_valid, width, ctx.needs_input_grad[:2])
+        stats = torch.zeros(4, n_tok, dtype=torch.float32, device=dev)
+        given = torch.zeros(2, n_tok, dtype=torch.float32, device=dev)  # the gradients used
+        m_t, log_s_t, entropy_t, logp_t = stats
+
+        def chunk_grad(s, e, g_lp_t, g_h_t, z_vt):
+            if grads.h is None and grads.w is None:  # nothing asks for a gradient
+                return
+            blk = _block_len(e - s, n_valid, dev)
+            _grad_z(z_vt, 0, z_vt, targets_t[s:e], start, temperature,
+                    m_t[s:e] + log_s_t[s:e], entropy_t[s:e], g_lp_t[s:e],
+                    None if g_h_t is None else g_h_t[s:e], blk, None, tmp_b)
+            grads.add_chunk(z_vt, slice(s, e), low)
+
+        for s, e in spans:
+            z_vt = _chunk_logits(hidden_th[s:e], grads.w_vh, z_buf, low)
+            out = _forward_stats(z_vt, 0, targets_t[s:e], start, temperature, group,
+                                 _block_len(e - s, n_valid, dev), tmp_a, tmp_b)
+            for row, x in enumerate(out):
+                stats[row, s:e] = x
+            # the other tokens' values are placeholders: a sum of per-token terms does not
+            # read them for these tokens' gradients (checked once all tokens are known)
+            _, g_lp_t, g_h_t = _token_grads(token_loss, logp_t, entropy_t, entropy_grad)
+            given[0, s:e] = g_lp_t[s:e]
+            if g_h_t is not None:
+                given[1, s:e] = g_h_t[s:e]
+            if n_valid:
+                chunk_grad(s, e, g_lp_t, g_h_t, z_vt)
+        loss, g_lp_t, g_h_t = _token_grads(token_loss, logp_t, entropy_t, entropy_grad)
+        separable = torch.equal(given[0], g_lp_t) and (
+            torch.equal(given[1], g_h_t) if g_h_t is not None else not given[1].any())
+        if not separable:
+            # some token's gradient read other tokens: recompute every chunk with the
+            # gradients at the final values (exact; the cost of the plain kernel's backward)
+            if not _NOT_SEPARABLE_WARNED:
+                _NOT_SEPARABLE_WARNED.append(True)
+                import warnings
+                warnings.warn("token_loss is not a sum of per-token terms (a token's gradient "
+                              "changed once other tokens were known): every chunk is "
+                              "recomputed in the forward. Pass such a loss to "
+                              "linear_vocab_parallel_logprob_entropy's outputs instead.")
+            grads.reset()
+            for s, e in spans if n_valid else ():
+                chunk_grad(s, e, g_lp_t, g_h_t,
+                           _chunk_logits(hidden_th[s:e], grads.w_vh, z_buf, low))
+        z_buf = low = tmp_a = tmp_b = None  # (the chunk closure holds the names)
+        grad_h, grad_w = grads.finish(group if reduce_hidden_grad else None)
+        ctx.save_for_backward(grad_h, grad_w)
+        logp_out_t, entropy_out_t = logp_t.clone(), entropy_t.clone()
+        ctx.mark_non_differentiable(logp_out_t, entropy_out_t)
+        return loss, logp_out_t, entropy_out_t
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_lp, _g_h):
+        grad_h, grad_w = ctx.saved_tensors
+        if g_loss is None:
+            return (None,) * 10
+        return (None if grad_h is None else grad_h * g_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * g_loss.to(grad_w.dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def linear_vocab_parallel_token_loss(hidden: torch.Tensor, weight: torch.Tensor,
+                                     targets: torch.Tensor, token_loss, *,
+                                     vocab_size: Optional[int] = None, tp_group=None,
+                                     temperature: float = 1.0,
+                                     chunk_size: Optional[int] = None,
+                                     entropy_grad: bool = True,
+                                     reduce_hidden_grad: bool = True):
+    """``token_loss(logp, entropy)`` of ``hidden @ weight.T`` with its gradient computed in
+    the forward: three output-layer matmuls instead of the plain kernel's four.
+
+    token_loss: takes the fp32 log-probs and entropies of all tokens, in the shape of
+    ``targets``, and returns the scalar loss; it must be a sum of per-token terms (masks,
+    weights and normalisers are constants or detached). It is evaluated once per chunk and
+    once at the end, on every TP rank alike. A loss whose per-token gradients read other
+    tokens is detected and still gets the exact gradient, by a second pass (with a warning).
+    Returns (loss, logp, entropy): the loss carries the gradient to ``hidden`` and
+    ``weight``; logp and entropy are values for metrics, without gradient.
+    Other arguments as in :func:`linear_vocab_parallel_logprob_entropy`.
+    """
+    lead = targets.shape
+
+    def flat_loss(lp_t, ent_t):
+        return token_loss(lp_t.view(lead), ent_t.view(lead))
+
+    loss, logp, ent = _LinearVocabParallelTokenLoss.apply(
+        _flat(hidden, 1), weight, _flat(targets, 0).long(), vocab_size, float(temperature),
+        chunk_size, tp_group, entropy_grad, reduce_hidden_grad, flat_loss)
+    return loss, logp.view(lead), ent.view(lead)

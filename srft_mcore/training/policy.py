@@ -195,14 +195,14 @@ class Policy:
             micro_batch_size=micro[0]["tokens"].shape[0], decoder_seq_length=seq_len,
             forward_only=forward_only)
 
-    def _policy_output(self, model, mb, entropy_grad: bool = False):
+    def _policy_output(self, model, mb, entropy_grad: bool = False, token_loss=None):
         from srft_mcore.models.policy import policy_forward
 
         packed = mb if self.cfg.train.max_tokens_per_micro_batch else None
         return policy_forward(model, mb["tokens"], mb["position_ids"], mb["targets"],
                               vocab_size=self.hf["vocab_size"], tp_group=self.layout.tp_group,
                               temperature=self.cfg.rollout.temperature,
-                              entropy_grad=entropy_grad, packed=packed)
+                              entropy_grad=entropy_grad, packed=packed, token_loss=token_loss)
 
     @torch.no_grad()
     def old_policy_pass(self, minis: list) -> dict:
@@ -242,10 +242,13 @@ class Policy:
         loss_func = make_loss_func(cfg.algorithm, totals, num_microbatches=len(micro_batches),
                                    dp_size=self.layout.dp)
         entropy_grad = bool(cfg.algorithm.entropy_coef)
+        in_kernel = cfg.model.loss_in_kernel
 
         def forward_step(it, model):
             mb = next(it)
-            return self._policy_output(model, mb, entropy_grad), partial(loss_func, mb)
+            token_loss = loss_func.token_loss(mb) if in_kernel else None
+            return (self._policy_output(model, mb, entropy_grad, token_loss),
+                    partial(loss_func, mb))
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
