@@ -146,15 +146,18 @@ def logprob_scratch_bytes(m: ModelShape, tp: int, tokens: int, a: Assumptions) -
     The logits buffer holds max(c, k) tokens, k the tail the forward keeps for the backward
     (the weight gradient's bytes: min(tokens, h) in fp32, min(tokens, 4h / (4 + e)) with
     the bf16 matmul output beside the fp32 logits), at 4 bytes a value (bf16: + e); the
-    softmax block is at most one chunk of fp32. Plus the fp32 gradient of the hidden states 4*h per
-    token (+ e*h for its cast), and of the output weight 4*V_pad/t*h (bf16: + a bf16
-    product and its fp32 copy per chunk, 6*V_pad/t*h)."""
+    softmax block is at most one chunk of fp32. With the loss in the kernel (the default)
+    nothing is kept and the gradients are formed in the forward: the chunk plus two softmax
+    blocks of fp32; the larger of the two paths is counted. Plus the fp32 gradient of the
+    hidden states 4*h per token (+ e*h for its cast), and of the output weight 4*V_pad/t*h
+    (bf16: + a bf16 product and its fp32 copy per chunk, 6*V_pad/t*h)."""
     e = DTYPE_BYTES[a.dtype]
     v_local = padded_vocab(m.vocab, tp) // tp
     chunk_tokens = min(tokens, max(1, a.lp_chunk_bytes // (4 * v_local)))
     per_value = 4 if e == 4 else 4 + e
     kept_tokens = min(tokens, 4 * m.hidden // per_value)
-    chunks = max(chunk_tokens, kept_tokens) * v_local * per_value + chunk_tokens * v_local * 4
+    chunks = max(max(chunk_tokens, kept_tokens) * v_local * per_value,
+                 chunk_tokens * v_local * (per_value + 4)) + chunk_tokens * v_local * 4
     grad_h = tokens * m.hidden * (4 + (e if e != 4 else 0))
     grad_w = v_local * m.hidden * (4 if e == 4 else 10)
     return int(chunks + grad_h + grad_w)
