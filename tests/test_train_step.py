@@ -271,8 +271,8 @@ def test_step_gradients_and_weights_do_not_depend_on_micro_batches_or_dp():
 
 # --------------------------------------------------------------------------- loss in the kernel
 IN_KERNEL_CASES = [  # every algorithm and loss aggregation, the entropy bonus, the KL term
-    ["algorithm.name=srft", "train.mini_batches=2", "algorithm.entropy_coef=0.01",
-     "algorithm.kl_coef=0.1"],
+    ["algorithm.name=srft", "algorithm.entropy_coef=0.01", "algorithm.kl_coef=0.1",
+     "algorithm.clip_eps=0.2"],
     ["algorithm.name=srft", "algorithm.entropy_weighting=batch",
      "algorithm.onpolicy_form=ppo"],
     ["algorithm.name=grpo", "algorithm.loss_agg=seq-mean-token-mean"],
@@ -280,6 +280,20 @@ IN_KERNEL_CASES = [  # every algorithm and loss aggregation, the entropy bonus, 
      "algorithm.entropy_coef=0.01"],
     ["algorithm.name=sft", "algorithm.loss_agg=sum-max-len"],
 ]
+
+
+def _in_kernel_step(t):
+    """One optimizer step on the synthetic batch with old log-probs moved off the current
+    policy (noise of +-0.4), so that ratios spread and clip as on a later mini-batch."""
+    seqs = _synthetic_step(t.hf["vocab_size"])
+    parts, minis = t.mini_batches(seqs)
+    record = t.old_policy_pass(minis)
+    g = torch.Generator().manual_seed(5)
+    for mb in minis[0]:
+        old = mb["old_logprobs"]
+        mb["old_logprobs"] = old + (torch.rand(old.shape, generator=g) - 0.5) * 0.8
+    record.update(t.update(parts, minis, record["entropy/step"]))
+    return record
 
 
 def _in_kernel_rank():
@@ -290,6 +304,9 @@ def _in_kernel_rank():
 
     from srft_mcore.ops import logprob_entropy
 
+    # chunks of 5 tokens: each micro-batch's loss is formed over several chunks
+    logprob_entropy._chunk_len = lambda size, *a, _f=logprob_entropy._chunk_len: (
+        5 if size is None else _f(size, *a))
     calls = []  # the kernel's loss evaluations (one per chunk and one at the end)
     logprob_entropy._token_grads = lambda *a, _f=logprob_entropy._token_grads: (
         calls.append(1) or _f(*a))
@@ -302,11 +319,27 @@ def _in_kernel_rank():
             calls.clear()
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
-                rec = t.train_on(_synthetic_step(t.hf["vocab_size"]))
+                rec = _in_kernel_step(t)
             runs[in_kernel] = {"record": rec, "grads": _grads(t), "calls": len(calls),
                                "fallback": any("per-token terms" in str(x.message)
                                                for x in seen)}
         out.append(runs)
+    # negative control: a term coupling the tokens stops the step before the optimizer
+    import srft_mcore.algo.losses as losses
+
+    real = losses.srft_loss
+    losses.srft_loss = lambda lp, ent, *a, **k: (lambda loss, m: (
+        loss + lp.mean() ** 2, m))(*real(lp, ent, *a, **k))
+    t = _trainer(["optimizer.lr=1e-3"])
+    start = _weights(t)
+    try:
+        t.train_on(_synthetic_step(t.hf["vocab_size"]))
+        refused = ""
+    except RuntimeError as e:
+        refused = str(e)
+    losses.srft_loss = real
+    out.append({"refused": refused, "unchanged": all(
+        torch.equal(v, start[k]) for k, v in _weights(t).items())})
     return out
 
 
@@ -314,13 +347,18 @@ def _in_kernel_rank():
 def test_loss_in_the_kernel_equals_autograd_through_its_outputs():
     """The default path (the loss's gradient formed chunk by chunk in the kernel's forward)
     gives every algorithm's step the metrics and gradients of autograd through the
-    log-probs and entropies, and never needs the kernel's second pass."""
-    for case, runs in zip(IN_KERNEL_CASES, spawn_ranks(_in_kernel_rank, 1, (),
-                                                       timeout_s=300)[0]):
+    log-probs and entropies, and never needs the kernel's second pass. A loss term that
+    couples the tokens stops the step with the fix, before any weight moves."""
+    *cases, coupled = spawn_ranks(_in_kernel_rank, 1, (), timeout_s=300)[0]
+    assert "not a sum of per-token terms" in coupled["refused"], coupled
+    assert "model.loss_in_kernel=false" in coupled["refused"] and coupled["unchanged"]
+    for case, runs in zip(IN_KERNEL_CASES, cases):
         fast, plain = runs[True], runs[False]
         assert not fast["fallback"] and not plain["fallback"], case
-        assert fast["calls"] > 0 and plain["calls"] == 0, case
+        assert fast["calls"] > 2 * 8 and plain["calls"] == 0, case  # 8+ chunks a step
         assert fast["record"]["loss"] != 0, case
+        if "algorithm.clip_eps=0.2" in case or "algorithm.name=grpo" in case:
+            assert plain["record"]["ppo/clipfrac"] > 0, case  # the clipped branch is in
         for key, value in plain["record"].items():
             if isinstance(value, float) and math.isfinite(value) and key.startswith(
                     ("loss", "w_", "entropy", "ppo/", "logp")):

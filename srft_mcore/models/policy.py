@@ -33,7 +33,8 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
                    targets_bs: Optional[torch.Tensor], *, vocab_size: int, tp_group=None,
                    temperature: float = 1.0, fused: str = "linear",
                    chunk_size: Optional[int] = None, entropy_grad: bool = False,
-                   attention_mask=None, packed: Optional[dict] = None, token_loss=None):
+                   attention_mask=None, packed: Optional[dict] = None, token_loss=None,
+                   token_loss_misses: Optional[torch.Tensor] = None):
     """Run this rank's stage; on the last stage return (logp_bs, entropy_bs) for targets.
 
     tp_group: the tensor-parallel group (default: the model's ``pg_collection.tp``).
@@ -49,7 +50,8 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
     token_loss: ``f(logp_bs, entropy_bs) -> scalar``, a sum of per-token terms; the last
     stage then returns ``(loss, logp_bs, entropy_bs)``, the loss carrying the gradient (with
     ``fused=linear`` formed inside the kernel, see ``linear_vocab_parallel_token_loss``) and
-    logp / entropy detached, for metrics.
+    logp / entropy detached, for metrics. token_loss_misses: the kernel's check that the
+    loss is a sum of per-token terms, counted on the device (see the kernel's ``misses``).
     """
     from srft_mcore.models import packing
 
@@ -96,7 +98,8 @@ def policy_forward(model, tokens_bs: torch.Tensor, position_ids_bs: torch.Tensor
         if token_loss is not None:  # the kernel's tokens are [s, b]; the loss's [b, s]
             loss, logp_sb, ent_sb = linear_vocab_parallel_token_loss(
                 hidden_sbh, output_weight(gpt), targets_sb,
-                lambda lp_sb, h_sb: token_loss(lp_sb.t(), h_sb.t()), **common)
+                lambda lp_sb, h_sb: token_loss(lp_sb.t(), h_sb.t()),
+                misses=token_loss_misses, **common)
             return loss, logp_sb.t(), ent_sb.t()
         logp_sb, ent_sb = linear_vocab_parallel_logprob_entropy(
             hidden_sbh, output_weight(gpt), targets_sb, **common)

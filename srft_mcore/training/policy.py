@@ -195,14 +195,16 @@ class Policy:
             micro_batch_size=micro[0]["tokens"].shape[0], decoder_seq_length=seq_len,
             forward_only=forward_only)
 
-    def _policy_output(self, model, mb, entropy_grad: bool = False, token_loss=None):
+    def _policy_output(self, model, mb, entropy_grad: bool = False, token_loss=None,
+                       misses=None):
         from srft_mcore.models.policy import policy_forward
 
         packed = mb if self.cfg.train.max_tokens_per_micro_batch else None
         return policy_forward(model, mb["tokens"], mb["position_ids"], mb["targets"],
                               vocab_size=self.hf["vocab_size"], tp_group=self.layout.tp_group,
                               temperature=self.cfg.rollout.temperature,
-                              entropy_grad=entropy_grad, packed=packed, token_loss=token_loss)
+                              entropy_grad=entropy_grad, packed=packed, token_loss=token_loss,
+                              token_loss_misses=misses)
 
     @torch.no_grad()
     def old_policy_pass(self, minis: list) -> dict:
@@ -243,11 +245,14 @@ class Policy:
                                    dp_size=self.layout.dp)
         entropy_grad = bool(cfg.algorithm.entropy_coef)
         in_kernel = cfg.model.loss_in_kernel
+        # the kernel's count of tokens whose in-kernel gradient was wrong, read with the
+        # step's gradient check (no host sync per micro-batch)
+        misses = torch.zeros((), device=self.layout.device) if in_kernel else None
 
         def forward_step(it, model):
             mb = next(it)
             token_loss = loss_func.token_loss(mb) if in_kernel else None
-            return (self._policy_output(model, mb, entropy_grad, token_loss),
+            return (self._policy_output(model, mb, entropy_grad, token_loss, misses),
                     partial(loss_func, mb))
 
         self.model.zero_grad_buffer()
@@ -258,7 +263,17 @@ class Policy:
         metrics = self._from_last_stage(metrics)
 
         fp16 = cfg.model.dtype == "float16"
-        if not fp16 and not self._grads_finite():
+        finite = True
+        if not fp16 or misses is not None:
+            finite, exact = self._grads_finite(grads=not fp16, misses=misses)
+            if not exact:
+                raise RuntimeError(
+                    f"step {step}: the loss formed inside the fused kernel is not a sum of "
+                    f"per-token terms (some token's gradient depends on other tokens), so "
+                    f"this step's gradients are wrong; nothing was applied. Fix: set "
+                    f"model.loss_in_kernel=false (autograd through the kernel's log-probs "
+                    f"and entropies), or make the new loss term per-token")
+        if not finite:
             return self._skip(metrics, streak=True, step=step)
         if fp16:  # the scale this step's loss was multiplied by (its gradients hold it)
             scale = float(self.optimizer.get_loss_scale())
@@ -301,14 +316,19 @@ class Policy:
                 f"data, or resume from the last checkpoint with --resume")
         return metrics
 
-    def _grads_finite(self) -> bool:
-        """One fused check of the whole fp32 gradient buffer, one all-reduce, one host copy."""
-        buffers = self.model.buffers + self.model.expert_parallel_buffers
-        bad = torch.zeros((), device=self.layout.device)
+    def _grads_finite(self, grads: bool = True, misses=None) -> tuple:
+        """(gradients finite, loss-in-kernel exact): one fused check of the whole fp32
+        gradient buffer (``grads``) and of the kernel's ``misses`` count, one all-reduce, one
+        host copy."""
+        buffers = self.model.buffers + self.model.expert_parallel_buffers if grads else []
+        bad = torch.zeros(2, device=self.layout.device)
         for buf in buffers:
-            bad = bad + (~torch.isfinite(buf.grad_data)).any().float()
+            bad[0] += (~torch.isfinite(buf.grad_data)).any().float()
+        if misses is not None:
+            bad[1] += misses
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
+        nonfinite, missed = bad.tolist()
+        return nonfinite == 0.0, missed == 0.0
 
     def _from_last_stage(self, metrics: dict) -> dict:
         """Loss metrics exist on the last PP stage; give them to every rank."""
