@@ -35,8 +35,8 @@ def _overflowing(t):
     """Make the next backward passes non-finite: inf gradients into the log-probs."""
     real = t._policy_output
 
-    def policy_output(model, mb, entropy_grad=False):
-        out = real(model, mb, entropy_grad)
+    def policy_output(model, mb, *args):
+        out = real(model, mb, *args)  # the loss formed in the kernel, or the log-probs
         if isinstance(out, tuple) and out[0].requires_grad:
             out[0].register_hook(lambda g: torch.full_like(g, math.inf))
         return out
