@@ -189,6 +189,12 @@ def test_loss_in_kernel_nonlinear_and_not_separable_losses():
         assert _max_rel(w2.grad, 3 * ww.grad) <= 1e-5
     with pytest.raises(ValueError, match="scalar"):
         linear_vocab_parallel_token_loss(h, w, tg, lambda lp, e: lp * 2, vocab_size=vocab)
+    # default chunks hold the plain kernel's kept-tail budget (min(T, h) = 16 of 37 tokens
+    # here): 3 chunks, so the loss is evaluated 3 + 1 times
+    seen = []
+    linear_vocab_parallel_token_loss(h, w.requires_grad_(), tg, lambda lp, e: seen.append(
+        lp.shape) or lp.sum(), vocab_size=vocab)
+    assert len(seen) == 4 and seen[0] == (37,)
 
 
 def test_running_max_raised_by_later_blocks(monkeypatch):

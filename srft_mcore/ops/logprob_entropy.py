@@ -573,6 +573,13 @@ class _LinearVocabParallelTokenLoss(torch.autograd.Function):
                 group, entropy_grad, reduce_hidden_grad, token_loss, misses):
         n_tok, dev = hidden_th.shape[0], hidden_th.device
         start, n_valid = _shard_range(weight_vh.shape[0], vocab_size, group)
+        if chunk_size is None:
+            # chunks as large as the plain kernel's kept tail (the fp32 weight gradient's
+            # bytes; at least its default chunk): the same peak, and few loss evaluations
+            v_local = weight_vh.shape[0]
+            most = max(_chunk_len(None, v_local, n_tok, dev),
+                       _keep_len(None, n_tok, v_local, weight_vh.shape[1], weight_vh.dtype))
+            chunk_size = -(-max(n_tok, 1) // -(-max(n_tok, 1) // max(most, 1)))
         spans = _spans(n_tok, weight_vh.shape[0], chunk_size, 0, dev)
         width = max((e - s for s, e in spans), default=1)
         z_buf, low = _logits_buffers(width, n_valid, weight_vh.dtype, dev)
