@@ -149,7 +149,7 @@ def test_kept_logits_any_budget_match_reference(dtype, monkeypatch):
         linear_vocab_parallel_logprob_entropy(h, w, tg, keep_bytes=-1)
 
 
-def test_loss_in_kernel_nonlinear_and_not_separable_losses():
+def test_loss_in_kernel_nonlinear_and_not_separable_losses(monkeypatch):
     """A nonlinear per-token loss (a clipped ratio, entropy weights detached, an entropy
     term) formed in the kernel equals autograd through the plain kernel, on the fast path
     (no warning). A loss whose token gradients read other tokens still gets the exact
@@ -189,8 +189,12 @@ def test_loss_in_kernel_nonlinear_and_not_separable_losses():
         assert _max_rel(w2.grad, 3 * ww.grad) <= 1e-5
     with pytest.raises(ValueError, match="scalar"):
         linear_vocab_parallel_token_loss(h, w, tg, lambda lp, e: lp * 2, vocab_size=vocab)
-    # default chunks hold the plain kernel's kept-tail budget (min(T, h) = 16 of 37 tokens
-    # here): 3 chunks, so the loss is evaluated 3 + 1 times
+    # default chunks hold at least the plain kernel's kept-tail budget (min(T, h) = 16 of 37
+    # tokens here, with the plain default chunk made 3 tokens): 3 chunks, so the loss is
+    # evaluated 3 + 1 times
+    from srft_mcore.ops import logprob_entropy
+
+    monkeypatch.setattr(logprob_entropy, "DEFAULT_CHUNK_BYTES", 4 * 320)
     seen = []
     linear_vocab_parallel_token_loss(h, w.requires_grad_(), tg, lambda lp, e: seen.append(
         lp.shape) or lp.sum(), vocab_size=vocab)
