@@ -11,9 +11,12 @@ function). The linear-fused function recomputes the logits one chunk at a time i
 except its last chunk's, which the forward keeps: a budget of the size of the weight
 gradient (V/tp x h in fp32) that the backward allocates anyway, so memory stays
 independent of T while min(T, h) tokens skip the recomputing matmul (at T = 4096, h = 896,
-a fifth of it). Otherwise only per-token fp32 statistics (log-sum-exp, entropy) are saved. Every
-pass over a chunk writes into buffers allocated once per call (fresh large allocations cost
-a page fault per 4 KiB on the CPU), and the chunked function reads the given logits in place.
+a fifth of it). Otherwise only per-token fp32 statistics (log-sum-exp, entropy) are saved.
+The token-loss function takes the loss itself (a sum of per-token terms) and forms its
+gradient in the forward, chunk by chunk: no logits are recomputed, and what waits for the
+backward is the two parameter gradients. Every pass over a chunk writes into buffers
+allocated once per call (fresh large allocations cost a page fault per 4 KiB on the CPU),
+and the chunked function reads the given logits in place.
 
 Vocabulary padding: Megatron pads the vocabulary to a multiple of 128 * TP; the padded
 columns are not tokens. ``vocab_size`` (the true size) makes every function ignore them, so
