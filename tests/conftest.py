@@ -9,13 +9,19 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# SGLang treats the SIGTERM that stops a server as a child crash and sleeps 5 s before
+# its py-spy / CUDA-coredump diagnostics (nothing to dump on CPU): every stop waited for it
+os.environ.setdefault("SGLANG_PYSPY_DUMP_BEFORE_CRASH", "0")
+os.environ.setdefault("SGLANG_CUDA_COREDUMP_BEFORE_CRASH", "0")
 
 
 def pytest_collection_modifyitems(config, items):
-    # the files with long tests first: the workers (pytest.ini: -n 2) then end together
-    # instead of one running a long test alone at the end
+    # first, side by side, the tests that read a result built once per session (``once``
+    # below): xdist's first batch for one worker (pytest.ini: -n 2) holds them all, so no
+    # worker sits waiting for the other's build; then the files with long tests, so that the
+    # workers end together instead of one running a long test alone at the end
     slow_files = {item.path for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: item.path not in slow_files)
+    items.sort(key=lambda item: ("once" not in item.fixturenames, item.path not in slow_files))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (NCCL / CUDA kernels); this machine has none")

@@ -57,13 +57,15 @@ def test_logit_parity_and_round_trip(cases, tp, pp, split):
 @pytest.mark.slow
 def test_doctor_parity_prints_json(cases):
     import json
-    import subprocess
-    import sys
 
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "parity", "--hf",
-                          cases[2]["hf_dir"], "--tp", "2", "--pp", "2"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    from cli_main import run_main
+    from srft_mcore.doctor.cli import main
+
+    # in this process, its ranks forked from the warm fork server (tests/cli_main.py); the
+    # srft-doctor command itself runs in tests/test_parallel.py
+    rc, out, err = run_main(main, ["parity", "--hf", cases[2]["hf_dir"], "--tp", "2",
+                                   "--pp", "2"])
+    assert rc == 0, err[-3000:]
+    res = json.loads(out.strip().splitlines()[-1])
     assert res["ok"] and res["max_abs_diff"] <= TOL and (res["tp"], res["pp"]) == (2, 2)
     assert res["model_type"] == "llama"

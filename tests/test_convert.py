@@ -23,6 +23,15 @@ def convert(*args):
     return out.returncode, out.stdout, out.stderr
 
 
+def convert_in_process(*args):
+    """``convert`` through main() in this process (tests/cli_main.py): seconds faster; the
+    command's own exit status is checked by test_failure_midway_leaves_no_output."""
+    from cli_main import run_main
+    from tools.convert_ckpt.cli import main
+
+    return run_main(main, args)
+
+
 def read_all(d):
     got = {}
     for f in glob.glob(os.path.join(d, "*.safetensors")):
@@ -35,10 +44,11 @@ def round_trip(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     src = make_tiny_hf_model(str(root / "src"), "qwen2", tied=True, seed=3)
     ckpt, back = str(root / "mcore"), str(root / "back")
-    rc, out, err = convert("hf-to-mcore", "--hf", src, "--out", ckpt, "--tp", "2", "--pp", "2")
+    rc, out, err = convert_in_process("hf-to-mcore", "--hf", src, "--out", ckpt, "--tp", "2",
+                                      "--pp", "2")
     assert rc == 0, err[-3000:]
-    rc, out, err = convert("mcore-to-hf", "--ckpt", ckpt, "--out", back,
-                           "--max-shard-size", "200KB")
+    rc, out, err = convert_in_process("mcore-to-hf", "--ckpt", ckpt, "--out", back,
+                                      "--max-shard-size", "200KB")
     assert rc == 0, err[-3000:]
     return src, ckpt, back, json.loads(out.strip().splitlines()[-1])
 

@@ -363,6 +363,16 @@ def run_cli(*args, timeout=900):
     return res
 
 
+def run_cli_here(*args):
+    """``run_cli`` through main() in this process (tests/cli_main.py): a Megatron checkpoint's
+    conversion forks its ranks from the warm fork server, and no interpreter starts. The
+    command's own exit status and output are checked by the tests that call run_cli."""
+    from cli_main import run_main
+    from srft_mcore.evaluation.cli import main
+
+    return subprocess.CompletedProcess(args, *run_main(main, args))
+
+
 def last_json(res):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -454,9 +464,9 @@ def test_evaluate_splits_through_a_live_server(server, embedded_files, tmp_path)
 @pytest.mark.slow
 def test_cli_attached_to_a_url_matches_the_launched_run(server, embedded_files, hf_dir_run,
                                                         tmp_path):
-    res = run_cli("--url", server.url, "--hf-config", EMBEDDED_MODEL_DIR, "--data",
-                  embedded_files[0], "--out", str(tmp_path / "out"), "--template", "tokenizer",
-                  *GREEDY)
+    res = run_cli_here("--url", server.url, "--hf-config", EMBEDDED_MODEL_DIR, "--data",
+                       embedded_files[0], "--out", str(tmp_path / "out"), "--template",
+                       "tokenizer", *GREEDY)
     assert res.returncode == 0, res.stderr[-5000:]
     mine = read_jsonl(tmp_path / "out" / "generations" / "embedded.jsonl")
     theirs = read_jsonl(hf_dir_run[1] / "generations" / "embedded.jsonl")
@@ -499,8 +509,8 @@ def test_cli_on_a_trainer_checkpoint_matches_the_hf_model(embedded_files, hf_dir
     save_config(Config(data=DataConfig(template="tokenizer")), str(run / "config.yaml"))
     step = spawn_ranks(_save_trainer_checkpoint, 1, (str(run / "checkpoints"),))[0]
     t0 = time.time()
-    res = run_cli("--model", step, "--data", embedded_files[0], "--out", str(tmp_path / "out"),
-                  *GREEDY)  # template and base model from the run's config.yaml
+    res = run_cli_here("--model", step, "--data", embedded_files[0], "--out",
+                       str(tmp_path / "out"), *GREEDY)  # template, base model: config.yaml
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-5000:])
     print(f"srft-eval --model trainer checkpoint: {time.time() - t0:.1f}s")
     summary = last_json(res)

@@ -498,7 +498,10 @@ def test_cpu_dry_run_of_the_whole_check(tmp_path):
     """The check script end to end on CPU (SRFT_GPU_DRY_RUN=1): one JSON object with the
     pytest counts and the smoke benchmark, written to $OUT."""
     env = dict(os.environ, PYTHON=sys.executable, SRFT_GPU_DRY_RUN="1", OUT=str(tmp_path),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1",
+               # the check's pytest in one process, not pytest.ini's two workers: a few
+               # tests, run beside this session's own workers on the same cores
+               PYTEST_ADDOPTS="-n 0")
     p = subprocess.run(["bash", CHECK_SCRIPT], env=env, capture_output=True, text=True,
                        timeout=900, cwd=ROOT)
     out = json.loads(p.stdout)

@@ -58,10 +58,14 @@ def test_doctor_parallel_tp2_pp2():
 
 
 def _doctor_json(*args):
-    out = subprocess.run([sys.executable, "-m", "srft_mcore.doctor.cli", "parallel", *args],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """``srft-doctor parallel ARGS`` through main() in this process (tests/cli_main.py): its
+    ranks fork from the warm fork server; the command itself runs in the test above."""
+    from cli_main import run_main
+    from srft_mcore.doctor.cli import main
+
+    rc, out, err = run_main(main, ["parallel", *args])
+    assert rc == 0, out[-2000:] + err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_doctor_tied_embeddings_under_pp2_stay_one_weight():

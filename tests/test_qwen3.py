@@ -9,8 +9,6 @@ The tiny models have head_dim 32 while hidden_size / num_attention_heads is 16, 
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import requests
@@ -22,6 +20,7 @@ from srft_mcore.launching.local import spawn_ranks
 from srft_mcore.models import get_architecture, padded_vocab_size
 from srft_mcore.models.tiny import make_tiny_hf_model
 from srft_mcore.doctor.parity import reference_logits, run_rank, sample_tokens
+from test_convert import convert_in_process
 
 TOL = 1e-4
 HEAD_DIM = 32  # != hidden_size // num_attention_heads (64 // 4)
@@ -174,12 +173,6 @@ def test_logit_parity_and_round_trip(cases, tp, pp, split):
 
 
 # --------------------------------------------------------------------------- srft-convert + SGLang
-def _convert(*args):
-    out = subprocess.run([sys.executable, "-m", "tools.convert_ckpt.cli", *args],
-                         capture_output=True, text=True, timeout=600)
-    return out.returncode, out.stdout, out.stderr
-
-
 def _read_all(d):
     got = {}
     for f in glob.glob(os.path.join(d, "*.safetensors")):
@@ -192,9 +185,10 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3_convert")
     src = make_tiny_hf_model(str(root / "src"), "qwen3", tied=True, head_dim=HEAD_DIM, seed=7)
     ckpt, back = str(root / "mcore"), str(root / "back")
-    rc, _, err = _convert("hf-to-mcore", "--hf", src, "--out", ckpt, "--tp", "2", "--pp", "2")
+    rc, _, err = convert_in_process("hf-to-mcore", "--hf", src, "--out", ckpt, "--tp", "2",
+                                    "--pp", "2")
     assert rc == 0, err[-3000:]
-    rc, _, err = _convert("mcore-to-hf", "--ckpt", ckpt, "--out", back)
+    rc, _, err = convert_in_process("mcore-to-hf", "--ckpt", ckpt, "--out", back)
     assert rc == 0, err[-3000:]
     return src, ckpt, back
 
