@@ -80,8 +80,13 @@ def _chunk_len(chunk_size: Optional[int], n_cols: int, n_tok: int, device) -> in
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
     budget = DEFAULT_CHUNK_BYTES * (CPU_CHUNK_SCALE if device.type == "cpu" else 1)
-    most = max(1, budget // (4 * max(n_cols, 1)))
-    n_chunks = -(-max(n_tok, 1) // most)
+    return _equal_chunks(n_tok, budget // (4 * max(n_cols, 1)))
+
+
+def _equal_chunks(n_tok: int, most: int) -> int:
+    """Tokens per chunk when ``n_tok`` tokens are split into as few equal chunks of at most
+    ``most`` (at least 1) tokens as possible."""
+    n_chunks = -(-max(n_tok, 1) // max(1, most))
     return -(-max(n_tok, 1) // n_chunks)
 
 
@@ -580,9 +585,9 @@ class _LinearVocabParallelTokenLoss(torch.autograd.Function):
             # chunks as large as the plain kernel's kept tail (the fp32 weight gradient's
             # bytes; at least its default chunk): the same peak, and few loss evaluations
             v_local = weight_vh.shape[0]
-            most = max(_chunk_len(None, v_local, n_tok, dev),
-                       _keep_len(None, n_tok, v_local, weight_vh.shape[1], weight_vh.dtype))
-            chunk_size = -(-max(n_tok, 1) // -(-max(n_tok, 1) // max(most, 1)))
+            chunk_size = _equal_chunks(n_tok, max(
+                _chunk_len(None, v_local, n_tok, dev),
+                _keep_len(None, n_tok, v_local, weight_vh.shape[1], weight_vh.dtype)))
         spans = _spans(n_tok, weight_vh.shape[0], chunk_size, 0, dev)
         width = max((e - s for s, e in spans), default=1)
         z_buf, low = _logits_buffers(width, n_valid, weight_vh.dtype, dev)
@@ -648,8 +653,11 @@ class _LinearVocabParallelTokenLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         if g_loss is None:
             return (None,) * 11
-        return (None if grad_h is None else grad_h * g_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * g_loss.to(grad_w.dtype),
+        # in place: the stored gradients are this call's own, and a copy of the weight
+        # gradient would double its bytes at the peak (a second backward through this
+        # graph is refused by autograd's version check)
+        return (None if grad_h is None else grad_h.mul_(g_loss.to(grad_h.dtype)),
+                None if grad_w is None else grad_w.mul_(g_loss.to(grad_w.dtype)),
                 None, None, None, None, None, None, None, None, None)
 
 
