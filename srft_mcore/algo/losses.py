@@ -435,14 +435,12 @@ def make_loss_func(cfg, totals: BatchTotals, *, num_microbatches: int, dp_size: 
     scale = float(num_microbatches * dp_size)
 
     def loss_func(batch: dict, output):
-        if len(output) == 3:  # (loss, logp, entropy): the loss was formed in the kernel
-            loss, logp_bs, entropy_bs = output
-            metrics = srft_loss(logp_bs, entropy_bs, batch, cfg, totals, onpolicy_form,
-                                metric_share=1.0 / scale)[1]
-            return loss * scale, metrics
-        logp_bs, entropy_bs = output
-        loss, metrics = srft_loss(logp_bs, entropy_bs, batch, cfg, totals, onpolicy_form,
+        # (logp, entropy), or (loss, logp, entropy) when the loss was formed in the kernel
+        # (its logp and entropy are detached: here they give the metrics only)
+        loss, metrics = srft_loss(*output[-2:], batch, cfg, totals, onpolicy_form,
                                   metric_share=1.0 / scale)
+        if len(output) == 3:
+            loss = output[0]
         return loss * scale, metrics
 
     def token_loss(batch: dict) -> Callable:
